@@ -1,0 +1,491 @@
+"""Checkpoints: HF-format and DeepSeek's official layout, read and written with safetensors only.
+
+Names. The model's own parameter names are the official ones (architecture.md section 10),
+with routed experts stacked per layer. Any of these key styles loads:
+- official: `layers.3.attn.wq_a.weight` (+ `.scale` sidecars for FP8/FP4), `mtp.0.*`;
+- transformers in memory: `model.layers.3.self_attn.q_a_proj.weight`, `mlp.experts.gate_up_proj`;
+- transformers' save_pretrained: `model.` + official-style leaves (`attn.norm` for `attn.kv_norm`).
+`save_model` writes the transformers in-memory names plus `mtp.*` in official names (transformers
+ignores those; we keep them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Config, ConfigError
+from .model.moe import PackedExperts
+from .model.transformer import Transformer
+from .quant import dequant_fp4_weight, dequant_fp8_weight, quant_fp4_weight, quant_fp8_weight
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, truncated or does not match its config; the message names the file/tensor."""
+
+
+# official leaf (after `layers.N.`) <-> transformers leaf
+_LAYER_LEAVES = [
+    ("hc_attn_fn", "attn_hc.fn"), ("hc_attn_base", "attn_hc.base"), ("hc_attn_scale", "attn_hc.scale"),
+    ("hc_ffn_fn", "ffn_hc.fn"), ("hc_ffn_base", "ffn_hc.base"), ("hc_ffn_scale", "ffn_hc.scale"),
+    ("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn.attn_sink", "self_attn.sinks"),
+    ("attn.wq_a.weight", "self_attn.q_a_proj.weight"), ("attn.q_norm.weight", "self_attn.q_a_norm.weight"),
+    ("attn.wq_b.weight", "self_attn.q_b_proj.weight"), ("attn.wkv.weight", "self_attn.kv_proj.weight"),
+    ("attn.kv_norm.weight", "self_attn.kv_norm.weight"), ("attn.wo_a.weight", "self_attn.o_a_proj.weight"),
+    ("attn.wo_b.weight", "self_attn.o_b_proj.weight"),
+    ("attn.compressor.ape", "self_attn.compressor.position_bias"),
+    ("attn.compressor.wkv.weight", "self_attn.compressor.kv_proj.weight"),
+    ("attn.compressor.wgate.weight", "self_attn.compressor.gate_proj.weight"),
+    ("attn.compressor.norm.weight", "self_attn.compressor.kv_norm.weight"),
+    ("attn.indexer.wq_b.weight", "self_attn.compressor.indexer.q_b_proj.weight"),
+    ("attn.indexer.weights_proj.weight", "self_attn.compressor.indexer.scorer.weights_proj.weight"),
+    ("attn.indexer.compressor.ape", "self_attn.compressor.indexer.position_bias"),
+    ("attn.indexer.compressor.wkv.weight", "self_attn.compressor.indexer.kv_proj.weight"),
+    ("attn.indexer.compressor.wgate.weight", "self_attn.compressor.indexer.gate_proj.weight"),
+    ("attn.indexer.compressor.norm.weight", "self_attn.compressor.indexer.kv_norm.weight"),
+    ("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"),
+    ("ffn.gate.tid2eid", "mlp.gate.tid2eid"),
+    ("ffn.shared_experts.w1.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn.shared_experts.w2.weight", "mlp.shared_experts.down_proj.weight"),
+    ("ffn.shared_experts.w3.weight", "mlp.shared_experts.up_proj.weight"),
+]
+_TOP = [("embed.weight", "model.embed_tokens.weight"), ("head.weight", "lm_head.weight"),
+        ("norm.weight", "model.norm.weight"), ("hc_head_fn", "model.hc_head.hc_fn"),
+        ("hc_head_base", "model.hc_head.hc_base"), ("hc_head_scale", "model.hc_head.hc_scale")]
+_HF_TO_OFF_LEAF = {hf: off for off, hf in _LAYER_LEAVES}
+_OFF_TO_HF_LEAF = dict(_LAYER_LEAVES)
+_HF_TO_OFF_TOP = {hf: off for off, hf in _TOP}
+_OFF_TO_HF_TOP = dict(_TOP)
+_HF_TO_OFF_TOP.update({"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn",
+                       "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"})
+_LAYER = re.compile(r"^(layers\.\d+\.)(.*)$")
+_EXPERT = re.compile(r"^((?:layers|mtp)\.\d+\.ffn\.experts\.)(\d+)\.(w[123])\.(weight|scale)$")
+_IGNORED = re.compile(r"(rotary_emb|inv_freq)")
+
+# parameters kept in fp32 whatever the model dtype (the reference computes them in fp32)
+_FP32 = re.compile(r"(hc_\w+_(fn|base|scale)$|attn_sink$|\.ape$|norm\.weight$|gate\.bias$|compressor\.w(kv|gate)\.weight$)")
+
+
+def canonical_name(key: str) -> str | None:
+    """Any supported checkpoint key -> official name (experts stay per-expert). None for keys to skip."""
+    if _IGNORED.search(key):
+        return None
+    if key in _HF_TO_OFF_TOP:
+        return _HF_TO_OFF_TOP[key]
+    k = key[len("model."):] if key.startswith("model.") else key
+    if k in _HF_TO_OFF_TOP:
+        return _HF_TO_OFF_TOP[k]
+    m = _LAYER.match(k)
+    if m:
+        prefix, leaf = m.groups()
+        if leaf in _HF_TO_OFF_LEAF:
+            return prefix + _HF_TO_OFF_LEAF[leaf]
+        if leaf == "attn.norm.weight":  # transformers' save_pretrained spelling of attn.kv_norm
+            return prefix + "attn.kv_norm.weight"
+        if leaf == "mlp.experts.gate_up_proj":
+            return prefix + "ffn.experts.gate_up"
+        if leaf == "mlp.experts.down_proj":
+            return prefix + "ffn.experts.w2"
+    return k
+
+
+def _fp32_name(name: str) -> bool:
+    return bool(_FP32.search(name))
+
+
+def build_model(cfg: Config, dtype=torch.float32, device="cpu") -> Transformer:
+    """An uninitialised model (parameter memory allocated, contents undefined) in `dtype`, fp32 where kept."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for name, p in model.named_parameters():
+        if not _fp32_name(name):
+            p.data = p.data.to(dtype)
+    return model.to_empty(device=device)
+
+
+def init_random(model: Transformer, std: float = 0.02, seed: int | None = None) -> Transformer:
+    """Random weights for tests and from-scratch training: normal matrices, unit norms and scales, zero biases."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "_scale")):
+                p.fill_(1.0)
+            elif name.endswith(("_base", "attn_sink", "gate.bias", ".ape")):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                E = model.config.n_routed_experts
+                b.copy_(torch.stack([torch.randperm(E, generator=g)[:b.shape[1]] for _ in range(b.shape[0])]))
+    return model
+
+
+# ---------------------------------------------------------------- reading
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard files that are missing: {missing}")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{path}: no .safetensors weights{hint}")
+    return files
+
+
+def _read_config(path: Path, overrides: dict) -> Config:
+    for name in ("config.json", "inference/config.json"):
+        f = path / name
+        if f.exists():
+            try:
+                d = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{f}: not valid JSON ({e})") from None
+            d.update(overrides)
+            try:
+                return Config.from_dict(d)
+            except ConfigError as e:
+                raise ConfigError(f"{f}: {e}") from None
+    raise CheckpointError(f"{path}: no config.json")
+
+
+class _Loader:
+    """Streams tensors shard by shard into a pre-allocated model."""
+
+    def __init__(self, model: Transformer, fp4_experts: bool):
+        self.model = model
+        self.fp4 = fp4_experts
+        self.params = dict(model.named_parameters())
+        self.params.update(dict(model.named_buffers()))
+        self.loaded: set[str] = set()
+        self.expert_seen: dict[str, set] = {}
+        # quantised weights and scales waiting for their partner (which may sit in another shard)
+        self.weights: dict[str, tuple[torch.Tensor, str]] = {}
+        self.scales: dict[str, tuple[torch.Tensor, str]] = {}
+
+    def _target(self, name: str, src: str, shape) -> torch.Tensor:
+        t = self.params.get(name)
+        if t is None:
+            raise CheckpointError(f"{src}: tensor '{name}' has no place in this model (config mismatch?)")
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{src}: tensor '{name}' has shape {tuple(shape)}, the config expects "
+                                  f"{tuple(t.shape)}")
+        return t
+
+    def _check_finite(self, name, src, t):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{src}: tensor '{name}' contains NaN or Inf")
+
+    def put(self, name: str, t: torch.Tensor, src: str) -> None:
+        m = _EXPERT.match(name)
+        if m:
+            return self.put_expert(m.group(1), int(m.group(2)), m.group(3), t, src)
+        if name.endswith("ffn.experts.gate_up"):
+            base = name[: -len("gate_up")]
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                self.put_expert(base, e, "w1", t[e, :inter], src)
+                self.put_expert(base, e, "w3", t[e, inter:], src)
+            return
+        if name.endswith("ffn.experts.w2") and t.dim() == 3:
+            for e in range(t.shape[0]):
+                self.put_expert(name[: -len("w2")], e, "w2", t[e], src)
+            return
+        dst = self._target(name, src, t.shape)
+        self._check_finite(name, src, t)
+        with torch.no_grad():
+            dst.copy_(t)
+        self.loaded.add(name)
+
+    def put_expert(self, base: str, e: int, w: str, t: torch.Tensor | None, src: str, packed=None) -> None:
+        name = f"{base}{w}"
+        experts = self.model.get_submodule(base[:-1])
+        if not 0 <= e < self.model.config.n_routed_experts:
+            raise CheckpointError(f"{src}: expert index {e} out of range for '{name}' "
+                                  f"({self.model.config.n_routed_experts} experts)")
+        if isinstance(experts, PackedExperts):
+            if packed is None:
+                raise CheckpointError(f"{src}: '{name}' expert {e} is not FP4-packed; fp4_experts=True needs an "
+                                      f"official FP4 checkpoint")
+            pairs = zip((getattr(experts, w + "_packed"), getattr(experts, w + "_scale")), packed)
+        else:
+            self._check_finite(f"{name}[{e}]", src, t)
+            pairs = [(self.params[name], t)]
+        for dst, v in pairs:
+            if tuple(dst.shape[1:]) != tuple(v.shape):
+                raise CheckpointError(f"{src}: '{name}' expert {e} has shape {tuple(v.shape)}, the config expects "
+                                      f"{tuple(dst.shape[1:])}")
+            with torch.no_grad():
+                dst[e].copy_(v.view(dst.dtype) if packed is not None else v)
+        self.expert_seen.setdefault(name, set()).add(e)
+
+    def put_quantised(self, wname: str, w: torch.Tensor, s: torch.Tensor, src: str) -> None:
+        m = _EXPERT.match(wname)
+        if w.dtype == torch.int8:  # FP4 packed routed expert
+            if s.shape[-1] * 16 != w.shape[-1]:
+                raise CheckpointError(f"{src}: FP4 tensor '{wname}' {tuple(w.shape)} does not match its scale "
+                                      f"{tuple(s.shape)} (expected one scale per 32 values)")
+            if m and isinstance(self.model.get_submodule(m.group(1)[:-1]), PackedExperts):
+                return self.put_expert(m.group(1), int(m.group(2)), m.group(3), None, src, packed=(w, s))
+            dtype = self._dtype_for(wname)
+            return self.put(wname, dequant_fp4_weight(w, s, dtype), src)
+        exp = (-(-w.shape[0] // 128), -(-w.shape[1] // 128))
+        if tuple(s.shape) != exp:
+            raise CheckpointError(f"{src}: FP8 tensor '{wname}' {tuple(w.shape)} needs a {exp} block scale, "
+                                  f"got {tuple(s.shape)}")
+        self.put(wname, dequant_fp8_weight(w, s, 128, self._dtype_for(wname)), src)
+
+    def _dtype_for(self, wname):
+        m = _EXPERT.match(wname)
+        key = f"{m.group(1)}{m.group(3)}" if m else wname
+        t = self.params.get(key)
+        return t.dtype if t is not None else torch.float32
+
+    def load_file(self, f: Path) -> None:
+        src = f.name
+        try:
+            handle = safe_open(str(f), framework="pt")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+        with handle:
+            keys = list(handle.keys())
+            raw = {}
+            for key in keys:
+                name = canonical_name(key)
+                if name is None:
+                    continue
+                try:
+                    raw[name] = handle.get_tensor(key)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise CheckpointError(f"{f}: tensor '{key}' cannot be read ({e})") from None
+            for name, t in raw.items():
+                if name.endswith(".scale"):
+                    self.scales[name[: -len(".scale")]] = (t, src)
+                elif t.dtype in (torch.float8_e4m3fn, torch.int8) and name.endswith(".weight"):
+                    self.weights[name[: -len(".weight")]] = (t, src)
+                else:
+                    self.put(name, t, src)
+            for base in [b for b in self.weights if b in self.scales]:  # pairs may span shards
+                (w, wsrc), (sc, _) = self.weights.pop(base), self.scales.pop(base)
+                self.put_quantised(base + ".weight", w, sc, wsrc)
+
+    def finish(self, path: Path) -> None:
+        unpaired = sorted(self.weights) + sorted(self.scales)
+        if unpaired:
+            raise CheckpointError(f"{path}: quantised weights without their scale (or scales without their "
+                                  f"weight): {unpaired[:5]}")
+        expected = set(self.params)
+        n_experts = self.model.config.n_routed_experts
+        for name, seen in self.expert_seen.items():
+            if len(seen) == n_experts:
+                self.loaded.add(name)
+        for mod_name, mod in self.model.named_modules():
+            if isinstance(mod, PackedExperts):
+                for w in ("w1", "w2", "w3"):
+                    expected.discard(f"{mod_name}.{w}_packed")
+                    expected.discard(f"{mod_name}.{w}_scale")
+                    if len(self.expert_seen.get(f"{mod_name}.{w}", ())) == n_experts:
+                        self.loaded.add(f"{mod_name}.{w}")
+                    expected.add(f"{mod_name}.{w}")
+        missing = sorted(expected - self.loaded)
+        if missing:
+            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            raise CheckpointError(f"{path}: checkpoint lacks tensors the config needs: {missing[:8]}{more}")
+
+
+def _pack_experts(model: Transformer) -> None:
+    cfg = model.config
+    E, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    if d % 32 or inter % 32:
+        raise ConfigError("fp4_experts needs hidden_size and moe_intermediate_size to be multiples of 32")
+    for block in list(model.layers) + list(model.mtp):
+        shapes = {"w1": (inter, d), "w2": (d, inter), "w3": (inter, d)}
+        packed = {}
+        for w, (o, i) in shapes.items():
+            packed[f"{w}_packed"] = torch.zeros(E, o, i // 2, dtype=torch.int8)
+            packed[f"{w}_scale"] = torch.zeros(E, o, i // 32, dtype=torch.float8_e8m0fnu)
+        block.ffn.experts = PackedExperts(packed)
+
+
+def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = False,
+               quant_simulation: bool = False) -> Transformer:
+    """Load an HF-format or official DeepSeek-V4 checkpoint directory.
+
+    Shards are streamed one at a time into a pre-allocated model (peak memory about the model
+    plus the largest shard). fp4_experts keeps official FP4 routed experts packed and dequantises
+    them per use. quant_simulation turns on the reference's FP8/FP4 quantisation points.
+    Only safetensors are read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    cfg = _read_config(path, {})
+    cfg.quant_simulation = quant_simulation
+    cfg.validate()
+    files = _shard_files(path)
+    model = build_model(cfg, dtype, "cpu")
+    if fp4_experts:
+        _pack_experts(model)
+    loader = _Loader(model, fp4_experts)
+    for f in files:
+        loader.load_file(f)
+    loader.finish(path)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- writing
+
+def _write_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], config: dict, shard_meta=None) -> None:
+    """Write shards + index + config into a temporary sibling directory, then move them in place.
+
+    A crash mid-save leaves any previous checkpoint in `path` intact."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path))
+    try:
+        weight_map = {}
+        for fname, tensors in files.items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in tensors})
+        if len(files) > 1:
+            total = sum(v.numel() * v.element_size() for t in files.values() for v in t.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for old in list(path.glob("*.safetensors")) + [path / "model.safetensors.index.json"]:
+            if old.exists() and old.name not in files and old.name != "model.safetensors.index.json":
+                old.unlink()
+        for f in tmp.iterdir():
+            os.replace(f, path / f.name)
+        if len(files) == 1 and (path / "model.safetensors.index.json").exists():
+            (path / "model.safetensors.index.json").unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int, pattern: str) -> dict[str, dict[str, torch.Tensor]]:
+    shards, cur, size = [], {}, 0
+    for k, v in tensors.items():
+        b = v.numel() * v.element_size()
+        if cur and size + b > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += b
+    shards.append(cur)
+    if len(shards) == 1:
+        return {"model.safetensors": shards[0]}
+    return {pattern.format(i + 1, len(shards)): s for i, s in enumerate(shards)}
+
+
+def _dense_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Official names, experts stacked; packed experts dequantised."""
+    out = {}
+    for name, t in model.state_dict().items():
+        m = re.match(r"^(.*\.experts)\.(w[123])_(packed|scale)$", name)
+        if m:
+            if m.group(3) == "packed":
+                scale = model.state_dict()[f"{m.group(1)}.{m.group(2)}_scale"]
+                out[f"{m.group(1)}.{m.group(2)}"] = torch.stack(
+                    [dequant_fp4_weight(t[e], scale[e], torch.float32) for e in range(t.shape[0])])
+            continue
+        out[name] = t
+    return out
+
+
+def save_model(model: Transformer, path, max_shard_bytes: int = 2 << 30) -> None:
+    """Write `model` in the transformers format (config.json + safetensors, sharded with an index).
+
+    MTP weights are kept under `mtp.*` (official names); transformers ignores them on load."""
+    hf = {}
+    dense = _dense_state(model)
+    for name, t in dense.items():
+        t = t.detach().cpu()
+        m = re.match(r"^(layers\.\d+\.)ffn\.experts\.(w[123])$", name)
+        if name.startswith("mtp."):
+            me = re.match(r"^(mtp\.\d+\.ffn\.experts)\.(w[123])$", name)
+            if me:
+                for e in range(t.shape[0]):
+                    hf[f"{me.group(1)}.{e}.{me.group(2)}.weight"] = t[e]
+            else:
+                hf[name] = t
+        elif m:
+            if m.group(2) == "w2":
+                hf[f"model.{m.group(1)}mlp.experts.down_proj"] = t
+            elif m.group(2) == "w1":
+                w3 = dense[name[:-2] + "w3"].detach().cpu()
+                hf[f"model.{m.group(1)}mlp.experts.gate_up_proj"] = torch.cat([t, w3], dim=1)
+        elif name in _OFF_TO_HF_TOP:
+            hf[_OFF_TO_HF_TOP[name]] = t
+        else:
+            lm = _LAYER.match(name)
+            if not lm or lm.group(2) not in _OFF_TO_HF_LEAF:
+                raise CheckpointError(f"no transformers name for parameter '{name}'")
+            hf[f"model.{lm.group(1)}{_OFF_TO_HF_LEAF[lm.group(2)]}"] = t
+    _write_dir(Path(path), _shard(hf, max_shard_bytes, "model-{:05d}-of-{:05d}.safetensors"),
+               model.config.to_hf_dict())
+
+
+_OFFICIAL_FP32 = re.compile(r"(hc_\w+_(fn|base|scale)$|attn_sink$|\.ape$|gate\.bias$)")
+_FP8_LEAVES = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]|e_proj|h_proj)"
+                         r"\.weight$")
+
+
+def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8: bool = True,
+                  fp4_experts: bool = True) -> None:
+    """Write DeepSeek's official layout: official names, FP8 weights with 128x128 UE8M0 scales, routed
+    experts FP4 e2m1 packed two per byte with per-32 UE8M0 scales, int64 tid2eid, MTP weights,
+    BF16 for the rest (fp32 where the reference keeps fp32), sharded with an index json."""
+    out = {}
+    for name, t in _dense_state(model).items():
+        t = t.detach().cpu()
+        m = re.match(r"^(.*\.ffn\.experts)\.(w[123])$", name)
+        if m:
+            for e in range(t.shape[0]):
+                key = f"{m.group(1)}.{e}.{m.group(2)}"
+                if fp4_experts:
+                    out[key + ".weight"], out[key + ".scale"] = quant_fp4_weight(t[e])
+                else:
+                    out[key + ".weight"] = t[e].to(torch.bfloat16)
+        elif fp8 and _FP8_LEAVES.search(name):
+            out[name], out[name[: -len(".weight")] + ".scale"] = quant_fp8_weight(t)
+        elif t.dtype == torch.long:
+            out[name] = t
+        else:
+            out[name] = t.float() if _OFFICIAL_FP32.search(name) else t.to(torch.bfloat16)
+    cfg = model.config
+    config = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
+              "moe_inter_dim": cfg.moe_intermediate_size, "n_hash_layers": cfg.num_hash_layers,
+              "n_mtp_layers": cfg.num_nextn_predict_layers, "n_heads": cfg.num_attention_heads,
+              "head_dim": cfg.head_dim, "rope_head_dim": cfg.qk_rope_head_dim, "q_lora_rank": cfg.q_lora_rank,
+              "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank, "window_size": cfg.sliding_window,
+              "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
+              "index_topk": cfg.index_topk, "n_routed_experts": cfg.n_routed_experts,
+              "n_activated_experts": cfg.num_experts_per_tok, "n_shared_experts": cfg.n_shared_experts,
+              "score_func": cfg.scoring_func, "route_scale": cfg.routed_scaling_factor,
+              "swiglu_limit": cfg.swiglu_limit, "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
+              "hc_eps": cfg.hc_eps, "rope_theta": cfg.rope_theta, "compress_rope_theta": cfg.compress_rope_theta,
+              "rope_factor": cfg.rope_factor, "original_seq_len": cfg.original_max_position_embeddings,
+              "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow, "max_seq_len": cfg.max_position_embeddings,
+              "norm_eps": cfg.rms_norm_eps, "compress_ratios": cfg.compress_ratios,
+              "dtype": "fp8" if fp8 else "bf16", "expert_dtype": "fp4" if fp4_experts else "bf16",
+              "scale_fmt": "ue8m0"}
+    if cfg.csa_compress_ratio != 4:
+        raise ConfigError("the official layout marks CSA layers by compress ratio 4; csa_compress_ratio must be 4")
+    _write_dir(Path(path), _shard(out, max_shard_bytes, "model{:05d}-of-{:05d}.safetensors"), config)

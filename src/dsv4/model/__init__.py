@@ -1,0 +1,1 @@
+"""The DeepSeek-V4 network: pure computation, no I/O."""

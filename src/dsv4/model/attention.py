@@ -1,0 +1,144 @@
+"""Shared-KV MQA with sliding window, compressed entries and attention sinks (architecture.md section 3).
+
+One softmax runs over the union of the sliding-window keys (the last `window` raw tokens,
+itself included) and the permitted compressed entries (all visible ones for HCA, the
+indexer's top-k for CSA), plus a per-head sink logit that has no value. K = V.
+Queries are processed in chunks, so memory is O(S * (window + index_topk + S/m')), never S x S.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import CSA, SLIDING, Config
+from ..quant import fp8_quant_dequant, rotate_fp4
+from .compressor import Compressor, Indexer
+from .norm import RMSNorm
+from .rope import Rope
+
+# elements of the per-chunk score / gather tensors; bounds peak memory of long forwards
+CHUNK_BUDGET = 1 << 24
+
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, window: int, scale: float,
+                     comp: torch.Tensor | None = None, ratio: int = 0, index: torch.Tensor | None = None,
+                     q_start: int = 0) -> torch.Tensor:
+    """Attention of queries at positions q_start..q_start+L-1 over raw keys at 0..P-1 and compressed entries.
+
+    q: [B, L, H, c]; kv: [B, P, c] (P >= q_start + L); sinks: [H]; comp: [B, T, c] entries (entry w
+    visible to query t iff w < (t+1) // ratio); index: [B, L, k] CSA picks into comp, -1 = none
+    (None with comp given means all visible entries, as in HCA). Returns [B, L, H, c] in q's dtype.
+    """
+    B, L, H, c = q.shape
+    k_comp = 0 if comp is None else (index.shape[-1] if index is not None else comp.shape[1])
+    per_row = H * (2 * window + k_comp) + (k_comp * c if index is not None else 0)
+    chunk = max(1, min(L, CHUNK_BUDGET // max(1, B * per_row)))
+    outs = []
+    for s0 in range(0, L, chunk):
+        s1 = min(L, s0 + chunk)
+        t = torch.arange(q_start + s0, q_start + s1, device=q.device)  # query positions
+        lo = max(0, q_start + s0 - window + 1)
+        qc = q[:, s0:s1]
+        kw = kv[:, lo:q_start + s1]
+        tk = torch.arange(lo, q_start + s1, device=q.device)
+        band = (tk[None, :] <= t[:, None]) & (tk[None, :] > t[:, None] - window)  # [l, kw]
+        logits = [torch.einsum("blhc,bkc->bhlk", qc, kw).mul(scale).masked_fill(~band, float("-inf"))]
+        if comp is not None and comp.shape[1] > 0:
+            if index is None:
+                vis = torch.arange(comp.shape[1], device=q.device)[None, :] < ((t + 1) // ratio)[:, None]
+                lc = torch.einsum("blhc,btc->bhlt", qc, comp).mul(scale).masked_fill(~vis, float("-inf"))
+            else:
+                ic = index[:, s0:s1]
+                picked = comp[torch.arange(B, device=q.device)[:, None, None], ic.clamp(min=0)]  # [B,l,k,c]
+                lc = torch.einsum("blhc,blkc->bhlk", qc, picked).mul(scale)
+                lc = lc.masked_fill((ic < 0).unsqueeze(1), float("-inf"))
+            logits.append(lc)
+        logits.append(sinks.float().view(1, H, 1, 1).expand(B, H, s1 - s0, 1).to(qc.dtype))
+        p = torch.cat(logits, dim=-1).float().softmax(-1).to(q.dtype)
+        nw = kw.shape[1]
+        o = torch.einsum("bhlk,bkc->blhc", p[..., :nw], kw)
+        if len(logits) == 3:
+            pc = p[..., nw:-1]
+            o = o + (torch.einsum("bhlt,btc->blhc", pc, comp) if index is None
+                     else torch.einsum("bhlk,blkc->blhc", pc, picked))
+        outs.append(o)
+    return torch.cat(outs, dim=1)
+
+
+class Attention(nn.Module):
+    """Per-layer attention: low-rank q, single shared K=V head, optional compressor (+ indexer for CSA)."""
+
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        d, H, c = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.rope_dim = H, c, cfg.qk_rope_head_dim
+        self.ratio = cfg.compress_ratio(layer)
+        self.layer_type = cfg.layer_types[layer] if layer < cfg.num_hidden_layers else SLIDING
+        self.attn_sink = nn.Parameter(torch.zeros(H))
+        self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, H * c, bias=False)
+        self.wkv = nn.Linear(d, c, bias=False)
+        self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
+        self.wo_a = nn.Linear(H * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
+        self.compressor = None
+        self.indexer = None
+        if self.ratio:
+            self.compressor = Compressor(d, c, self.ratio, overlap=self.layer_type == CSA, eps=cfg.rms_norm_eps)
+        if self.layer_type == CSA:
+            self.indexer = Indexer(d, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, self.ratio,
+                                   cfg.index_topk, cfg.rms_norm_eps)
+        if self.ratio:
+            self.rope = Rope(self.rope_dim, cfg.compress_rope_theta, cfg.rope_factor,
+                             cfg.original_max_position_embeddings, cfg.beta_fast, cfg.beta_slow)
+        else:
+            self.rope = Rope(self.rope_dim, cfg.rope_theta)
+
+    def kv_quant(self, kv: torch.Tensor) -> torch.Tensor:
+        """Reference QAT point: FP8 (block 64) on the nope dims of K=V entries."""
+        if not self.cfg.quant_simulation:
+            return kv
+        n = self.head_dim - self.rope_dim
+        return torch.cat([fp8_quant_dequant(kv[..., :n], 64), kv[..., n:]], dim=-1)
+
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: [B,S,d] -> qr [B,S,q_lora], q [B,S,H,c] (per-head RMS-normed, RoPE'd)."""
+        B, S, _ = x.shape
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).view(B, S, self.n_heads, self.head_dim)
+        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.cfg.rms_norm_eps).to(q.dtype)
+        return qr, Rope.rotate(q, cos[:, None], sin[:, None])
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B,S,d] -> kv [B,S,c] (normed, RoPE'd, optionally FP8-simulated)."""
+        return self.kv_quant(Rope.rotate(self.kv_norm(self.wkv(x)), cos, sin))
+
+    def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """De-rotate, then the grouped low-rank output projection. o: [B,S,H,c] -> [B,S,d]."""
+        B, S = o.shape[:2]
+        G = self.cfg.o_groups
+        o = Rope.rotate(o, cos[:, None], sin[:, None], inverse=True).reshape(B, S, G, -1)
+        z = torch.einsum("bsgi,goi->bsgo", o, self.wo_a.weight.view(G, -1, o.shape[-1]))
+        return self.wo_b(z.flatten(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-sequence forward from position 0. x: [B, S, d] (normed block input) -> [B, S, d]."""
+        B, S, _ = x.shape
+        pos = torch.arange(S, device=x.device)
+        cos, sin = self.rope.cos_sin(pos)
+        qr, q = self.project_q(x, cos, sin)
+        kv = self.project_kv(x, cos, sin)
+        comp = index = None
+        if self.compressor is not None:
+            comp = self.kv_quant(self.compressor(x, self.rope))
+        if self.indexer is not None:
+            keys = self.indexer.compressor(x, self.rope)
+            if self.cfg.quant_simulation:
+                keys = rotate_fp4(keys)
+            qi, wi = self.indexer.queries(x, qr, pos, self.rope, self.cfg.quant_simulation)
+            index = self.indexer.select(qi, wi, keys, pos)
+        o = sparse_attention(q, kv, self.attn_sink, self.cfg.sliding_window, self.head_dim ** -0.5,
+                             comp, self.ratio, index)
+        return self.output(o, cos, sin)

@@ -1,0 +1,119 @@
+"""KV compressors (CSA m=4 with overlap, HCA m'=128 without) and the Lightning Indexer.
+
+architecture.md sections 4 and 5. Full-sequence form (positions 0..S-1): entry w pools
+window w's tokens (and, for CSA, the A halves of window w-1) with a per-channel softmax
+over gate + ape, then RMSNorm and RoPE at position w*m.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..quant import rotate_fp4
+from .norm import RMSNorm
+from .rope import Rope
+
+
+def pool_windows(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool,
+                 prev_kv: torch.Tensor | None = None, prev_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax-pool complete windows.
+
+    kv, gate: [B, n*m, coff*c] projected tokens of n complete windows (coff = 2 with overlap).
+    ape: [m, coff*c]. prev_kv/prev_gate: [B, m, c] A halves of the window before the first one
+    (overlap only; None means no earlier window, i.e. gate -inf). Returns [B, n, c].
+    """
+    B, L, D = kv.shape
+    n = L // ratio
+    kv = kv.view(B, n, ratio, D)
+    gate = gate.view(B, n, ratio, D) + ape
+    if not overlap:
+        return (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(2)
+    c = D // 2
+    a_kv, b_kv = kv[..., :c], kv[..., c:]
+    a_gate, b_gate = gate[..., :c], gate[..., c:]
+    if prev_kv is None:
+        prev_kv = kv.new_zeros(B, 1, ratio, c)
+        prev_gate = gate.new_full((B, 1, ratio, c), float("-inf"))
+    else:
+        prev_kv, prev_gate = prev_kv.unsqueeze(1).to(kv.dtype), prev_gate.unsqueeze(1).to(gate.dtype)
+    slots_kv = torch.cat([torch.cat([prev_kv, a_kv[:, :-1]], 1), b_kv], dim=2)  # [B, n, 2m, c]
+    slots_gate = torch.cat([torch.cat([prev_gate, a_gate[:, :-1]], 1), b_gate], dim=2)
+    return (slots_kv * slots_gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(2)
+
+
+class Compressor(nn.Module):
+    """Projects tokens to (kv, gate) and pools every `ratio` tokens into one entry of `head_dim`."""
+
+    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float):
+        super().__init__()
+        self.ratio, self.overlap, self.head_dim = ratio, overlap, head_dim
+        coff = 2 if overlap else 1
+        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
+        self.wkv = nn.Linear(dim, coff * head_dim, bias=False)
+        self.wgate = nn.Linear(dim, coff * head_dim, bias=False)
+        self.norm = RMSNorm(head_dim, eps)
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """x: [B, S, d] -> entries [B, S // ratio, head_dim] (normed, RoPE at w * ratio)."""
+        B, S, _ = x.shape
+        usable = S // self.ratio * self.ratio
+        if usable == 0:
+            return x.new_zeros(B, 0, self.head_dim)
+        x = x[:, :usable]
+        pooled = pool_windows(self.wkv(x), self.wgate(x), self.ape, self.ratio, self.overlap)
+        return self.finish(pooled, 0, rope)
+
+    def finish(self, pooled: torch.Tensor, first_entry: int, rope: Rope) -> torch.Tensor:
+        """RMSNorm then RoPE at position (first_entry + i) * ratio. pooled: [B, n, c]."""
+        out = self.norm(pooled)
+        pos = (torch.arange(pooled.shape[1], device=pooled.device) + first_entry) * self.ratio
+        cos, sin = rope.cos_sin(pos)
+        return Rope.rotate(out, cos, sin)
+
+
+class Indexer(nn.Module):
+    """Lightning Indexer: I[t, w] = sum_h w[t,h] * ReLU(q[t,h] . K[w]); keeps the top index_topk visible entries."""
+
+    def __init__(self, dim: int, q_lora_rank: int, n_heads: int, head_dim: int, ratio: int, topk: int, eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.ratio, self.topk = n_heads, head_dim, ratio, topk
+        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        self.compressor = Compressor(dim, head_dim, ratio, overlap=True, eps=eps)
+
+    def queries(self, x, qr, pos, rope, quant):
+        """-> q [B, S, nI, cI] (RoPE at pos), head weights [B, S, nI] fp32."""
+        B, S, _ = x.shape
+        q = self.wq_b(qr).view(B, S, self.n_heads, self.head_dim)
+        cos, sin = rope.cos_sin(pos)
+        q = Rope.rotate(q, cos[:, None], sin[:, None])
+        if quant:
+            q = rotate_fp4(q)
+        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return q, w
+
+    @torch.no_grad()
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
+               budget: int = 1 << 24) -> torch.Tensor:
+        """q [B,L,nI,cI], w [B,L,nI], keys [B,T,cI], pos [L] -> indices [B,L,k] into keys, -1 where invalid.
+
+        k = min(index_topk, T); only entries w < (t+1) // ratio are valid for query t.
+        Queries are scored in chunks so the [L, nI, T] score tensor is never whole."""
+        B, L = q.shape[:2]
+        T = keys.shape[1]
+        k = min(self.topk, T)
+        if k == 0:
+            return torch.empty(B, L, 0, dtype=torch.long, device=q.device)
+        kt = keys.float().transpose(-1, -2).unsqueeze(1)  # [B,1,cI,T]
+        chunk = max(1, min(L, budget // max(1, B * self.n_heads * T)))
+        out = []
+        for s0 in range(0, L, chunk):
+            s1 = min(L, s0 + chunk)
+            scores = F.relu(torch.matmul(q[:, s0:s1].float(), kt))  # [B,l,nI,T]
+            scores = (scores * w[:, s0:s1].unsqueeze(-1)).sum(2)
+            limit = ((pos[s0:s1] + 1) // self.ratio)[:, None]  # [l, 1]
+            invisible = torch.arange(T, device=q.device)[None, :] >= limit
+            idx = scores.masked_fill(invisible, float("-inf")).topk(k, dim=-1).indices
+            out.append(torch.where(idx >= limit, torch.full_like(idx, -1), idx))
+        return torch.cat(out, dim=1)

@@ -1,0 +1,55 @@
+"""Manifold-constrained hyper-connections (architecture.md section 2).
+
+The residual is n = hc_mult parallel streams X: [B, S, n, d]. Before each sub-layer,
+HCPre computes per token pre (collapse), post (expand) and a doubly-stochastic mixing
+matrix C (Sinkhorn-Knopp); after it, X_k <- post_k * f + sum_j C[j, k] X_j.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def hc_mix_inputs(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """mu = (fn @ flatten(X)) * rho, rho = 1/sqrt(mean(flatten(X)^2) + eps). X: [B,S,n,d] -> [B,S,fn.shape[0]] fp32."""
+    x = X.flatten(-2).float()
+    x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return F.linear(x, fn.float())
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """[..., n, n] -> approximately doubly-stochastic (rows: source stream j, columns: destination k)."""
+    c = logits.softmax(-1) + eps
+    c = c / (c.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + eps)
+        c = c / (c.sum(-2, keepdim=True) + eps)
+    return c
+
+
+def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+           hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X: [B,S,n,d] -> h [B,S,d] (X's dtype), post [B,S,n] fp32, C [B,S,n,n] fp32."""
+    n = X.shape[-2]
+    mu = hc_mix_inputs(X, fn, norm_eps)
+    base, scale = base.float(), scale.float()
+    pre = torch.sigmoid(mu[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mu[..., n:2 * n] * scale[1] + base[n:2 * n])
+    comb = mu[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
+    C = sinkhorn(comb, iters, hc_eps)
+    h = (pre.unsqueeze(-1) * X.float()).sum(-2).to(X.dtype)
+    return h, post, C
+
+
+def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """X_k <- post_k * f + sum_j C[j,k] X_j, in fp32, cast to X's dtype. f: [B,S,d], X: [B,S,n,d]."""
+    out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.matmul(C.transpose(-1, -2), X.float())
+    return out.to(X.dtype)
+
+
+def hc_head(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+            hc_eps: float) -> torch.Tensor:
+    """Final collapse: pre = sigmoid(mu * scale + base) + eps, y = sum_j pre_j X_j. [B,S,n,d] -> [B,S,d]."""
+    mu = hc_mix_inputs(X, fn, norm_eps)
+    pre = torch.sigmoid(mu * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * X.float()).sum(-2).to(X.dtype)

@@ -1,0 +1,116 @@
+"""The DeepSeek-V4 stack: embedding -> n mHC streams -> blocks -> HC head -> norm -> head (+ MTP).
+
+Parameter names follow DeepSeek's official checkpoint (architecture.md section 10), except
+that routed experts are stacked per layer (`ffn.experts.w1` [E, I, d]).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import Config
+from .attention import Attention
+from .mhc import hc_head, hc_post, hc_pre
+from .moe import MoE
+from .norm import RMSNorm
+
+
+def _hc_params(module: nn.Module, prefix: str, n: int, dim: int, width: int, n_scales: int):
+    setattr(module, f"{prefix}_fn", nn.Parameter(torch.zeros(width, n * dim)))
+    setattr(module, f"{prefix}_base", nn.Parameter(torch.zeros(width)))
+    setattr(module, f"{prefix}_scale", nn.Parameter(torch.ones(n_scales)))
+
+
+class Block(nn.Module):
+    """One layer: mHC around attention, then mHC around MoE. X: [B, S, n, d]."""
+
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.hc_mult, cfg.hidden_size
+        _hc_params(self, "hc_attn", n, d, (2 + n) * n, 3)
+        _hc_params(self, "hc_ffn", n, d, (2 + n) * n, 3)
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn = MoE(cfg, cfg.is_hash_layer(layer))
+
+    def _pre(self, X, which):
+        c = self.cfg
+        return hc_pre(X, getattr(self, f"hc_{which}_fn"), getattr(self, f"hc_{which}_base"),
+                      getattr(self, f"hc_{which}_scale"), c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)
+
+    def forward(self, X: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        h, post, C = self._pre(X, "attn")
+        X = hc_post(self.attn(self.attn_norm(h)), X, post, C)
+        h, post, C = self._pre(X, "ffn")
+        return hc_post(self.ffn(self.ffn_norm(h), ids), X, post, C)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction module (`mtp.0`): predicts token t+2 from streams X_t and token t+1.
+
+    X' = e_proj(enorm(Embed(ids'))) + h_proj(hnorm(X)) (broadcast over streams), then a
+    sliding-window, top-k-routed Block, HC head, norm, and the shared output head."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg, cfg.num_hidden_layers)
+        d = cfg.hidden_size
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        _hc_params(self, "hc_head", cfg.hc_mult, d, cfg.hc_mult, 1)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V4. `forward(input_ids [B, S]) -> logits [B, S, vocab]` (fp32)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        d = cfg.hidden_size
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        _hc_params(self, "hc_head", cfg.hc_mult, d, cfg.hc_mult, 1)
+        self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.num_nextn_predict_layers))
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor [B, S] (got {tuple(ids.shape)} {ids.dtype})")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size)")
+
+    def streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S] -> final residual streams X [B, S, n, d] (before the HC head)."""
+        self._check_ids(input_ids)
+        e = self.embed(input_ids)
+        X = e.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for layer in self.layers:
+            X = layer(X, input_ids)
+        return X
+
+    def logits(self, X: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
+        """Streams [B, S, n, d] -> logits [B, S, vocab] fp32, through the main (or an MTP) HC head and norm."""
+        owner = block if block is not None else self
+        c = self.config
+        y = hc_head(X, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, c.rms_norm_eps, c.hc_eps)
+        return F.linear(owner.norm(y).float(), self.head.weight.float())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.streams(input_ids))
+
+    def mtp_logits(self, X: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """MTP: X [B, S, n, d] main streams, next_ids [B, S] (token t+1 at position t) -> logits for t+2."""
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP module (num_nextn_predict_layers = 0)")
+        self._check_ids(next_ids)
+        m = self.mtp[depth]
+        e = m.e_proj(m.enorm(self.embed(next_ids)))
+        Xm = e.unsqueeze(2) + m.h_proj(m.hnorm(X))
+        Xm = m(Xm, next_ids)
+        return self.logits(Xm, m)

@@ -1,0 +1,28 @@
+"""Shared test helpers: random non-trivial weights and the transformers oracle."""
+from __future__ import annotations
+
+import torch
+
+from dsv4.checkpoint import build_model, init_random
+from dsv4.config import Config
+
+
+def random_model(cfg: Config, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """A model whose every parameter is non-trivial: sinks, router biases, ape, mHC bases and scales too."""
+    torch.manual_seed(seed)
+    model = init_random(build_model(cfg, torch.float32), std=std, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn_sink", "gate.bias", ".ape", "_base")):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith(("_scale", "norm.weight")):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("_fn"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def hf_model(path):
+    from transformers import DeepseekV4ForCausalLM
+    return DeepseekV4ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
