@@ -14,12 +14,15 @@ def random_model(cfg: Config, seed: int = 0, std: float = 0.05) -> torch.nn.Modu
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("attn_sink", "gate.bias", ".ape", "_base")):
+            if name.endswith(("attn_sink", ".ape", "_base")):
                 p.copy_(torch.randn(p.shape, generator=g))
             elif name.endswith(("_scale", "norm.weight")):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             elif name.endswith("_fn"):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("gate.bias"):
+                b.copy_(torch.randn(b.shape, generator=g))
     return model.eval()
 
 

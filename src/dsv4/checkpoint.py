@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -149,6 +150,17 @@ def _shard_files(path: Path) -> list[Path]:
         hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
         raise CheckpointError(f"{path}: no .safetensors weights{hint}")
     return files
+
+
+def _has_mtp(files: list[Path]) -> bool:
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                if any(k.startswith("mtp.") for k in h.keys()):
+                    return True
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return False
 
 
 def _read_config(path: Path, overrides: dict) -> Config:
@@ -340,6 +352,10 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
     cfg.quant_simulation = quant_simulation
     cfg.validate()
     files = _shard_files(path)
+    if cfg.num_nextn_predict_layers and not _has_mtp(files):
+        # transformers drops MTP weights on save; such a checkpoint loads without the MTP module
+        warnings.warn(f"{path}: checkpoint has no mtp.* weights; loading without the MTP module", stacklevel=2)
+        cfg.num_nextn_predict_layers = 0
     model = build_model(cfg, dtype, "cpu")
     if fp4_experts:
         _pack_experts(model)

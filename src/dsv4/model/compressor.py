@@ -60,9 +60,9 @@ class Compressor(nn.Module):
         usable = S // self.ratio * self.ratio
         if usable == 0:
             return x.new_zeros(B, 0, self.head_dim)
-        x = x[:, :usable]
-        pooled = pool_windows(self.wkv(x), self.wgate(x), self.ape, self.ratio, self.overlap)
-        return self.finish(pooled, 0, rope)
+        xc = x[:, :usable].to(self.wkv.weight.dtype)  # the reference runs the compressor in fp32
+        pooled = pool_windows(self.wkv(xc), self.wgate(xc), self.ape, self.ratio, self.overlap)
+        return self.finish(pooled.to(x.dtype), 0, rope)
 
     def finish(self, pooled: torch.Tensor, first_entry: int, rope: Rope) -> torch.Tensor:
         """RMSNorm then RoPE at position (first_entry + i) * ratio. pooled: [B, n, c]."""

@@ -33,7 +33,8 @@ class Gate(nn.Module):
         if hash_layer:
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
         else:
-            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+            # auxiliary-loss-free balancing bias: steers selection only, updated outside the optimiser
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, d], ids: [N] -> weights [N, k] fp32, expert indices [N, k]."""

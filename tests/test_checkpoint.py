@@ -1,0 +1,204 @@
+"""Official-layout and HF-format checkpoints: equal logits, packed FP4, streaming memory, clear errors."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dsv4
+from dsv4.quant import dequant_fp4_weight, dequant_fp8_weight, quant_fp4_weight, quant_fp8_weight
+from helpers import random_model
+
+CFG = dsv4.Config.tiny()
+# architecture.md section 10 dtype table, restated independently of dsv4.checkpoint
+FP8 = re.compile(r"attn\.(wq_a|wq_b|wkv|wo_a|wo_b)\.weight$|indexer\.wq_b\.weight$|shared_experts\.w[123]\.weight$"
+                 r"|[eh]_proj\.weight$")
+F32 = re.compile(r"hc_\w+_(fn|base|scale)$|attn_sink$|\.ape$")
+
+
+def quantised_equivalent(model):
+    """The dequantised model the official layout encodes: FP8/FP4 round trips, BF16 elsewhere."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if v.dtype == torch.long or k.endswith("gate.bias") or F32.search(k):
+            sd[k] = v.clone()
+        elif re.search(r"ffn\.experts\.w[123]$", k):
+            sd[k] = torch.stack([dequant_fp4_weight(*quant_fp4_weight(w)) for w in v])
+        elif FP8.search(k):
+            sd[k] = dequant_fp8_weight(*quant_fp8_weight(v))
+        else:
+            sd[k] = v.to(torch.bfloat16).float()
+    out = random_model(model.config)
+    out.load_state_dict(sd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    model = random_model(CFG, seed=4)
+    path = tmp_path_factory.mktemp("official")
+    dsv4.save_official(model, path, max_shard_bytes=150_000)
+    return model, path
+
+
+def test_official_layout_on_disk(official):
+    _, path = official
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["dim"] == CFG.hidden_size and cfg["compress_ratios"] == [0, 4, 16, 4, 0]
+    f = path / index["weight_map"]["layers.1.attn.wq_a.weight"]
+    with safe_open(str(f), "pt") as h:
+        assert h.get_tensor("layers.1.attn.wq_a.weight").dtype == torch.float8_e4m3fn
+    f = path / index["weight_map"]["layers.1.ffn.experts.3.w1.weight"]
+    with safe_open(str(f), "pt") as h:
+        w = h.get_tensor("layers.1.ffn.experts.3.w1.weight")
+        assert w.dtype == torch.int8 and w.shape == (CFG.moe_intermediate_size, CFG.hidden_size // 2)
+    assert "mtp.0.e_proj.weight" in index["weight_map"] and "layers.0.ffn.gate.tid2eid" in index["weight_map"]
+
+
+def test_official_checkpoint_equals_dequantised_hf_checkpoint(official, tmp_path):
+    model, path = official
+    dsv4.save_model(quantised_equivalent(model), tmp_path)
+    a = dsv4.load_model(path, dtype=torch.float32)
+    b = dsv4.load_model(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, CFG.vocab_size, (2, 48))
+    with torch.no_grad():
+        assert (a(ids) - b(ids)).abs().max().item() <= 1e-5
+        X = a.streams(ids)
+        assert (a.mtp_logits(X, ids) - b.mtp_logits(X, ids)).abs().max().item() <= 1e-5
+
+
+def test_packed_fp4_experts_give_the_same_logits(official):
+    _, path = official
+    dense = dsv4.load_model(path, dtype=torch.float32)
+    packed = dsv4.load_model(path, dtype=torch.float32, fp4_experts=True)
+    assert packed.layers[1].ffn.experts.w1_packed.dtype == torch.int8
+    assert not any("experts.w1" == n.split("ffn.")[-1] for n, _ in packed.named_parameters())
+    ids = torch.randint(0, CFG.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(dense(ids), packed(ids), atol=1e-6, rtol=0)
+
+
+def test_bf16_load_runs(official):
+    _, path = official
+    m = dsv4.load_model(path)  # default bf16
+    assert m.layers[1].attn.wq_a.weight.dtype == torch.bfloat16
+    assert m.layers[1].hc_attn_fn.dtype == torch.float32 and m.layers[1].attn.attn_sink.dtype == torch.float32
+    out = m(torch.randint(0, CFG.vocab_size, (1, 20)))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ---- bad input ----
+
+def test_truncated_shard_names_the_file(official, tmp_path):
+    _, path = official
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    victim = sorted(tmp_path.glob("*.safetensors"))[1]
+    victim.write_bytes(victim.read_bytes()[:-1000])
+    with pytest.raises(dsv4.CheckpointError, match=victim.name):
+        dsv4.load_model(tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    model = random_model(CFG)
+    dsv4.save_model(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["q_lora_rank"] = 24
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(dsv4.CheckpointError, match="has shape"):
+        dsv4.load_model(tmp_path)
+
+
+def test_missing_tensor_is_reported(tmp_path):
+    model = random_model(CFG)
+    dsv4.save_model(model, tmp_path)
+    f = tmp_path / "model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys() if "layers.2.self_attn.sinks" not in k}
+    save_file(tensors, str(f))
+    with pytest.raises(dsv4.CheckpointError, match="layers.2.attn.attn_sink"):
+        dsv4.load_model(tmp_path)
+
+
+def test_missing_scale_is_reported(official, tmp_path):
+    _, path = official
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    f = tmp_path / index["weight_map"]["layers.1.attn.wq_b.scale"]
+    with safe_open(str(f), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys() if k != "layers.1.attn.wq_b.scale"}
+    save_file(tensors, str(f))
+    with pytest.raises(dsv4.CheckpointError, match="layers.1.attn.wq_b"):
+        dsv4.load_model(tmp_path)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(CFG.to_hf_dict()))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(dsv4.CheckpointError, match="pickle"):
+        dsv4.load_model(tmp_path)
+
+
+def test_invalid_config_names_the_field(tmp_path):
+    d = CFG.to_hf_dict()
+    d["o_groups"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(dsv4.ConfigError, match="o_groups"):
+        dsv4.load_model(tmp_path)
+
+
+def test_fp4_experts_need_an_fp4_checkpoint(tmp_path):
+    dsv4.save_model(random_model(CFG), tmp_path)
+    with pytest.raises(dsv4.CheckpointError, match="FP4"):
+        dsv4.load_model(tmp_path, fp4_experts=True)
+
+
+def test_save_is_atomic_previous_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
+    model = random_model(CFG, seed=1)
+    dsv4.save_model(model, tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    import dsv4.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError):
+        dsv4.save_model(random_model(CFG, seed=2), tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    dsv4.load_model(tmp_path)
+
+
+PEAK_SCRIPT = r"""
+import resource, sys, torch, dsv4
+from dsv4.checkpoint import build_model
+path = sys.argv[1]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = dsv4.load_model(path, dtype=torch.float32)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model_bytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+print(base * 1024, peak * 1024, model_bytes)
+"""
+
+
+def test_loading_streams_shards_peak_memory(tmp_path):
+    """Peak RSS growth while loading stays near model + largest shard (not model + whole checkpoint)."""
+    cfg = dsv4.Config.tiny(hidden_size=256, moe_intermediate_size=256, n_routed_experts=32, vocab_size=4096)
+    dsv4.save_official(random_model(cfg), tmp_path, max_shard_bytes=8 << 20)
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    largest = max(f.stat().st_size for f in shards)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    base, peak, model_bytes = map(int, out)
+    growth = peak - base
+    print(f"\nload peak growth {growth / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB (fp32); "
+          f"largest shard {largest / 2**20:.1f} MiB; {len(shards)} shards")
+    # the dequantised fp32 copy of one shard can be ~4-8x its packed bytes
+    assert growth < model_bytes + 8 * largest + (64 << 20)
