@@ -1,0 +1,78 @@
+"""`dsv4` command line. Subcommands: inspect."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import CSA, HCA, SLIDING, Config, ConfigError
+from .footprint import CONVENTIONS, kv_bytes_at, kv_bytes_per_token, param_counts, v32_bytes_per_token
+
+PRESETS = {"flash": Config.flash, "pro": Config.pro, "tiny": Config.tiny}
+
+
+def _load_config(target: str) -> Config:
+    if target in PRESETS:
+        return PRESETS[target]()
+    p = Path(target)
+    if p.is_dir():
+        for name in ("config.json", "inference/config.json"):
+            if (p / name).exists():
+                return Config.from_file(p / name)
+        raise ConfigError(f"{p}: no config.json")
+    if p.is_file():
+        return Config.from_file(p)
+    raise ConfigError(f"{target}: not a preset ({', '.join(PRESETS)}), a checkpoint directory or a config file")
+
+
+def _fmt_params(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def inspect(target: str, context: int, out=None) -> None:
+    cfg = _load_config(target)
+    w = (out or sys.stdout).write
+    counts = {t: cfg.layer_types.count(t) for t in (SLIDING, CSA, HCA)}
+    w(f"DeepSeek-V4 config: {target}\n")
+    w(f"  layers {cfg.num_hidden_layers} (sliding {counts[SLIDING]}, CSA m={cfg.csa_compress_ratio} {counts[CSA]}, "
+      f"HCA m'={cfg.hca_compress_ratio} {counts[HCA]}) + MTP {cfg.num_nextn_predict_layers}\n")
+    w(f"  hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} x {cfg.head_dim} (rope {cfg.qk_rope_head_dim}), "
+      f"q_lora {cfg.q_lora_rank}, o_groups {cfg.o_groups} x {cfg.o_lora_rank}, window {cfg.sliding_window}\n")
+    w(f"  indexer {cfg.index_n_heads} x {cfg.index_head_dim}, top-{cfg.index_topk}; experts {cfg.n_routed_experts} "
+      f"(top-{cfg.num_experts_per_tok}, {cfg.num_hash_layers} hash layers) + {cfg.n_shared_experts} shared, "
+      f"inter {cfg.moe_intermediate_size}; mHC n={cfg.hc_mult}; vocab {cfg.vocab_size}\n")
+    p = param_counts(cfg)
+    w(f"Parameters: total {_fmt_params(p['total'])} ({_fmt_params(p['total_with_mtp'])} with MTP), "
+      f"active {_fmt_params(p['active'])} ({_fmt_params(p['active_with_mtp'])} with MTP)\n")
+    w(f"KV cache at context {context:,} tokens (per token amortised; total for one sequence incl. windows):\n")
+    w(f"  {'conv':<5}{'V4 B/tok':>12}{'V3.2 B/tok':>12}{'ratio':>8}{'V4 total':>14}{'V3.2 total':>14}  layout\n")
+    for name, conv in CONVENTIONS.items():
+        ours, v32 = kv_bytes_per_token(cfg, name), v32_bytes_per_token(name)
+        total = kv_bytes_at(cfg, context, name)
+        w(f"  {name:<5}{ours:>12,.1f}{v32:>12,.0f}{ours / v32:>8.1%}{total / 1e9:>11.3f} GB{v32 * context / 1e9:>11.3f} GB"
+          f"  {conv.description}\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in PyTorch")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ins = sub.add_parser("inspect", help="config, parameter counts and KV-cache bytes of a checkpoint or preset")
+    ins.add_argument("target", help="checkpoint directory, config.json, or preset: flash, pro, tiny")
+    ins.add_argument("--context", type=int, default=1 << 20, help="context length in tokens (default 1048576)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "inspect":
+            if args.context <= 0:
+                raise ConfigError("--context must be a positive number of tokens")
+            inspect(args.target, args.context)
+    except ConfigError as e:
+        print(f"dsv4: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
