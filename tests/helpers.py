@@ -19,7 +19,7 @@ def random_model(cfg: Config, seed: int = 0, std: float = 0.05) -> torch.nn.Modu
             elif name.endswith(("_scale", "norm.weight")):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             elif name.endswith("_fn"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
         for name, b in model.named_buffers():
             if name.endswith("gate.bias"):
                 b.copy_(torch.randn(b.shape, generator=g))

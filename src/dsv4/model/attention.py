@@ -28,40 +28,57 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
     q: [B, L, H, c]; kv: [B, P, c] (P >= q_start + L); sinks: [H]; comp: [B, T, c] entries (entry w
     visible to query t iff w < (t+1) // ratio); index: [B, L, k] CSA picks into comp, -1 = none
     (None with comp given means all visible entries, as in HCA). Returns [B, L, H, c] in q's dtype.
+
+    The window part is banded: queries go in blocks of `window`, each block against the 2*window raw
+    keys that end with it, so its cost is O(L * window), whatever the chunk size.
     """
     B, L, H, c = q.shape
-    k_comp = 0 if comp is None else (index.shape[-1] if index is not None else comp.shape[1])
-    per_row = H * (2 * window + k_comp) + (k_comp * c if index is not None else 0)
-    chunk = max(1, min(L, CHUNK_BUDGET // max(1, B * per_row)))
+    W = window
+    has_comp = comp is not None and comp.shape[1] > 0
+    k_comp = 0 if not has_comp else (index.shape[-1] if index is not None else comp.shape[1])
+    per_row = H * (2 * W + k_comp + 1) + (k_comp * c if index is not None else 0)
+    chunk = max(W, min(L, CHUNK_BUDGET // max(1, B * per_row)) // W * W)
+    # kvp[i] holds raw position i - W: W zero rows in front (always masked), W behind for padded queries
+    kvp = torch.cat([kv.new_zeros(B, W, c), kv[:, :q_start + L], kv.new_zeros(B, W + chunk, c)], dim=1)
+    w_idx = torch.arange(W, device=q.device)[:, None]
+    k_idx = torch.arange(2 * W, device=q.device)[None, :]
+    band = (k_idx > w_idx) & (k_idx <= w_idx + W)  # [W, 2W]: key k of a block sees query row w
     outs = []
     for s0 in range(0, L, chunk):
         s1 = min(L, s0 + chunk)
-        t = torch.arange(q_start + s0, q_start + s1, device=q.device)  # query positions
-        lo = max(0, q_start + s0 - window + 1)
+        n = -(-(s1 - s0) // W)  # blocks in this chunk
         qc = q[:, s0:s1]
-        kw = kv[:, lo:q_start + s1]
-        tk = torch.arange(lo, q_start + s1, device=q.device)
-        band = (tk[None, :] <= t[:, None]) & (tk[None, :] > t[:, None] - window)  # [l, kw]
-        logits = [torch.einsum("blhc,bkc->bhlk", qc, kw).mul(scale).masked_fill(~band, float("-inf"))]
-        if comp is not None and comp.shape[1] > 0:
+        if n * W > s1 - s0:
+            qc = torch.cat([qc, qc.new_zeros(B, n * W - (s1 - s0), H, c)], dim=1)
+        T0 = q_start + s0  # first query position of the chunk; block b starts at T0 + b*W
+        keys = kvp[:, T0:T0 + (n + 1) * W].unfold(1, 2 * W, W)  # [B, n, c, 2W]; key k of block b at T0+bW-W+k
+        first = T0 - W + torch.arange(n, device=q.device)[:, None, None] * W + k_idx[None]  # [n, 1, 2W] positions
+        mask = band[None] & (first >= 0)  # [n, W, 2W]
+        lw = torch.einsum("bnwhc,bnck->bhnwk", qc.view(B, n, W, H, c), keys).mul(scale)
+        lw = lw.masked_fill(~mask, float("-inf")).reshape(B, H, n * W, 2 * W)
+        logits = [lw]
+        t = torch.arange(T0, T0 + n * W, device=q.device)  # query positions (padded rows included)
+        if has_comp:
+            qq = qc
             if index is None:
                 vis = torch.arange(comp.shape[1], device=q.device)[None, :] < ((t + 1) // ratio)[:, None]
-                lc = torch.einsum("blhc,btc->bhlt", qc, comp).mul(scale).masked_fill(~vis, float("-inf"))
+                lc = torch.einsum("blhc,btc->bhlt", qq, comp).mul(scale).masked_fill(~vis, float("-inf"))
             else:
                 ic = index[:, s0:s1]
+                if n * W > s1 - s0:
+                    ic = torch.cat([ic, ic.new_full((B, n * W - (s1 - s0), ic.shape[-1]), -1)], dim=1)
                 picked = comp[torch.arange(B, device=q.device)[:, None, None], ic.clamp(min=0)]  # [B,l,k,c]
-                lc = torch.einsum("blhc,blkc->bhlk", qc, picked).mul(scale)
+                lc = torch.einsum("blhc,blkc->bhlk", qq, picked).mul(scale)
                 lc = lc.masked_fill((ic < 0).unsqueeze(1), float("-inf"))
             logits.append(lc)
-        logits.append(sinks.float().view(1, H, 1, 1).expand(B, H, s1 - s0, 1).to(qc.dtype))
+        logits.append(sinks.to(lw.dtype).view(1, H, 1, 1).expand(B, H, n * W, 1))
         p = torch.cat(logits, dim=-1).float().softmax(-1).to(q.dtype)
-        nw = kw.shape[1]
-        o = torch.einsum("bhlk,bkc->blhc", p[..., :nw], kw)
-        if len(logits) == 3:
-            pc = p[..., nw:-1]
+        o = torch.einsum("bhnwk,bnck->bnwhc", p[..., :2 * W].reshape(B, H, n, W, 2 * W), keys).reshape(B, n * W, H, c)
+        if has_comp:
+            pc = p[..., 2 * W:-1]
             o = o + (torch.einsum("bhlt,btc->blhc", pc, comp) if index is None
                      else torch.einsum("bhlk,blkc->blhc", pc, picked))
-        outs.append(o)
+        outs.append(o[:, : s1 - s0])
     return torch.cat(outs, dim=1)
 
 
