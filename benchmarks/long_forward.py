@@ -33,7 +33,8 @@ def timed(fn, ids):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--max", type=int, default=32768)
-    ap.add_argument("--hf-limit", type=float, default=60.0, help="stop transformers once a run exceeds this (s)")
+    ap.add_argument("--hf-limit", type=float, default=300.0, help="skip transformers lengths predicted above this (s)")
+    ap.add_argument("--hf-mem-gib", type=float, default=14.0, help="... or above this much memory (GiB)")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = bench_config()
@@ -56,7 +57,8 @@ def main():
         if hf_ok:
             t_hf, m_hf = timed(lambda x: ref(x, use_cache=False, logits_to_keep=0), ids)
             row += f" {t_hf:>9.2f} {m_hf / 2**20:>9.0f} {t_hf / t_ours:>7.1f}x"
-            hf_ok = t_hf < args.hf_limit
+            # its attention is S x S: the next (doubled) length costs ~4x the time and memory
+            hf_ok = t_hf * 4 < args.hf_limit and m_hf * 4 < args.hf_mem_gib * 2**30
         else:
             row += f" {'-':>9} {'-':>9} {'-':>8}"
         print(row, flush=True)

@@ -110,8 +110,8 @@ class Indexer(nn.Module):
         out = []
         for s0 in range(0, L, chunk):
             s1 = min(L, s0 + chunk)
-            scores = F.relu(torch.matmul(q[:, s0:s1].float(), kt))  # [B,l,nI,T]
-            scores = (scores * w[:, s0:s1].unsqueeze(-1)).sum(2)
+            scores = F.relu(torch.matmul(q[:, s0:s1].float(), kt), inplace=True)  # [B,l,nI,T]
+            scores = torch.matmul(w[:, s0:s1].unsqueeze(2), scores).squeeze(2)  # sum_h w_h relu(.): [B,l,T]
             limit = ((pos[s0:s1] + 1) // self.ratio)[:, None]  # [l, 1]
             invisible = torch.arange(T, device=q.device)[None, :] >= limit
             idx = scores.masked_fill(invisible, float("-inf")).topk(k, dim=-1).indices
