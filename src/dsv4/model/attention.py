@@ -38,8 +38,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
     k_comp = 0 if not has_comp else (index.shape[-1] if index is not None else comp.shape[1])
     per_row = H * (2 * W + k_comp + 1) + (k_comp * c if index is not None else 0)
     chunk = max(W, min(L, CHUNK_BUDGET // max(1, B * per_row)) // W * W)
-    # kvp[i] holds raw position i - W: W zero rows in front (always masked), W behind for padded queries
-    kvp = torch.cat([kv.new_zeros(B, W, c), kv[:, :q_start + L], kv.new_zeros(B, W + chunk, c)], dim=1)
+    # kvp[i] holds raw position i - W: W zero rows in front (always masked), 2W behind for padded queries
+    kvp = torch.cat([kv.new_zeros(B, W, c), kv[:, :q_start + L], kv.new_zeros(B, 2 * W, c)], dim=1)
     w_idx = torch.arange(W, device=q.device)[:, None]
     k_idx = torch.arange(2 * W, device=q.device)[None, :]
     band = (k_idx > w_idx) & (k_idx <= w_idx + W)  # [W, 2W]: key k of a block sees query row w
@@ -59,20 +59,19 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
         logits = [lw]
         t = torch.arange(T0, T0 + n * W, device=q.device)  # query positions (padded rows included)
         if has_comp:
-            qq = qc
             if index is None:
                 vis = torch.arange(comp.shape[1], device=q.device)[None, :] < ((t + 1) // ratio)[:, None]
-                lc = torch.einsum("blhc,btc->bhlt", qq, comp).mul(scale).masked_fill(~vis, float("-inf"))
+                lc = torch.einsum("blhc,btc->bhlt", qc, comp).mul(scale).masked_fill(~vis, float("-inf"))
             else:
                 ic = index[:, s0:s1]
                 if n * W > s1 - s0:
                     ic = torch.cat([ic, ic.new_full((B, n * W - (s1 - s0), ic.shape[-1]), -1)], dim=1)
                 picked = comp[torch.arange(B, device=q.device)[:, None, None], ic.clamp(min=0)]  # [B,l,k,c]
-                lc = torch.einsum("blhc,blkc->bhlk", qq, picked).mul(scale)
+                lc = torch.einsum("blhc,blkc->bhlk", qc, picked).mul(scale)
                 lc = lc.masked_fill((ic < 0).unsqueeze(1), float("-inf"))
             logits.append(lc)
-        logits.append(sinks.to(lw.dtype).view(1, H, 1, 1).expand(B, H, n * W, 1))
-        p = torch.cat(logits, dim=-1).float().softmax(-1).to(q.dtype)
+        logits.append(sinks.float().view(1, H, 1, 1).expand(B, H, n * W, 1))  # the sink: a logit without a value
+        p = torch.cat([x.float() for x in logits], dim=-1).softmax(-1).to(q.dtype)
         o = torch.einsum("bhnwk,bnck->bnwhc", p[..., :2 * W].reshape(B, H, n, W, 2 * W), keys).reshape(B, n * W, H, c)
         if has_comp:
             pc = p[..., 2 * W:-1]
@@ -100,18 +99,16 @@ class Attention(nn.Module):
         self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
         self.wo_a = nn.Linear(H * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
         self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
-        self.compressor = None
-        self.indexer = None
-        if self.ratio:
+        self.compressor = self.indexer = None
+        if self.ratio:  # compressed layers: a compressor, YaRN RoPE at base compress_rope_theta
             self.compressor = Compressor(d, c, self.ratio, overlap=self.layer_type == CSA, eps=cfg.rms_norm_eps)
-        if self.layer_type == CSA:
-            self.indexer = Indexer(d, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, self.ratio,
-                                   cfg.index_topk, cfg.rms_norm_eps)
-        if self.ratio:
             self.rope = Rope(self.rope_dim, cfg.compress_rope_theta, cfg.rope_factor,
                              cfg.original_max_position_embeddings, cfg.beta_fast, cfg.beta_slow)
         else:
             self.rope = Rope(self.rope_dim, cfg.rope_theta)
+        if self.layer_type == CSA:
+            self.indexer = Indexer(d, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, self.ratio,
+                                   cfg.index_topk, cfg.rms_norm_eps)
 
     def kv_quant(self, kv: torch.Tensor) -> torch.Tensor:
         """Reference QAT point: FP8 (block 64) on the nope dims of K=V entries."""
