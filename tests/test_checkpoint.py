@@ -177,28 +177,36 @@ def test_save_is_atomic_previous_checkpoint_survives_a_failed_save(tmp_path, mon
 
 
 PEAK_SCRIPT = r"""
-import resource, sys, torch, dsv4
-from dsv4.checkpoint import build_model
-path = sys.argv[1]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-m = dsv4.load_model(path, dtype=torch.float32)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import sys, torch, dsv4
+
+
+def hwm():  # peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+
+base = hwm()
+m = dsv4.load_model(sys.argv[1], dtype=torch.float32)
 model_bytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
-print(base * 1024, peak * 1024, model_bytes)
+print(base, hwm(), model_bytes)
 """
 
 
-def test_loading_streams_shards_peak_memory(tmp_path):
-    """Peak RSS growth while loading stays near model + largest shard (not model + whole checkpoint)."""
+@pytest.mark.parametrize("layout", ["official", "hf"])
+def test_loading_streams_shards_peak_memory(tmp_path, layout):
+    """Peak RSS growth while loading stays near model + one shard, below model + whole checkpoint."""
     cfg = dsv4.Config.tiny(hidden_size=256, moe_intermediate_size=256, n_routed_experts=32, vocab_size=4096)
-    dsv4.save_official(random_model(cfg), tmp_path, max_shard_bytes=8 << 20)
+    save = dsv4.save_official if layout == "official" else dsv4.save_model
+    save(random_model(cfg), tmp_path, max_shard_bytes=8 << 20)
     shards = sorted(tmp_path.glob("*.safetensors"))
     largest = max(f.stat().st_size for f in shards)
+    total = sum(f.stat().st_size for f in shards)
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          check=True).stdout.split()
     base, peak, model_bytes = map(int, out)
     growth = peak - base
-    print(f"\nload peak growth {growth / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB (fp32); "
-          f"largest shard {largest / 2**20:.1f} MiB; {len(shards)} shards")
-    # the dequantised fp32 copy of one shard can be ~4-8x its packed bytes
-    assert growth < model_bytes + 8 * largest + (64 << 20)
+    print(f"\n{layout}: load peak growth {growth / 2**20:.1f} MiB; model {model_bytes / 2**20:.1f} MiB (fp32); "
+          f"checkpoint {total / 2**20:.1f} MiB in {len(shards)} shards, largest {largest / 2**20:.1f} MiB")
+    # ~90 MiB is torch's own first-use overhead (allocator arenas, kernels), measured on an empty load
+    assert growth < model_bytes + 2 * largest + (96 << 20)
