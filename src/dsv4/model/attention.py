@@ -22,10 +22,12 @@ CHUNK_BUDGET = 1 << 24
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, window: int, scale: float,
                      comp: torch.Tensor | None = None, ratio: int = 0, index: torch.Tensor | None = None,
-                     q_start: int = 0) -> torch.Tensor:
-    """Attention of queries at positions q_start..q_start+L-1 over raw keys at 0..P-1 and compressed entries.
+                     q_start: int = 0, kv_start: int = 0) -> torch.Tensor:
+    """Attention of queries at positions q_start..q_start+L-1 over raw keys and compressed entries.
 
-    q: [B, L, H, c]; kv: [B, P, c] (P >= q_start + L); sinks: [H]; comp: [B, T, c] entries (entry w
+    q: [B, L, H, c]; kv: [B, P, c] raw keys at positions kv_start..kv_start+P-1 (covering each query's
+    window: kv_start <= max(0, q_start - window + 1), P >= q_start + L - kv_start); sinks: [H];
+    comp: [B, T, c] entries (entry w
     visible to query t iff w < (t+1) // ratio); index: [B, L, k] CSA picks into comp, -1 = none
     (None with comp given means all visible entries, as in HCA). Returns [B, L, H, c] in q's dtype.
 
@@ -38,8 +40,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
     k_comp = 0 if not has_comp else (index.shape[-1] if index is not None else comp.shape[1])
     per_row = H * (2 * W + k_comp + 1) + (k_comp * c if index is not None else 0)
     chunk = max(W, min(L, CHUNK_BUDGET // max(1, B * per_row)) // W * W)
-    # kvp[i] holds raw position i - W: W zero rows in front (always masked), 2W behind for padded queries
-    kvp = torch.cat([kv.new_zeros(B, W, c), kv[:, :q_start + L], kv.new_zeros(B, 2 * W, c)], dim=1)
+    # kvp[i] holds raw position kv_start + i - W: W zero rows in front (masked), 2W behind for padded queries
+    kvp = torch.cat([kv.new_zeros(B, W, c), kv[:, :q_start + L - kv_start], kv.new_zeros(B, 2 * W, c)], dim=1)
     w_idx = torch.arange(W, device=q.device)[:, None]
     k_idx = torch.arange(2 * W, device=q.device)[None, :]
     band = (k_idx > w_idx) & (k_idx <= w_idx + W)  # [W, 2W]: key k of a block sees query row w
@@ -51,9 +53,10 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
         if n * W > s1 - s0:
             qc = torch.cat([qc, qc.new_zeros(B, n * W - (s1 - s0), H, c)], dim=1)
         T0 = q_start + s0  # first query position of the chunk; block b starts at T0 + b*W
-        keys = kvp[:, T0:T0 + (n + 1) * W].unfold(1, 2 * W, W)  # [B, n, c, 2W]; key k of block b at T0+bW-W+k
+        r0 = T0 - kv_start
+        keys = kvp[:, r0:r0 + (n + 1) * W].unfold(1, 2 * W, W)  # [B, n, c, 2W]; key k of block b at T0+bW-W+k
         first = T0 - W + torch.arange(n, device=q.device)[:, None, None] * W + k_idx[None]  # [n, 1, 2W] positions
-        mask = band[None] & (first >= 0)  # [n, W, 2W]
+        mask = band[None] & (first >= kv_start)  # [n, W, 2W]
         lw = torch.einsum("bnwhc,bnck->bhnwk", qc.view(B, n, W, H, c), keys).mul(scale)
         lw = lw.masked_fill(~mask, float("-inf")).reshape(B, H, n * W, 2 * W)
         logits = [lw]
@@ -137,8 +140,14 @@ class Attention(nn.Module):
         z = torch.einsum("bsgi,goi->bsgo", o, self.wo_a.weight.view(G, -1, o.shape[-1]))
         return self.wo_b(z.flatten(2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-sequence forward from position 0. x: [B, S, d] (normed block input) -> [B, S, d]."""
+    def forward(self, x: torch.Tensor, segments: list | None = None) -> torch.Tensor:
+        """x: [B, S, d] (normed block input) -> [B, S, d].
+
+        Without segments: full sequences from position 0. With segments: x is [1, N, d], the new
+        tokens of several sequences back to back, and segments lists (LayerCache, n, L) per sequence
+        (its cache, tokens already processed, new tokens); caches are read and advanced."""
+        if segments is not None:
+            return self.step(x, segments)
         B, S, _ = x.shape
         pos = torch.arange(S, device=x.device)
         cos, sin = self.rope.cos_sin(pos)
@@ -156,3 +165,36 @@ class Attention(nn.Module):
         o = sparse_attention(q, kv, self.attn_sink, self.cfg.sliding_window, self.head_dim ** -0.5,
                              comp, self.ratio, index)
         return self.output(o, cos, sin)
+
+    def step(self, x: torch.Tensor, segments: list) -> torch.Tensor:
+        """Incremental forward over cached sequences (chunked prefill and decode alike). x: [1, N, d]."""
+        quant, W = self.cfg.quant_simulation, self.cfg.sliding_window
+        pos = torch.cat([torch.arange(n, n + L) for _, n, L in segments]).to(x.device)
+        cos, sin = self.rope.cos_sin(pos)
+        qr, q = self.project_q(x, cos, sin)
+        kv = self.project_kv(x, cos, sin)[0]
+        if self.compressor is not None:
+            ckv, cgate = self.compressor.project(x[0])
+        if self.indexer is not None:
+            ikv, igate = self.indexer.compressor.project(x[0])
+            qi, wi = self.indexer.queries(x, qr, pos, self.rope, quant)
+        outs, off = [], 0
+        for cache, n, L in segments:
+            sl = slice(off, off + L)
+            off += L
+            h = min(n, W - 1)  # earlier raw keys still inside the first new token's window
+            ctx = torch.cat([cache.window[torch.arange(n - h, n) % W].to(kv.dtype), kv[sl]])
+            keep = min(L, W)
+            cache.window[torch.arange(n + L - keep, n + L) % W] = kv[sl][L - keep:].to(cache.window.dtype)
+            comp = index = None
+            if self.compressor is not None:
+                new = self.compressor.step(cache.comp, ckv[sl], cgate[sl], n, self.rope, x.dtype)
+                cache.comp.append(self.kv_quant(new))
+                comp = cache.comp.entries[None].to(x.dtype)
+            if self.indexer is not None:
+                new = self.indexer.compressor.step(cache.index, ikv[sl], igate[sl], n, self.rope, x.dtype)
+                cache.index.append(rotate_fp4(new) if quant else new)
+                index = self.indexer.select(qi[:, sl], wi[:, sl], cache.index.entries[None].to(x.dtype), pos[sl])
+            outs.append(sparse_attention(q[:, sl], ctx[None], self.attn_sink, W, self.head_dim ** -0.5, comp,
+                                         self.ratio, index, q_start=n, kv_start=n - h))
+        return self.output(torch.cat(outs, dim=1), cos, sin)

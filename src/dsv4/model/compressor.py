@@ -60,9 +60,35 @@ class Compressor(nn.Module):
         usable = S // self.ratio * self.ratio
         if usable == 0:
             return x.new_zeros(B, 0, self.head_dim)
-        xc = x[:, :usable].to(self.wkv.weight.dtype)  # the reference runs the compressor in fp32
-        pooled = pool_windows(self.wkv(xc), self.wgate(xc), self.ape, self.ratio, self.overlap)
+        pooled = pool_windows(*self.project(x[:, :usable]), self.ape, self.ratio, self.overlap)
         return self.finish(pooled.to(x.dtype), 0, rope)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [..., d] -> (kv, gate) [..., coff*c] in fp32 (the reference runs the compressor in fp32)."""
+        xc = x.to(self.wkv.weight.dtype)
+        return self.wkv(xc).float(), self.wgate(xc).float()
+
+    def step(self, st, kv: torch.Tensor, gate: torch.Tensor, n: int, rope: Rope, dtype) -> torch.Tensor:
+        """Feed the projections of tokens n..n+L-1 (kv, gate: [L, coff*c]) into a CompressorState.
+
+        Pools every window this completes and returns the new entries [k, c] (not yet appended);
+        keeps the open window's tokens (and, with overlap, the last complete window's A half)."""
+        m, c = self.ratio, self.head_dim
+        r = n % m
+        if r:
+            kv, gate = torch.cat([st.buf_kv[:r], kv]), torch.cat([st.buf_gate[:r], gate])
+        full = kv.shape[0] // m * m
+        new = kv.new_zeros(0, c).to(dtype)
+        if full:
+            prev = (st.prev_kv[None], st.prev_gate[None]) if st.prev_kv is not None else (None, None)
+            pooled = pool_windows(kv[None, :full], gate[None, :full], self.ape, m, self.overlap, *prev)
+            new = self.finish(pooled.to(dtype), st.count, rope)[0]
+            if self.overlap:
+                st.prev_kv = kv[full - m: full, :c].clone()
+                st.prev_gate = gate[full - m: full, :c] + self.ape[:, :c].float()
+        rest = kv.shape[0] - full
+        st.buf_kv[:rest], st.buf_gate[:rest] = kv[full:], gate[full:]
+        return new
 
     def finish(self, pooled: torch.Tensor, first_entry: int, rope: Rope) -> torch.Tensor:
         """RMSNorm then RoPE at position (first_entry + i) * ratio. pooled: [B, n, c]."""

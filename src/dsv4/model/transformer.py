@@ -41,9 +41,10 @@ class Block(nn.Module):
         return hc_pre(X, getattr(self, f"hc_{which}_fn"), getattr(self, f"hc_{which}_base"),
                       getattr(self, f"hc_{which}_scale"), c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)
 
-    def forward(self, X: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, ids: torch.Tensor | None, segments: list | None = None) -> torch.Tensor:
+        """X: [B, S, n, d] -> [B, S, n, d]; segments: see Attention.forward."""
         h, post, C = self._pre(X, "attn")
-        X = hc_post(self.attn(self.attn_norm(h)), X, post, C)
+        X = hc_post(self.attn(self.attn_norm(h), segments), X, post, C)
         h, post, C = self._pre(X, "ffn")
         return hc_post(self.ffn(self.ffn_norm(h), ids), X, post, C)
 
@@ -103,6 +104,21 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.logits(self.streams(input_ids))
+
+    def step(self, ids: list, caches: list) -> torch.Tensor:
+        """Continue sequences: ids[i] (1-D int tensor of new tokens) extends caches[i] (a SequenceCache).
+
+        The new tokens of all sequences run as one flat batch (chunked prefill and decode mix freely);
+        caches advance. Returns the final streams [N, n, d] of all new tokens, back to back."""
+        flat = torch.cat(ids).view(1, -1)
+        self._check_ids(flat)
+        lengths = [len(t) for t in ids]
+        X = self.embed(flat).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            X = layer(X, flat, [(c.layers[i], c.n, L) for c, L in zip(caches, lengths)])
+        for c, L in zip(caches, lengths):
+            c.n += L
+        return X[0]
 
     def mtp_logits(self, X: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP: X [B, S, n, d] main streams, next_ids [B, S] (token t+1 at position t) -> logits for t+2."""
