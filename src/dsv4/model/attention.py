@@ -144,8 +144,9 @@ class Attention(nn.Module):
         """x: [B, S, d] (normed block input) -> [B, S, d].
 
         Without segments: full sequences from position 0. With segments: x is [1, N, d], the new
-        tokens of several sequences back to back, and segments lists (LayerCache, n, L) per sequence
-        (its cache, tokens already processed, new tokens); caches are read and advanced."""
+        tokens of several sequences back to back, and segments lists (LayerCache, n, L, hook) per run
+        of tokens (its cache, tokens already processed, new tokens, None or a callable run on the cache
+        once the segment is in); caches are read and advanced."""
         if segments is not None:
             return self.step(x, segments)
         B, S, _ = x.shape
@@ -169,7 +170,7 @@ class Attention(nn.Module):
     def step(self, x: torch.Tensor, segments: list) -> torch.Tensor:
         """Incremental forward over cached sequences (chunked prefill and decode alike). x: [1, N, d]."""
         quant, W = self.cfg.quant_simulation, self.cfg.sliding_window
-        pos = torch.cat([torch.arange(n, n + L) for _, n, L in segments]).to(x.device)
+        pos = torch.cat([torch.arange(n, n + L) for _, n, L, _ in segments]).to(x.device)
         cos, sin = self.rope.cos_sin(pos)
         qr, q = self.project_q(x, cos, sin)
         kv = self.project_kv(x, cos, sin)[0]
@@ -179,7 +180,7 @@ class Attention(nn.Module):
             ikv, igate = self.indexer.compressor.project(x[0])
             qi, wi = self.indexer.queries(x, qr, pos, self.rope, quant)
         outs, off = [], 0
-        for cache, n, L in segments:
+        for cache, n, L, hook in segments:
             sl = slice(off, off + L)
             off += L
             h = min(n, W - 1)  # earlier raw keys still inside the first new token's window
@@ -197,4 +198,6 @@ class Attention(nn.Module):
                 index = self.indexer.select(qi[:, sl], wi[:, sl], cache.index.entries[None].to(x.dtype), pos[sl])
             outs.append(sparse_attention(q[:, sl], ctx[None], self.attn_sink, W, self.head_dim ** -0.5, comp,
                                          self.ratio, index, q_start=n, kv_start=n - h))
+            if hook is not None:
+                hook(cache)
         return self.output(torch.cat(outs, dim=1), cos, sin)

@@ -5,6 +5,8 @@ that routed experts are stacked per layer (`ffn.experts.w1` [E, I, d]).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -105,19 +107,27 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.logits(self.streams(input_ids))
 
-    def step(self, ids: list, caches: list) -> torch.Tensor:
-        """Continue sequences: ids[i] (1-D int tensor of new tokens) extends caches[i] (a SequenceCache).
+    def step(self, ids: list, caches: list, hooks: list | None = None) -> torch.Tensor:
+        """Continue sequences: segment ids[j] (1-D int tensor of new tokens) extends caches[j] (a SequenceCache).
 
-        The new tokens of all sequences run as one flat batch (chunked prefill and decode mix freely);
-        caches advance. Returns the final streams [N, n, d] of all new tokens, back to back."""
+        All segments run as one flat batch (chunked prefill and decode mix freely); a cache may
+        appear in several consecutive segments. hooks[j], if given, is called as hook(layer, LayerCache)
+        after segment j went through each layer (for snapshots). Caches advance. Returns the final
+        streams [N, n, d] of all new tokens, back to back."""
         flat = torch.cat(ids).view(1, -1)
         self._check_ids(flat)
-        lengths = [len(t) for t in ids]
+        hooks = hooks or [None] * len(ids)
+        starts, ends = [], {}
+        for c, t in zip(caches, ids):
+            starts.append(ends.get(id(c), c.n))
+            ends[id(c)] = starts[-1] + len(t)
         X = self.embed(flat).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
-            X = layer(X, flat, [(c.layers[i], c.n, L) for c, L in zip(caches, lengths)])
-        for c, L in zip(caches, lengths):
-            c.n += L
+            segs = [(c.layers[i], n, len(t), h and functools.partial(h, i))
+                    for c, n, t, h in zip(caches, starts, ids, hooks)]
+            X = layer(X, flat, segs)
+        for c in caches:
+            c.n = ends[id(c)]
         return X[0]
 
     def mtp_logits(self, X: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""Prefix cache: decode-state snapshots every `block_size` tokens, keyed by a hash chain over the tokens.
+
+A block snapshot holds, per layer, everything a sequence needs to continue from that boundary
+together: the sliding-window tail, each compressor's open window (and CSA's previous A half), and
+the entries emitted inside the block (earlier entries come from the parent blocks). Restoring a
+chain of blocks therefore reproduces the exact state of a cold run. Blocks live in memory under a
+byte cap (LRU) and, optionally, on disk as safetensors files with a checksum ("context caching on
+disk"). With `isolate_users`, the chain root includes the user id, so users never share entries.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..model.cache import CompressorState, LayerCache, SequenceCache
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(k.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def layer_snapshot(lc: LayerCache, start: int, end: int, prefix: str, out: dict) -> None:
+    """Record what layer cache `lc` (having processed exactly `end` tokens) holds for block [start, end)."""
+    out[f"{prefix}window"] = lc.window.clone()
+    for name in ("comp", "index"):
+        st = getattr(lc, name)
+        if st is None:
+            continue
+        m = st.buf_kv.shape[0]
+        r = end % m
+        out[f"{prefix}{name}.buf_kv"] = st.buf_kv[:r].clone()
+        out[f"{prefix}{name}.buf_gate"] = st.buf_gate[:r].clone()
+        if st.prev_kv is not None:
+            out[f"{prefix}{name}.prev_kv"] = st.prev_kv.clone()
+            out[f"{prefix}{name}.prev_gate"] = st.prev_gate.clone()
+        out[f"{prefix}{name}.entries"] = st.store[start // m: end // m].clone()
+
+
+def restore(template: SequenceCache, blocks: list, n: int) -> SequenceCache:
+    """Rebuild a SequenceCache at `n` tokens from a chain of block snapshots (oldest first).
+
+    template: an empty cache of the right shapes (new_cache), filled in place and returned."""
+    last = blocks[-1]
+    for prefix, lc in [(f"L{i}.", c) for i, c in enumerate(template.layers)] + \
+                      [(f"M{i}.", c) for i, c in enumerate(template.mtp)]:
+        if f"{prefix}window" not in last:
+            continue
+        lc.window.copy_(last[f"{prefix}window"])
+        for name in ("comp", "index"):
+            st: CompressorState = getattr(lc, name)
+            if st is None:
+                continue
+            r = last[f"{prefix}{name}.buf_kv"].shape[0]
+            st.buf_kv[:r] = last[f"{prefix}{name}.buf_kv"]
+            st.buf_gate[:r] = last[f"{prefix}{name}.buf_gate"]
+            if f"{prefix}{name}.prev_kv" in last:
+                st.prev_kv = last[f"{prefix}{name}.prev_kv"].clone()
+                st.prev_gate = last[f"{prefix}{name}.prev_gate"].clone()
+            st.count = 0
+            for b in blocks:
+                st.append(b[f"{prefix}{name}.entries"])
+    template.n = n
+    return template
+
+
+class PrefixCache:
+    def __init__(self, block_size: int = 64, max_bytes: int = 1 << 30, disk_dir: str | None = None,
+                 isolate_users: bool = False, model_tag: str = ""):
+        if block_size < 1:
+            raise ValueError("prefix cache block_size must be >= 1")
+        self.block_size, self.max_bytes, self.isolate = block_size, max_bytes, isolate_users
+        self.model_tag = model_tag
+        self.disk = Path(disk_dir) if disk_dir else None
+        if self.disk:
+            self.disk.mkdir(parents=True, exist_ok=True)
+        self.blocks: OrderedDict[str, dict] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.queries = 0
+
+    # ---- keys ----
+    def root(self, user: str | None) -> str:
+        base = f"dsv4|{self.model_tag}|{user if self.isolate else ''}"
+        return hashlib.sha256(base.encode()).hexdigest()
+
+    def child(self, parent: str, tokens: list) -> str:
+        return hashlib.sha256(parent.encode() + struct.pack(f"<{len(tokens)}q", *tokens)).hexdigest()
+
+    # ---- storage ----
+    def _put_memory(self, key: str, snap: dict) -> None:
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return
+        size = sum(t.numel() * t.element_size() for t in snap.values())
+        if size > self.max_bytes:
+            return
+        self.blocks[key] = snap
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.blocks.popitem(last=False)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old.values())
+
+    def insert(self, key: str, snap: dict) -> None:
+        self._put_memory(key, snap)
+        if self.disk and not (self.disk / f"{key}.safetensors").exists():
+            fd, tmp = tempfile.mkstemp(dir=self.disk, suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file({k: v.contiguous().cpu() for k, v in snap.items()}, tmp, metadata={"sha256": _digest(snap)})
+                os.replace(tmp, self.disk / f"{key}.safetensors")
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+    def get(self, key: str) -> dict | None:
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return self.blocks[key]
+        if self.disk is None:
+            return None
+        f = self.disk / f"{key}.safetensors"
+        if not f.exists():
+            return None
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                snap = {k: h.get_tensor(k) for k in h.keys()}
+                ok = h.metadata().get("sha256") == _digest(snap)
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            ok = False
+        if not ok:  # corrupt or tampered: drop it and recompute
+            f.unlink(missing_ok=True)
+            return None
+        self._put_memory(key, snap)
+        return snap
+
+    def lookup(self, tokens: list, user: str | None) -> tuple[int, list, list]:
+        """Longest cached chain for `tokens`, leaving at least one token to compute.
+
+        Returns (n_tokens, [block snapshots], [block hashes])."""
+        self.queries += 1
+        key, snaps, hashes = self.root(user), [], []
+        B = self.block_size
+        for j in range((len(tokens) - 1) // B):
+            key = self.child(key, tokens[j * B:(j + 1) * B])
+            snap = self.get(key)
+            if snap is None:
+                break
+            snaps.append(snap)
+            hashes.append(key)
+        if snaps:
+            self.hits += 1
+        return len(snaps) * B, snaps, hashes

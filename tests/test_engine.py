@@ -1,0 +1,304 @@
+"""Engine exactness and behaviour: incremental state, batching, prefix cache, sampling, faults."""
+import pytest
+import torch
+
+import dsv4
+from dsv4.config import CSA, HCA, SLIDING
+from dsv4.engine.engine import LLMEngine
+from dsv4.model.cache import new_cache
+from helpers import random_model
+
+# >= 8 indexer heads: exact zero-score ties (all heads ReLU-zero) are then vanishingly rare, and
+# torch.topk breaks exact ties differently for different row lengths (full forward vs decode)
+CONFIGS = {
+    "tiny": dsv4.Config.tiny(index_n_heads=8),
+    "hca_first": dsv4.Config.tiny(layer_types=[HCA, CSA, HCA, SLIDING, CSA], num_hidden_layers=5, hca_compress_ratio=8,
+                                  sliding_window=8, num_hash_layers=2, index_n_heads=8, index_topk=4),
+}
+GREEDY = dsv4.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+def run_splits(model, ids, split):
+    caches = [new_cache(model, torch.float32) for _ in range(ids.shape[0])]
+    outs, p = [], 0
+    with torch.no_grad():
+        for L in split:
+            X = model.step([row[p:p + L] for row in ids], caches)
+            outs.append(model.logits(X[None])[0].view(ids.shape[0], L, -1))
+            p += L
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("split", [[1] * 70, [7, 13, 1, 1, 20, 28], [33, 37], [64, 6], [70]])
+def test_decode_and_chunked_prefill_match_full_forward_across_hca_blocks(name, split):
+    model = random_model(CONFIGS[name], seed=3)
+    ids = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(1))
+    assert (run_splits(model, ids, split) - full_logits(model, ids)).abs().max().item() <= 1e-4
+
+
+def reference_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CONFIGS["tiny"], seed=0)
+
+
+def prompts(*lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_batched_generation_equals_single_and_full_forward(model):
+    ps = prompts(5, 70, 130, 33)
+    batched = dsv4.LLM(model, max_num_batched_tokens=40, prefix_block=0).generate(ps, GREEDY)
+    for p, out in zip(ps, batched):
+        single = dsv4.LLM(model, prefix_block=0).generate(p, GREEDY)
+        assert out.token_ids == single.token_ids == reference_greedy(model, p, GREEDY.max_tokens)
+        assert out.finish_reason == "length"
+
+
+def test_greedy_equals_transformers_generate(model, tmp_path):
+    from transformers import DeepseekV4ForCausalLM
+
+    dsv4.save_model(model, tmp_path)
+    ref = DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for p in prompts(9, 50, seed=4):
+        want = ref.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(p):].tolist()
+        assert dsv4.LLM(model).generate(p, GREEDY).token_ids == want
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_prefix_cache_hit_gives_exactly_the_cold_tokens(model, tmp_path, disk):
+    opts = dict(prefix_cache_dir=str(tmp_path) if disk else None)
+    p = prompts(200, seed=5)[0]
+    cold = dsv4.LLM(model, prefix_block=0).generate(p, GREEDY)
+    llm = dsv4.LLM(model, **opts)
+    first = llm.generate(p, GREEDY)
+    if disk:  # a new engine (empty memory) finds the blocks on disk
+        llm = dsv4.LLM(model, **opts)
+    second = llm.generate(p, GREEDY)
+    assert first.cached_tokens == 0 and second.cached_tokens == 192
+    assert cold.token_ids == first.token_ids == second.token_ids
+    # a longer prompt sharing the prefix hits too, at 64-token granularity
+    third = llm.generate(p[:150] + prompts(30, seed=6)[0], GREEDY)
+    assert third.cached_tokens == 128
+    assert third.token_ids == dsv4.LLM(model, prefix_block=0).generate(p[:150] + prompts(30, seed=6)[0],
+                                                                        GREEDY).token_ids
+
+
+def test_multi_turn_reuses_generated_tokens(model):
+    llm = dsv4.LLM(model)
+    p = prompts(100, seed=7)[0]
+    out = llm.generate(p, dsv4.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    follow = p + out.token_ids + prompts(10, seed=8)[0]
+    assert llm.generate(follow, GREEDY).cached_tokens == 128  # blocks completed during decode were cached
+
+
+def test_corrupt_disk_block_is_ignored(model, tmp_path):
+    p = prompts(140, seed=9)[0]
+    dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 2
+    for f in files:
+        f.write_bytes(f.read_bytes()[:-8] + b"garbage!")
+    out = dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY)
+    assert out.cached_tokens == 0
+    assert out.token_ids == reference_greedy(model, p, GREEDY.max_tokens)
+
+
+def test_user_isolation(model):
+    llm = dsv4.LLM(model, isolate_users=True)
+    p = prompts(100, seed=10)[0]
+    llm.generate(p, GREEDY, user="alice")
+    assert llm.generate(p, GREEDY, user="bob").cached_tokens == 0
+    assert llm.generate(p, GREEDY, user="alice").cached_tokens == 64
+
+
+# ---- sampling ----
+
+def test_seeded_sampling_is_deterministic_and_seeds_differ(model):
+    p = prompts(20, seed=11)[0]
+    sp = lambda s: dsv4.SamplingParams(max_tokens=15, temperature=1.0, seed=s, ignore_eos=True)  # noqa: E731
+    a = dsv4.LLM(model).generate([p, p], [sp(1), sp(1)])
+    assert a[0].token_ids == a[1].token_ids
+    assert dsv4.LLM(model).generate(p, sp(2)).token_ids != a[0].token_ids
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+    p = prompts(20, seed=12)[0]
+    g = dsv4.LLM(model).generate(p, GREEDY).token_ids
+    for sp in (dsv4.SamplingParams(max_tokens=12, top_k=1, seed=0, ignore_eos=True),
+               dsv4.SamplingParams(max_tokens=12, top_p=1e-6, seed=0, ignore_eos=True)):
+        assert dsv4.LLM(model).generate(p, sp).token_ids == g
+
+
+def test_sampler_distribution_and_truncation():
+    from dsv4.engine.sampling import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        t, _ = sample(logits, [dsv4.SamplingParams(temperature=1.0)], [g], [None])
+        counts[t] += 1
+    assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    seen = set()
+    for _ in range(300):  # top_p 0.7 keeps {0, 1} (0.5 < 0.7 <= 0.8); top_k 3 drops token 3
+        seen.add(sample(logits, [dsv4.SamplingParams(top_p=0.7)], [g], [None])[0].item())
+    assert seen == {0, 1}
+    seen = {sample(logits, [dsv4.SamplingParams(top_k=3)], [g], [None])[0].item() for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+def test_penalties_hand_computed():
+    from dsv4.engine.sampling import sample
+
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    counts = torch.tensor([3.0, 0.0, 0.0])
+    # 2.0 - 0.1*3 - 0.5 = 1.2 < 1.9: the penalised token loses the argmax
+    t, _ = sample(logits, [dsv4.SamplingParams(temperature=0, frequency_penalty=0.1, presence_penalty=0.5)],
+                  [None], [counts])
+    assert t.item() == 1
+
+
+def test_logprobs_with_top_alternatives(model):
+    p = prompts(10, seed=13)[0]
+    out = dsv4.LLM(model).generate(p, dsv4.SamplingParams(max_tokens=3, temperature=0, logprobs=3, ignore_eos=True))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([p]))[0, -1], -1)
+    first = out.logprobs[0]
+    assert first.token_id == out.token_ids[0] == first.top[0][0]
+    assert abs(first.logprob - ref[first.token_id].item()) < 1e-5 and len(first.top) == 3
+    assert [a for _, a in first.top] == sorted([a for _, a in first.top], reverse=True)
+
+
+def test_stop_token_ids_and_max_tokens_1(model):
+    p = prompts(12, seed=14)[0]
+    g = dsv4.LLM(model).generate(p, GREEDY).token_ids
+    out = dsv4.LLM(model).generate(p, dsv4.SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[g[3]],
+                                                          ignore_eos=True))
+    assert out.token_ids == g[:g.index(g[3]) + 1] and out.finish_reason == "stop"
+    one = dsv4.LLM(model).generate(p, dsv4.SamplingParams(max_tokens=1, temperature=0))
+    assert one.token_ids == g[:1] and one.finish_reason == "length"
+
+
+def test_eos_stops_unless_ignored(model):
+    p = prompts(12, seed=14)[0]
+    g = dsv4.LLM(model).generate(p, GREEDY).token_ids
+    model.config.eos_token_id = g[2]
+    try:
+        out = dsv4.LLM(model).generate(p, dsv4.SamplingParams(max_tokens=12, temperature=0))
+        assert out.token_ids == g[:g.index(g[2]) + 1] and out.finish_reason == "stop"
+    finally:
+        model.config.eos_token_id = 1
+
+
+def char_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Split
+
+    vocab = {chr(ord("a") + i): i for i in range(26)}
+    vocab.update({f"<{i}>": i for i in range(26, 512)})
+    tok = Tokenizer(WordLevel(vocab, unk_token="<26>"))
+    tok.pre_tokenizer = Split("", "isolated")
+    from tokenizers.decoders import Fuse
+    tok.decoder = Fuse()
+    return tok
+
+
+def test_stop_string_split_across_tokens(model):
+    tok = char_tokenizer()
+    eng = dsv4.LLM(model, tokenizer=tok).engine
+    p = prompts(12, seed=15)[0]
+    g = dsv4.LLM(model).generate(p, GREEDY).token_ids
+    text = tok.decode(g)
+    stop = text[4:6]  # two characters = two tokens: the stop string spans a token boundary
+    assert len(tok.encode(stop).ids) == 2
+    seq = eng.add_request(p, dsv4.SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))
+    streamed = ""
+    while eng.has_unfinished():
+        eng.step()
+        streamed += seq.output(delta=True).text
+    assert seq.finish_reason == "stop"
+    assert seq.text == text[:text.find(stop)] == streamed
+
+
+# ---- faults ----
+
+def test_empty_and_over_long_prompts_are_clear_errors(model):
+    llm = dsv4.LLM(model, max_model_len=100)
+    with pytest.raises(dsv4.RequestError, match="empty"):
+        llm.generate([], GREEDY)
+    with pytest.raises(dsv4.RequestError, match="maximum context length of 100"):
+        llm.generate(prompts(95)[0], GREEDY)
+    with pytest.raises(dsv4.RequestError, match="token ids"):
+        llm.generate([1, 2, 99999], GREEDY)
+    with pytest.raises(dsv4.RequestError, match="tokenizer"):
+        llm.generate("hello", GREEDY)
+    with pytest.raises(dsv4.RequestError, match="temperature"):
+        dsv4.SamplingParams(temperature=-1)
+
+
+def test_memory_budget_exhausted_requests_wait_or_are_preempted_and_finish_exactly(model):
+    ps = prompts(40, 90, 60, 120, 20, seed=16)
+    probe = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    budget = probe.estimate_bytes(120 + 12) * 2  # room for about two sequences at a time
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, kv_budget_bytes=budget,
+                                                    max_num_batched_tokens=64))
+    seqs = [eng.add_request(p, GREEDY) for p in ps]
+    most_running, waited = 0, False
+    while eng.has_unfinished():
+        eng.step()
+        most_running = max(most_running, len(eng.running))
+        waited |= bool(eng.waiting)
+        assert eng.used_bytes() <= budget + probe.estimate_bytes(132)
+    assert waited and most_running < len(ps)
+    for p, s in zip(ps, seqs):
+        assert s.output_ids == reference_greedy(model, p, GREEDY.max_tokens)
+
+
+def test_preempted_sequence_resumes_exactly(model):
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, max_num_batched_tokens=16))
+    a, b = (eng.add_request(p, GREEDY) for p in prompts(30, 40, seed=17))
+    for _ in range(6):
+        eng.step()
+    eng._preempt(b)  # as the scheduler does when memory runs short
+    assert b.cache is None and b.status.value == "waiting"
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats["preemptions"] == 1
+    for s in (a, b):
+        assert s.output_ids == reference_greedy(model, s.prompt, GREEDY.max_tokens)
+
+
+def test_request_larger_than_the_whole_budget_fails_cleanly(model):
+    llm = dsv4.LLM(model, prefix_block=0, kv_budget_bytes=1000)
+    out = llm.generate(prompts(50)[0], GREEDY)
+    assert out.finished and out.finish_reason.startswith("error") and out.token_ids == []
+
+
+def test_cancellation_mid_prefill_frees_state(model):
+    eng = LLMEngine(model, config=dsv4.EngineConfig(max_num_batched_tokens=32, prefix_block=0))
+    a = eng.add_request(prompts(200)[0], GREEDY)
+    b = eng.add_request(prompts(10, seed=1)[0], GREEDY)
+    eng.step()
+    assert a.cache is not None and 0 < a.num_computed < 200
+    eng.abort(a.request_id)
+    assert a.cache is None and a not in eng.running and a.finish_reason == "abort"
+    while eng.has_unfinished():
+        eng.step()
+    assert b.output_ids == reference_greedy(model, b.prompt, GREEDY.max_tokens)
