@@ -302,3 +302,39 @@ def test_cancellation_mid_prefill_frees_state(model):
     while eng.has_unfinished():
         eng.step()
     assert b.output_ids == reference_greedy(model, b.prompt, GREEDY.max_tokens)
+
+
+# ---- async streaming ----
+
+def test_async_streams_equal_offline_and_cancel_frees_state(model):
+    import asyncio
+
+    from dsv4.engine import AsyncLLM
+
+    ps = prompts(30, 80, seed=18)
+    want = [reference_greedy(model, p, GREEDY.max_tokens) for p in ps]
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, max_num_batched_tokens=32))
+    allm = AsyncLLM(eng)
+
+    async def collect(p):
+        toks, finals = [], []
+        async for out in allm.generate(p, GREEDY):
+            toks += out.token_ids
+            finals.append(out.finished)
+        return toks, finals
+
+    async def main():
+        results = await asyncio.gather(*(collect(p) for p in ps))
+        # cancel mid-prefill: start a long request, then abort it while it is being computed
+        seq, queue = allm.submit(prompts(300, seed=19)[0], dsv4.SamplingParams(max_tokens=50))
+        await asyncio.sleep(0.05)
+        allm.abort(seq.request_id)
+        return results, seq
+
+    try:
+        results, seq = asyncio.run(main())
+    finally:
+        allm.close()
+    for (toks, finals), w in zip(results, want):
+        assert toks == w and finals[-1] and not any(finals[:-1])
+    assert seq.cache is None and seq.finish_reason == "abort" and not eng.has_unfinished()
