@@ -19,8 +19,9 @@ import torch
 from ..model.cache import new_cache
 from ..model.transformer import Transformer
 from .prefix_cache import PrefixCache, layer_snapshot, restore
-from .sampling import RequestError, SamplingParams, sample
+from .sampling import RequestError, SamplingParams, draw, penalised, probs, sample
 from .sequence import Logprob, RequestOutput, Sequence, Status
+from .speculative import Rewind, accept
 
 
 @dataclass
@@ -34,6 +35,7 @@ class EngineConfig:
     prefix_cache_bytes: int = 1 << 30
     prefix_cache_dir: str | None = None  # persist prefix blocks on disk
     isolate_users: bool = False
+    num_speculative_tokens: int = 0  # MTP drafts verified per decode step (0: off)
 
 
 def model_tag(model: Transformer) -> str:
@@ -65,7 +67,11 @@ class LLMEngine:
         self.fixed_bytes = empty.nbytes() - sum(s.store.numel() * s.store.element_size()
                                                for lc in empty.layers + empty.mtp for s in (lc.comp, lc.index) if s)
         self.eos = self.mcfg.eos_token_id
-        self.stats = {"steps": 0, "preemptions": 0, "prompt_tokens": 0, "cached_tokens": 0}
+        self.k = self.cfg.num_speculative_tokens
+        if self.k and not len(model.mtp):
+            raise ValueError("speculative decoding needs the model's MTP module (num_nextn_predict_layers = 0)")
+        self.stats = {"steps": 0, "preemptions": 0, "prompt_tokens": 0, "cached_tokens": 0, "proposed": 0,
+                      "accepted": 0}
 
     # ---- requests ----
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -135,7 +141,7 @@ class LLMEngine:
     # ---- scheduling ----
     def _admit(self, seq: Sequence) -> None:
         seq.cache = new_cache(self.model, self.dtype, self.device)
-        seq.num_computed, seq.block_hashes = 0, []
+        seq.num_computed, seq.block_hashes, seq.drafts, seq.draft_q = 0, [], [], []
         if self.prefix is not None:
             n, snaps, hashes = self.prefix.lookup(seq.tokens, seq.user)
             if n:
@@ -176,66 +182,137 @@ class LLMEngine:
         for seq in sorted(self.running, key=lambda s: s.pending):  # decodes first, then prefills
             if budget <= 0:
                 break
-            n = min(seq.pending, budget)
+            n = min(seq.pending + (len(seq.drafts) if seq.pending == 1 else 0), budget)
             plan.append((seq, n))
             budget -= n
         return plan
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the sequences that advanced (finished ones included)."""
+        """Run one engine step; returns the outputs of the sequences that advanced (finished ones included)."""
         plan = self.schedule()
         if not plan:
             return []
-        ids, caches, hooks, samplers = [], [], [], []
+        ids, caches, hooks, work = [], [], [], []
         B = self.prefix.block_size if self.prefix else 0
         for seq, n in plan:
             start = seq.num_computed
-            cuts = [start + n]
-            if B:  # split at block boundaries so each completed block can be snapshotted
-                cuts = sorted(set(range((start // B + 1) * B, start + n, B)) | {start + n})
+            drafts = seq.drafts[: n - 1] if seq.pending == 1 else []
+            feed = seq.tokens[start:start + n - len(drafts)] + drafts
+            if drafts:  # verify: one-token segments, each leaving a rewind point
+                cuts = list(range(start + 1, start + n + 1))
+            else:  # split at block boundaries so each completed block can be snapshotted
+                cuts = sorted(set(range((start // B + 1) * B, start + n, B)) | {start + n}) if B else [start + n]
+            w = _Work(seq, start, len(ids), drafts, cuts)
             a = start
             for b in cuts:
-                ids.append(torch.tensor(seq.tokens[a:b], dtype=torch.long, device=self.device))
+                ids.append(torch.tensor(feed[a - start:b - start], dtype=torch.long, device=self.device))
                 caches.append(seq.cache)
-                hooks.append(self._snapshot_hook(seq, b) if B and b % B == 0 else None)
+                hooks.append(w.hook(self, b))
                 a = b
-            seq.num_computed = start + n
-            if seq.num_computed == len(seq.tokens):
-                samplers.append((seq, sum(len(t) for t in ids) - 1))
+            work.append(w)
         with torch.no_grad():
             X = self.model.step(ids, caches, hooks)
-            if samplers:
-                rows = torch.tensor([r for _, r in samplers], device=self.device)
-                logits = self.model.logits(X[rows][None])[0]
-        for hook in hooks:
-            if hook is not None:
-                hook.commit()
+            offsets = torch.tensor([0] + [len(t) for t in ids]).cumsum(0).tolist()
+            for w in work:
+                w.rows = list(range(offsets[w.first_segment], offsets[w.first_segment + len(w.cuts)]))
+            need = [w for w in work if w.drafts or w.start + len(w.rows) == len(w.seq.tokens)]
+            if need:
+                rows = [r for w in need for r in (w.rows if w.drafts else w.rows[-1:])]
+                logits = self.model.logits(X[torch.tensor(rows, device=self.device)][None])[0]
+            plain, plain_rows, at = [], [], 0
+            for w in need:
+                k = len(w.rows) if w.drafts else 1
+                if w.drafts:
+                    self._verify(w, logits[at:at + k])
+                else:
+                    plain.append(w.seq)
+                    plain_rows.append(at)
+                at += k
+            for w in work:
+                if not w.drafts:
+                    w.seq.num_computed = w.start + len(w.rows)
+            if plain:
+                self._sample(plain, logits[torch.tensor(plain_rows, device=self.device)])
+            if self.k:
+                self._draft(work, X)
+        for w in work:
+            w.commit()
         self.stats["steps"] += 1
-        touched = [seq for seq, _ in plan]
-        if samplers:
-            self._sample([s for s, _ in samplers], logits)
-        return [s.output() for s in touched]
+        return [w.seq.output() for w in work]
 
-    def _snapshot_hook(self, seq: Sequence, end: int):
-        return _BlockRecorder(self, seq, end)
+    def _verify(self, w: "_Work", logits: torch.Tensor) -> None:
+        """Accept a prefix of the drafts (speculative sampling), rewind the rest, append the tokens."""
+        seq = w.seq
+        self._ensure_counts(seq)
+        rows = [penalised(r, seq.params, seq.counts) for r in logits]
+        target = [probs(r, seq.params) for r in rows]
+        tokens, a = accept(target, w.drafts, seq.draft_q, seq.params.temperature == 0, seq.generator)
+        self.stats["proposed"] += len(w.drafts)
+        self.stats["accepted"] += a
+        if a < len(w.drafts):
+            w.rewinds[a].restore(seq.cache, w.start + a + 1)
+        seq.num_computed = w.start + a + 1
+        w.rows = w.rows[: a + 1]
+        seq.drafts, seq.draft_q = [], []
+        lps = torch.log_softmax(torch.stack(rows), -1)
+        for i, t in enumerate(tokens):
+            self._append(seq, t, lps[i])
+            if seq.status == Status.FINISHED:
+                break
+
+    def _draft(self, work: list, X: torch.Tensor) -> None:
+        """Run the MTP layer over the newly accepted positions, then propose drafts for decoding sequences."""
+        live = [w for w in work if w.seq.status != Status.FINISHED and len(w.rows)]
+        live = [w for w in live if len(w.seq.tokens) > w.start + len(w.rows)]  # the next token of each row is known
+        if not live:
+            return
+        rows = torch.tensor([r for w in live for r in w.rows], device=self.device)
+        nxt = [torch.tensor(w.seq.tokens[w.start + 1:w.start + len(w.rows) + 1], device=self.device) for w in live]
+        hooks = [w.mtp_hook() for w in live]
+        logits, streams = self.model.mtp_step(X[rows], nxt, [w.seq.cache for w in live], hooks)
+        ends = torch.tensor([len(w.rows) for w in live]).cumsum(0) - 1
+        drafting = [(w, int(e)) for w, e in zip(live, ends) if w.seq.pending == 1]
+        if not drafting:
+            return
+        caches = [w.seq.cache for w, _ in drafting]
+        saved = [(c.mtp[0].window.clone(), c.mtp_n) for c in caches]
+        cur_logits, cur_streams = logits[[e for _, e in drafting]], streams[[e for _, e in drafting]]
+        for depth in range(self.k):
+            new = []
+            for (w, _), lg in zip(drafting, cur_logits):
+                self._ensure_counts(w.seq)
+                q = probs(penalised(lg, w.seq.params, w.seq.counts), w.seq.params)
+                d = int(q.argmax()) if w.seq.params.temperature == 0 else draw(q, w.seq.generator)
+                w.seq.drafts.append(d)
+                w.seq.draft_q.append(q)
+                new.append(torch.tensor([d], device=self.device))
+            if depth + 1 < self.k:  # chain: the MTP layer on its own output and the draft just made
+                cur_logits, cur_streams = self.model.mtp_step(cur_streams, new, caches)
+        for c, (window, n) in zip(caches, saved):
+            c.mtp[0].window.copy_(window)
+            c.mtp_n = n
+
+    def _ensure_counts(self, s: Sequence) -> None:
+        if s.counts is None and (s.params.presence_penalty or s.params.frequency_penalty):
+            s.counts = torch.zeros(self.mcfg.vocab_size, device=self.device)
 
     def _sample(self, seqs: list, logits: torch.Tensor) -> None:
-        V = self.mcfg.vocab_size
         for s in seqs:
-            if s.counts is None and (s.params.presence_penalty or s.params.frequency_penalty):
-                s.counts = torch.zeros(V, device=self.device)
+            self._ensure_counts(s)
         toks, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs])
         for i, (s, t) in enumerate(zip(seqs, toks.tolist())):
-            s.tokens.append(t)
-            if s.counts is not None:
-                s.counts[t] += 1
-            if s.logprobs is not None:
-                top = lps[i].topk(s.params.logprobs) if s.params.logprobs else None
-                alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-                s.logprobs.append(Logprob(t, lps[i, t].item(), alts))
-            self._check_stop(s, t)
+            self._append(s, t, lps[i])
 
+    def _append(self, s: Sequence, t: int, logprobs: torch.Tensor) -> None:
+        s.tokens.append(t)
+        if s.counts is not None:
+            s.counts[t] += 1
+        if s.logprobs is not None:
+            top = logprobs.topk(s.params.logprobs) if s.params.logprobs else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            s.logprobs.append(Logprob(t, logprobs[t].item(), alts))
+        self._check_stop(s, t)
     def _check_stop(self, s: Sequence, t: int) -> None:
         p = s.params
         if self.tokenizer is not None:
@@ -251,6 +328,42 @@ class LLMEngine:
             return self._finish(s, "length")
 
 
+class _Work:
+    """One sequence's share of a step: its segments, their hooks, and (when verifying) rewind points."""
+
+    def __init__(self, seq: Sequence, start: int, first_segment: int, drafts: list, cuts: list):
+        self.seq, self.start, self.first_segment, self.drafts, self.cuts = seq, start, first_segment, drafts, cuts
+        self.rows: list = []
+        self.rewinds: list = []
+        self.recorders: list = []
+
+    def hook(self, engine: "LLMEngine", end: int):
+        calls = []
+        if self.drafts and end < self.start + len(self.cuts):
+            self.rewinds.append(Rewind())
+            calls.append(self.rewinds[-1])
+        if engine.prefix is not None and end % engine.prefix.block_size == 0:
+            self.recorders.append(_BlockRecorder(engine, self.seq, end))
+            calls.append(self.recorders[-1])
+        return _Hooks(calls) if calls else None
+
+    def mtp_hook(self):
+        # a block completed in this step also records the MTP layer (its positions end with the main ones)
+        done = [r for r in self.recorders if r.end <= self.seq.num_computed]
+        return _Hooks(done) if done else None
+
+    def commit(self) -> None:
+        for r in self.recorders:
+            if r.end <= self.seq.num_computed:  # never a block that holds rejected drafts
+                r.commit()
+
+
+class _Hooks(list):
+    def __call__(self, prefix, lc):
+        for h in self:
+            h(prefix, lc)
+
+
 class _BlockRecorder:
     """Collects, layer by layer, the snapshot of `seq` at block boundary `end`; commit() stores it."""
 
@@ -258,8 +371,8 @@ class _BlockRecorder:
         self.engine, self.seq, self.end = engine, seq, end
         self.snap: dict = {}
 
-    def __call__(self, layer: int, lc) -> None:  # noqa: D102
-        layer_snapshot(lc, self.end - self.engine.prefix.block_size, self.end, f"L{layer}.", self.snap)
+    def __call__(self, prefix: str, lc) -> None:
+        layer_snapshot(lc, self.end - self.engine.prefix.block_size, self.end, prefix, self.snap)
 
     def commit(self) -> None:
         pc, seq, B = self.engine.prefix, self.seq, self.engine.prefix.block_size

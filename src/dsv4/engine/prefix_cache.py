@@ -73,6 +73,7 @@ def restore(template: SequenceCache, blocks: list, n: int) -> SequenceCache:
             for b in blocks:
                 st.append(b[f"{prefix}{name}.entries"])
     template.n = n
+    template.mtp_n = n  # without an MTP snapshot its window starts empty: drafts degrade, output does not
     return template
 
 

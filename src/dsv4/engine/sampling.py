@@ -46,29 +46,43 @@ class SamplingParams:
                 raise RequestError(f"sampling parameter '{name}' must be {what} (got {getattr(self, name)!r})")
 
 
+def penalised(logits: torch.Tensor, p: SamplingParams, counts: torch.Tensor | None) -> torch.Tensor:
+    """logits [..., V] minus frequency * count and presence * [count > 0]."""
+    logits = logits.float()
+    if counts is not None and (p.presence_penalty or p.frequency_penalty):
+        logits = logits - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float())
+    return logits
+
+
+def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a token is drawn from: [..., V] penalised logits -> probabilities.
+
+    Greedy (temperature 0) is one-hot on the argmax; otherwise temperature, then top-k, then top-p."""
+    if p.temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    row = logits / p.temperature
+    if p.top_k:
+        kth = row.topk(min(p.top_k, row.shape[-1]), dim=-1).values[..., -1:]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if p.top_p < 1:
+        sorted_, order = row.sort(dim=-1, descending=True)
+        ps = sorted_.softmax(-1)
+        drop = ps.cumsum(-1) - ps > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        row = row.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return row.softmax(-1)
+
+
+def draw(pr: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from a probability vector [V]."""
+    return int(torch.multinomial(pr, 1, generator=generator))
+
+
 def sample(logits: torch.Tensor, params: list, generators: list, counts: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] fp32 -> (tokens [B], logprobs [B, V] of the sampling distribution before truncation).
+    """logits [B, V] -> (tokens [B], logprobs [B, V] of the penalised distribution before truncation).
 
     counts[i]: [V] float counts of the tokens sequence i generated so far (for penalties), or None."""
-    logits = logits.float().clone()
-    for i, (p, c) in enumerate(zip(params, counts)):
-        if c is not None and (p.presence_penalty or p.frequency_penalty):
-            logits[i] -= p.frequency_penalty * c + p.presence_penalty * (c > 0).float()
-    logprobs = torch.log_softmax(logits, -1)
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    rows = torch.stack([penalised(logits[i], p, c) for i, (p, c) in enumerate(zip(params, counts))])
+    out = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
     for i, p in enumerate(params):
-        row = logits[i]
-        if p.temperature == 0:
-            out[i] = row.argmax()
-            continue
-        row = row / p.temperature
-        if p.top_k:
-            kth = row.topk(min(p.top_k, row.shape[0])).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1:
-            sorted_, order = row.sort(descending=True)
-            probs = sorted_.softmax(-1)
-            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
-            row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        out[i] = torch.multinomial(row.softmax(-1), 1, generator=generators[i]).squeeze(0)
-    return out, logprobs
+        out[i] = int(rows[i].argmax()) if p.temperature == 0 else draw(probs(rows[i], p), generators[i])
+    return out, torch.log_softmax(rows, -1)

@@ -53,6 +53,8 @@ class Sequence:
         self.cached_tokens = 0
         self.admitted = False
         self.block_hashes: list = []  # prefix-cache hash chain of the computed full blocks
+        self.drafts: list = []  # MTP draft tokens to verify next step
+        self.draft_q: list = []  # their draft distributions
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

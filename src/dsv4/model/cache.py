@@ -73,12 +73,13 @@ class SequenceCache:
     layers: list
     n: int = 0
     mtp: list = field(default_factory=list)
+    mtp_n: int = 0  # positions the MTP layer has processed
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers + self.mtp)
 
     def clone(self) -> "SequenceCache":
-        return SequenceCache([c.clone() for c in self.layers], self.n, [c.clone() for c in self.mtp])
+        return SequenceCache([c.clone() for c in self.layers], self.n, [c.clone() for c in self.mtp], self.mtp_n)
 
 
 def new_cache(model, dtype: torch.dtype | None = None, device=None) -> SequenceCache:

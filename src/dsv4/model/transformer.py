@@ -111,8 +111,8 @@ class Transformer(nn.Module):
         """Continue sequences: segment ids[j] (1-D int tensor of new tokens) extends caches[j] (a SequenceCache).
 
         All segments run as one flat batch (chunked prefill and decode mix freely); a cache may
-        appear in several consecutive segments. hooks[j], if given, is called as hook(layer, LayerCache)
-        after segment j went through each layer (for snapshots). Caches advance. Returns the final
+        appear in several consecutive segments. hooks[j], if given, is called as hook("L{i}.", LayerCache)
+        after segment j went through layer i (for snapshots). Caches advance. Returns the final
         streams [N, n, d] of all new tokens, back to back."""
         flat = torch.cat(ids).view(1, -1)
         self._check_ids(flat)
@@ -123,12 +123,32 @@ class Transformer(nn.Module):
             ends[id(c)] = starts[-1] + len(t)
         X = self.embed(flat).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
-            segs = [(c.layers[i], n, len(t), h and functools.partial(h, i))
+            segs = [(c.layers[i], n, len(t), h and functools.partial(h, f"L{i}."))
                     for c, n, t, h in zip(caches, starts, ids, hooks)]
             X = layer(X, flat, segs)
         for c in caches:
             c.n = ends[id(c)]
         return X[0]
+
+    def mtp_step(self, X: torch.Tensor, next_ids: list, caches: list, hooks: list | None = None,
+                 depth: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Incremental MTP over cached sequences: X [N, n, d] main streams of consecutive positions of
+        each sequence (segments back to back, as returned by `step`), next_ids[j] the token after each
+        position. Advances each cache's MTP layer (`mtp_n`). Returns (logits [N, vocab], MTP streams [N, n, d])."""
+        m = self.mtp[depth]
+        flat = torch.cat(next_ids).view(1, -1)
+        hooks = hooks or [None] * len(next_ids)
+        starts, ends = [], {}
+        for c, t in zip(caches, next_ids):
+            starts.append(ends.get(id(c), c.mtp_n))
+            ends[id(c)] = starts[-1] + len(t)
+        Xm = m.e_proj(m.enorm(self.embed(flat))).unsqueeze(2) + m.h_proj(m.hnorm(X[None]))
+        segs = [(c.mtp[depth], n, len(t), h and functools.partial(h, f"M{depth}."))
+                for c, n, t, h in zip(caches, starts, next_ids, hooks)]
+        Xm = m(Xm, flat, segs)
+        for c in caches:
+            c.mtp_n = ends[id(c)]
+        return self.logits(Xm, m)[0], Xm[0]
 
     def mtp_logits(self, X: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP: X [B, S, n, d] main streams, next_ids [B, S] (token t+1 at position t) -> logits for t+2."""
