@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .config import CSA, HCA, Config
 
 # DeepSeek-V3.2 baseline: 61 layers of MLA latent (512 + 64 rope) and a 128-dim indexer key
@@ -103,3 +105,27 @@ def param_counts(cfg: Config) -> dict[str, int]:
         out[key] = main
         out[f"{key}_with_mtp"] = main + mtp
     return out
+
+
+def prefill_flops(cfg: Config, S: int) -> float:
+    """Forward FLOPs of a length-S prefill (multiply-add = 2): every projection and expert on every token,
+    plus attention over each query's keys (window, visible HCA entries or CSA top-k) and the indexer's
+    scoring of every visible CSA entry."""
+    p = param_counts(cfg)
+    d, V = cfg.hidden_size, cfg.vocab_size
+    dense = 2 * (p["active"] - 2 * V * d) + 2 * V * d  # embedding lookup is free; the head is a matmul
+    t = torch.arange(S, dtype=torch.float64)
+    H, c = cfg.num_attention_heads, cfg.head_dim
+    keys = torch.zeros(S, dtype=torch.float64)
+    index = torch.zeros(S, dtype=torch.float64)
+    for kind in cfg.layer_types:
+        keys += torch.clamp(t + 1, max=cfg.sliding_window)
+        if kind == HCA:
+            keys += torch.div(t + 1, cfg.hca_compress_ratio, rounding_mode="floor")
+        elif kind == CSA:
+            vis = torch.div(t + 1, cfg.csa_compress_ratio, rounding_mode="floor")
+            keys += torch.clamp(vis, max=cfg.index_topk)
+            index += vis
+    attn = 2 * 2 * H * c * keys.sum().item()  # QK and PV
+    idx = 2 * cfg.index_n_heads * cfg.index_head_dim * index.sum().item()
+    return S * dense + attn + idx

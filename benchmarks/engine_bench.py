@@ -1,0 +1,179 @@
+"""Engine benchmark: dsv4 vs transformers' DeepseekV4ForCausalLM on the same random-weight config, CPU, one run.
+
+Prints batch-1 decode tokens/s at 1K context, prefill times at 4K / 16K (and dsv4 at 64K against the
+architecture's FLOP ratio), aggregate decode with 32 concurrent requests, batch-1 decode against the
+memory-bandwidth roofline, time to first token with a cached 4K prefix, and KV bytes per token.
+Usage: python benchmarks/engine_bench.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+import dsv4  # noqa: E402
+from common import PeakRSS, bench_config  # noqa: E402
+from dsv4.engine.engine import LLMEngine  # noqa: E402
+from dsv4.footprint import param_counts, prefill_flops  # noqa: E402
+from helpers import random_model  # noqa: E402
+
+GREEDY = lambda n: dsv4.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+
+
+def tokens(n, seed=0):
+    return torch.randint(2, 4096, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def dsv4_decode(model, ctx, n, batch=1):
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, max_num_batched_tokens=8192,
+                                                    max_num_seqs=max(batch, 1)))
+    for i in range(batch):
+        eng.add_request(tokens(ctx, i), GREEDY(n + 2))
+    while any(s.num_computed < len(s.prompt) for s in eng.running) or eng.waiting:
+        eng.step()
+    eng.step()  # first decode step (warm)
+    t = time.perf_counter()
+    steps = 0
+    while eng.has_unfinished() and steps < n:
+        eng.step()
+        steps += 1
+    return batch * steps / (time.perf_counter() - t)
+
+
+def hf_decode(ref, ctx, n):
+    with torch.no_grad():
+        out = ref(torch.tensor([tokens(ctx)]), use_cache=True)
+        cache = out.cache
+        tok = out.logits[:, -1:].argmax(-1)
+        out = ref(tok, cache=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(n):
+            out = ref(tok, cache=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+    return n / (time.perf_counter() - t)
+
+
+def dsv4_prefill(model, S):
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, max_num_batched_tokens=S))
+    seq = eng.add_request(tokens(S, 5), GREEDY(2))  # still running after the prefill step: its state is kept
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        eng.step()
+        dt = time.perf_counter() - t
+    return dt, mem.peak, seq
+
+
+def hf_prefill(ref, S):
+    with torch.no_grad(), PeakRSS() as mem:
+        t = time.perf_counter()
+        ref(torch.tensor([tokens(S, 5)]), use_cache=False, logits_to_keep=1)
+        dt = time.perf_counter() - t
+    return dt, mem.peak
+
+
+def copy_bandwidth():
+    x = torch.empty(64 << 20, dtype=torch.float32)  # 256 MiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    return 5 * 2 * x.numel() * 4 / (time.perf_counter() - t)  # read + write bytes per second
+
+
+def ttft(model, ctx):
+    llm_eng = LLMEngine(model, config=dsv4.EngineConfig(max_num_batched_tokens=8192))
+    base = tokens(ctx, 7)
+    times = []
+    for tail_seed in (8, 9):
+        seq = llm_eng.add_request(base + tokens(16, tail_seed), GREEDY(1))
+        t = time.perf_counter()
+        while not seq.output_ids:
+            llm_eng.step()
+        times.append((time.perf_counter() - t, seq.cached_tokens))
+        while llm_eng.has_unfinished():
+            llm_eng.step()
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller lengths (smoke run)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = bench_config()
+    model = random_model(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        dsv4.save_model(model, d)
+        from transformers import DeepseekV4ForCausalLM
+        ref = DeepseekV4ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    L4, L16, L64 = (1024, 2048, 8192) if args.quick else (4096, 16384, 65536)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; config: hidden 256, 6 layers, "
+          f"4x128 heads, 8 experts top-2, window 64, CSA m=4 top-64, HCA m'=32, vocab 4096\n")
+    rows = []
+
+    ours, theirs = dsv4_decode(model, 1024, 32), hf_decode(ref, 1024, 32)
+    rows.append(("batch-1 decode tok/s at 1K context", f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x",
+                 ">= 10x"))
+
+    t4, m4, _ = dsv4_prefill(model, L4)
+    h4, hm4 = hf_prefill(ref, L4)
+    rows.append((f"prefill {L4} s (peak MiB)", f"{t4:.2f} ({m4 / 2**20:.0f})", f"{h4:.2f} ({hm4 / 2**20:.0f})",
+                 f"{h4 / t4:.1f}x", ""))
+    t16, m16, _ = dsv4_prefill(model, L16)
+    predicted = hm4 * (L16 / L4) ** 2
+    if predicted < 12 * 2**30:
+        h16, hm16 = hf_prefill(ref, L16)
+        rows.append((f"prefill {L16} s (peak MiB)", f"{t16:.2f} ({m16 / 2**20:.0f})",
+                     f"{h16:.2f} ({hm16 / 2**20:.0f})", f"{h16 / t16:.1f}x", ">= 20x"))
+    else:
+        rows.append((f"prefill {L16} s (peak MiB)", f"{t16:.2f} ({m16 / 2**20:.0f})",
+                     f"skipped: ~{predicted / 2**30:.0f} GiB (S x S)", "-", ">= 20x"))
+    t64, m64, seq64 = dsv4_prefill(model, L64)
+    flop_ratio = prefill_flops(cfg, L64) / prefill_flops(cfg, L16)
+    rows.append((f"prefill {L64} s (peak MiB)", f"{t64:.2f} ({m64 / 2**20:.0f})", "-",
+                 f"t ratio {t64 / t16:.2f} vs FLOP ratio {flop_ratio:.2f} ({t64 / t16 / flop_ratio:.2f}x)",
+                 "within 1.25x"))
+
+    agg = dsv4_decode(model, 1024 if not args.quick else 256, 16, batch=32)
+    rows.append(("aggregate decode tok/s, 32 concurrent", f"{agg:.1f}", "-", f"{agg / ours:.2f}x of batch-1",
+                 ">= 8x"))
+
+    bw = copy_bandwidth()
+    active = param_counts(cfg)["active"] - cfg.vocab_size * cfg.hidden_size  # embedding: one row per token
+    roof = bw / (active * 4)
+    rows.append(("batch-1 decode vs roofline", f"{ours:.1f} tok/s", f"roofline {roof:.0f} tok/s",
+                 f"{ours / roof:.1%}", ">= 50%"))
+
+    (cold, _), (warm, hit) = ttft(model, L4)
+    rows.append((f"TTFT, {L4}-token cached prefix", f"{warm * 1000:.0f} ms (hit {hit})", f"cold {cold * 1000:.0f} ms",
+                 f"{warm / cold:.3f}", "<= 0.1"))
+
+    el = 4
+    formula = sum((cfg.head_dim + cfg.index_head_dim) * el / cfg.csa_compress_ratio if t == "compressed_sparse_attention"
+                  else cfg.head_dim * el / cfg.hca_compress_ratio if t == "heavily_compressed_attention" else 0
+                  for t in cfg.layer_types)
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    measured = (seq64.cache.nbytes() - eng.fixed_bytes) / L64 if seq64.cache is not None else float("nan")
+    rows.append((f"KV bytes/token at {L64} (fp32 storage)", f"{measured:.1f}", f"formula {formula:.1f}",
+                 f"{measured / formula:.3f}", "within 5%"))
+
+    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    head = ("metric", "dsv4", "transformers / reference", "ratio", "target")
+    w = [max(a, len(b)) for a, b in zip(w, head)]
+    fmt = " | ".join(f"{{:<{x}}}" for x in w)
+    print("| " + fmt.format(*head) + " |")
+    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+    for r in rows:
+        print("| " + fmt.format(*r) + " |")
+
+
+if __name__ == "__main__":
+    main()
