@@ -32,15 +32,21 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.float().unflatten(-1, (-1, block))
 
 
-def fp8_quant_dequant(x: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """Simulate FP8 e4m3 with a UE8M0 scale per `block` values along the last dim.
-
-    x: [..., K] -> [..., K] (same dtype). Scale floor 1e-4 / 448 as in the reference act_quant.
-    """
+def fp8_quant(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [..., K] -> (e4m3 [..., K], UE8M0 scales [..., K/block] as float8_e8m0fnu). Scale floor 1e-4/448."""
     xb = _blocks(x, block)
     s = ue8m0_scale(xb.abs().amax(-1, keepdim=True), FP8_MAX, 1e-4)
-    q = (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    return (q * s).flatten(-2).to(x.dtype)
+    q = (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-2), s.squeeze(-1).to(torch.float8_e8m0fnu)
+
+
+def fp8_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 64, dtype=torch.float32) -> torch.Tensor:
+    return (q.float().unflatten(-1, (-1, block)) * s.float().unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def fp8_quant_dequant(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Simulate FP8 e4m3 with a UE8M0 scale per `block` values along the last dim. [..., K] -> same, x's dtype."""
+    return fp8_dequant(*fp8_quant(x, block), block, x.dtype)
 
 
 def fp4_round(v: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     kv_budget_bytes: int = 8 << 30  # decode-state memory budget over all sequences
     cache_dtype: torch.dtype | None = None  # storage dtype of window / entries (default: model dtype)
+    cache_layout: str = "dense"  # "fp8": FP8 e4m3 nope + BF16 RoPE entries, FP4 indexer keys
     max_model_len: int | None = None  # default: config.max_position_embeddings
     prefix_block: int = 64  # prefix-cache granularity in tokens; 0 disables the prefix cache
     prefix_cache_bytes: int = 1 << 30
@@ -63,9 +64,8 @@ class LLMEngine:
         if self.cfg.prefix_block:
             self.prefix = PrefixCache(self.cfg.prefix_block, self.cfg.prefix_cache_bytes, self.cfg.prefix_cache_dir,
                                       self.cfg.isolate_users, model_tag(model))
-        empty = new_cache(model, self.dtype, self.device)
-        self.fixed_bytes = empty.nbytes() - sum(s.store.numel() * s.store.element_size()
-                                               for lc in empty.layers + empty.mtp for s in (lc.comp, lc.index) if s)
+        empty = new_cache(model, self.dtype, self.device, self.cfg.cache_layout)
+        self.fixed_bytes, self.per_token = empty.nbytes(), empty.bytes_per_token()
         self.eos = self.mcfg.eos_token_id
         self.k = self.cfg.num_speculative_tokens
         if self.k and not len(model.mtp):
@@ -128,19 +128,11 @@ class LLMEngine:
 
     def estimate_bytes(self, n_tokens: int) -> int:
         """Decode-state bytes of one sequence at n_tokens (window + buffers + entries)."""
-        el = torch.finfo(self.dtype).bits // 8
-        per = 0.0
-        for b in self.model.layers:
-            a = b.attn
-            if a.compressor is not None:
-                per += a.compressor.head_dim * el / a.ratio
-            if a.indexer is not None:
-                per += a.indexer.head_dim * el / a.ratio
-        return int(self.fixed_bytes + per * n_tokens) + 1
+        return int(self.fixed_bytes + self.per_token * n_tokens) + 1
 
     # ---- scheduling ----
     def _admit(self, seq: Sequence) -> None:
-        seq.cache = new_cache(self.model, self.dtype, self.device)
+        seq.cache = new_cache(self.model, self.dtype, self.device, self.cfg.cache_layout)
         seq.num_computed, seq.block_hashes, seq.drafts, seq.draft_q = 0, [], [], []
         if self.prefix is not None:
             n, snaps, hashes = self.prefix.lookup(seq.tokens, seq.user)

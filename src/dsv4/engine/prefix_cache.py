@@ -46,7 +46,7 @@ def layer_snapshot(lc: LayerCache, start: int, end: int, prefix: str, out: dict)
         if st.prev_kv is not None:
             out[f"{prefix}{name}.prev_kv"] = st.prev_kv.clone()
             out[f"{prefix}{name}.prev_gate"] = st.prev_gate.clone()
-        out[f"{prefix}{name}.entries"] = st.store[start // m: end // m].clone()
+        out[f"{prefix}{name}.entries"] = st.store.read(start // m, end // m).clone()
 
 
 def restore(template: SequenceCache, blocks: list, n: int) -> SequenceCache:

@@ -12,13 +12,84 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quant import fp4_dequant, fp4_quant, fp8_dequant, fp8_quant, pack_fp4, unpack_fp4
+
 
 def _grow(t: torch.Tensor, need: int) -> torch.Tensor:
     if t.shape[0] >= need:
         return t
-    out = t.new_zeros(max(need, 2 * t.shape[0], 16), *t.shape[1:])
+    out = t.new_zeros(max(need, t.shape[0] + t.shape[0] // 4, 64), *t.shape[1:])  # grow by 25%
     out[: t.shape[0]] = t
     return out
+
+
+class EntryStore:
+    """Append-only compressed entries [count, dim] in one of three layouts:
+
+    - "dense": the storage dtype (fp32 / bf16);
+    - "fp8": the production main-entry layout, FP8 e4m3 nope dims with a UE8M0 scale per 64 and
+      BF16 RoPE dims (448 + 7 + 128 = 583 bytes for V4's 512-dim entries);
+    - "fp4": the production indexer-key layout, e2m1 packed two per byte with a UE8M0 scale per 32
+      (64 + 4 = 68 bytes for 128 dims)."""
+
+    def __init__(self, dim: int, fmt: str = "dense", dtype=torch.float32, device=None, rope_dim: int = 0):
+        self.dim, self.fmt, self.dtype, self.rope_dim, self.count = dim, fmt, dtype, rope_dim, 0
+        nope = dim - rope_dim
+        z = lambda n, dt: torch.zeros(64, n, dtype=dt, device=device)  # noqa: E731
+        if fmt == "dense":
+            self.parts = [z(dim, dtype)]
+        elif fmt == "fp8":
+            self.parts = [z(nope, torch.float8_e4m3fn), z(nope // 64, torch.float8_e8m0fnu), z(rope_dim, torch.bfloat16)]
+        elif fmt == "fp4":
+            self.parts = [z(dim // 2, torch.int8), z(dim // 32, torch.float8_e8m0fnu)]
+        else:
+            raise ValueError(f"unknown entry layout {fmt!r} (dense, fp8, fp4)")
+
+    def _encode(self, x: torch.Tensor) -> list:
+        if self.fmt == "dense":
+            return [x.to(self.dtype)]
+        if self.fmt == "fp8":
+            nope = self.dim - self.rope_dim
+            q, s = fp8_quant(x[:, :nope], 64)
+            return [q, s, x[:, nope:].to(torch.bfloat16)]
+        codes, s = fp4_quant(x, 32)
+        return [pack_fp4(codes), s.to(torch.float8_e8m0fnu)]
+
+    def append(self, x: torch.Tensor) -> None:
+        k = x.shape[0]
+        if not k:
+            return
+        for i, part in enumerate(self._encode(x)):
+            self.parts[i] = _grow(self.parts[i], self.count + k)
+            self.parts[i][self.count:self.count + k] = part
+        self.count += k
+
+    def read(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Entries [start, end) decoded to [n, dim] (storage dtype for dense, fp32 otherwise)."""
+        end = self.count if end is None else end
+        p = [t[start:end] for t in self.parts]
+        if self.fmt == "dense":
+            return p[0]
+        if self.fmt == "fp8":
+            return torch.cat([fp8_dequant(p[0], p[1], 64), p[2].float()], dim=-1)
+        return fp4_dequant(unpack_fp4(p[0]), p[1].float(), 32)
+
+    @property
+    def bytes_per_entry(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.parts)
+
+    def truncate(self, count: int) -> None:
+        self.count = count
+
+    def nbytes(self, allocated: bool = False) -> int:
+        rows = lambda t: t.shape[0] if allocated else self.count  # noqa: E731
+        return sum(rows(t) * t[0].numel() * t.element_size() for t in self.parts)
+
+    def clone(self) -> "EntryStore":
+        out = EntryStore.__new__(EntryStore)
+        out.__dict__.update(self.__dict__)
+        out.parts = [t[: max(self.count, 1)].clone() for t in self.parts]
+        return out
 
 
 @dataclass
@@ -29,27 +100,32 @@ class CompressorState:
     buf_gate: torch.Tensor  # [ratio, coff*c] fp32
     prev_kv: torch.Tensor | None = None  # [ratio, c] A halves of the last complete window (CSA)
     prev_gate: torch.Tensor | None = None  # [ratio, c], ape included
-    store: torch.Tensor | None = None  # [capacity, c] emitted entries (storage dtype)
-    count: int = 0
+    store: EntryStore | None = None  # emitted entries
+
+    @property
+    def count(self) -> int:
+        return self.store.count
+
+    @count.setter
+    def count(self, n: int) -> None:
+        self.store.truncate(n)
 
     @property
     def entries(self) -> torch.Tensor:
-        return self.store[: self.count]
+        return self.store.read()
 
     def append(self, new: torch.Tensor) -> None:
-        self.store = _grow(self.store, self.count + new.shape[0])
-        self.store[self.count: self.count + new.shape[0]] = new.to(self.store.dtype)
-        self.count += new.shape[0]
+        self.store.append(new)
 
-    def nbytes(self) -> int:
+    def nbytes(self, allocated: bool = False) -> int:
         t = [self.buf_kv, self.buf_gate, self.prev_kv, self.prev_gate]
         fixed = sum(x.numel() * x.element_size() for x in t if x is not None)
-        return fixed + self.count * self.store.shape[1] * self.store.element_size()
+        return fixed + self.store.nbytes(allocated)
 
     def clone(self) -> "CompressorState":
         c = lambda x: None if x is None else x.clone()  # noqa: E731
         return CompressorState(c(self.buf_kv), c(self.buf_gate), c(self.prev_kv), c(self.prev_gate),
-                               self.store[: max(self.count, 1)].clone(), self.count)
+                               self.store.clone())
 
 
 @dataclass
@@ -58,9 +134,9 @@ class LayerCache:
     comp: CompressorState | None = None
     index: CompressorState | None = None
 
-    def nbytes(self) -> int:
+    def nbytes(self, allocated: bool = False) -> int:
         n = self.window.numel() * self.window.element_size()
-        return n + sum(s.nbytes() for s in (self.comp, self.index) if s is not None)
+        return n + sum(s.nbytes(allocated) for s in (self.comp, self.index) if s is not None)
 
     def clone(self) -> "LayerCache":
         return LayerCache(self.window.clone(), self.comp and self.comp.clone(), self.index and self.index.clone())
@@ -75,18 +151,29 @@ class SequenceCache:
     mtp: list = field(default_factory=list)
     mtp_n: int = 0  # positions the MTP layer has processed
 
-    def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers + self.mtp)
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes of decode state held (allocated=True: including the entry stores' spare capacity)."""
+        return sum(c.nbytes(allocated) for c in self.layers + self.mtp)
+
+    def bytes_per_token(self) -> float:
+        """Growth of the state per context token: each compressor's entry bytes / its ratio."""
+        return sum(st.store.bytes_per_entry / st.buf_kv.shape[0]
+                   for c in self.layers + self.mtp for st in (c.comp, c.index) if st is not None)
 
     def clone(self) -> "SequenceCache":
         return SequenceCache([c.clone() for c in self.layers], self.n, [c.clone() for c in self.mtp], self.mtp_n)
 
 
-def new_cache(model, dtype: torch.dtype | None = None, device=None) -> SequenceCache:
-    """An empty SequenceCache for `model` (a dsv4 Transformer). dtype: storage dtype of entries (fp32/bf16)."""
+def new_cache(model, dtype: torch.dtype | None = None, device=None, layout: str = "dense") -> SequenceCache:
+    """An empty SequenceCache for `model` (a dsv4 Transformer).
+
+    dtype: storage dtype of the window and dense entries (fp32/bf16). layout "fp8": compressed entries
+    in the production layout (FP8 nope + BF16 RoPE) and indexer keys in FP4."""
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
     device = device or next(model.parameters()).device
+    if layout not in ("dense", "fp8"):
+        raise ValueError(f"cache layout must be 'dense' or 'fp8' (got {layout!r})")
 
     def layer(block):
         a = block.attn
@@ -94,9 +181,10 @@ def new_cache(model, dtype: torch.dtype | None = None, device=None) -> SequenceC
         for name, comp in (("comp", a.compressor), ("index", a.indexer.compressor if a.indexer else None)):
             if comp is None:
                 continue
+            fmt = "dense" if layout == "dense" else ("fp8" if name == "comp" else "fp4")
             D = comp.wkv.weight.shape[0]
             st = CompressorState(torch.zeros(comp.ratio, D, device=device), torch.zeros(comp.ratio, D, device=device),
-                                 store=torch.zeros(16, comp.head_dim, dtype=dtype, device=device))
+                                 store=EntryStore(comp.head_dim, fmt, dtype, device, cfg.qk_rope_head_dim))
             setattr(lc, name, st)
         return lc
 
