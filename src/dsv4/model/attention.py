@@ -169,6 +169,8 @@ class Attention(nn.Module):
 
     def step(self, x: torch.Tensor, segments: list) -> torch.Tensor:
         """Incremental forward over cached sequences (chunked prefill and decode alike). x: [1, N, d]."""
+        if all(L == 1 for _, _, L, _ in segments) and len({id(c) for c, _, _, _ in segments}) == len(segments):
+            return self.decode(x, segments)
         quant, W = self.cfg.quant_simulation, self.cfg.sliding_window
         pos = torch.cat([torch.arange(n, n + L) for _, n, L, _ in segments]).to(x.device)
         cos, sin = self.rope.cos_sin(pos)
@@ -201,3 +203,57 @@ class Attention(nn.Module):
             if hook is not None:
                 hook(cache)
         return self.output(torch.cat(outs, dim=1), cos, sin)
+
+    def decode(self, x: torch.Tensor, segments: list) -> torch.Tensor:
+        """One new token for each of several sequences, attended as one batch. x: [1, N, d]."""
+        quant, W, N = self.cfg.quant_simulation, self.cfg.sliding_window, len(segments)
+        caches = [c for c, _, _, _ in segments]
+        n = torch.tensor([p for _, p, _, _ in segments], device=x.device)
+        cos, sin = self.rope.cos_sin(n)
+        qr, q = self.project_q(x, cos, sin)
+        kv = self.project_kv(x, cos, sin)[0]
+        slots = (n % W).tolist()
+        for c, slot, row in zip(caches, slots, kv):
+            c.window[slot] = row.to(c.window.dtype)
+        keys = [torch.stack([c.window for c in caches]).to(x.dtype)]  # [N, W, c]: the ring, in slot order
+        masks = [torch.arange(W, device=x.device)[None, :] <= n[:, None]]  # unfilled slots of short sequences
+        picks = None
+        if self.compressor is not None:
+            ckv, cgate = self.compressor.project(x[0])
+            for i, (c, p) in enumerate(zip(caches, n.tolist())):
+                c.comp.append(self.kv_quant(self.compressor.step(c.comp, ckv[i:i + 1], cgate[i:i + 1], p, self.rope,
+                                                                 x.dtype)))
+            comp, visible = _padded([c.comp for c in caches], x.dtype)  # visible: every entry emitted so far
+            if self.indexer is not None:
+                ikv, igate = self.indexer.compressor.project(x[0])
+                for i, (c, p) in enumerate(zip(caches, n.tolist())):
+                    new = self.indexer.compressor.step(c.index, ikv[i:i + 1], igate[i:i + 1], p, self.rope, x.dtype)
+                    c.index.append(rotate_fp4(new) if quant else new)
+                ikeys, _ = _padded([c.index for c in caches], x.dtype)
+                qi, wi = self.indexer.queries(x, qr, n, self.rope, quant)
+                picks = self.indexer.select_batch(qi[0], wi[0], ikeys, visible)  # [N, k], -1 = none
+                comp = comp[torch.arange(N, device=x.device)[:, None], picks.clamp(min=0)]  # [N, k, c]
+                visible = picks >= 0
+            keys.append(comp)
+            masks.append(visible)
+        K = torch.cat(keys, dim=1)  # [N, W + entries, c]
+        logits = torch.einsum("nhc,nkc->nhk", q[0], K).mul(self.head_dim ** -0.5)
+        logits = logits.masked_fill(~torch.cat(masks, dim=1)[:, None, :], float("-inf"))
+        logits = torch.cat([logits.float(), self.attn_sink.float()[None, :, None].expand(N, -1, 1)], dim=-1)
+        p = logits.softmax(-1)[..., :-1].to(q.dtype)
+        o = torch.einsum("nhk,nkc->nhc", p, K)[None]
+        for cache, _, _, hook in segments:
+            if hook is not None:
+                hook(cache)
+        return self.output(o, cos, sin)
+
+
+def _padded(states: list, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of several CompressorStates padded to one tensor [N, T_max, c] and the mask of real rows."""
+    entries = [st.entries.to(dtype) for st in states]
+    T = max(e.shape[0] for e in entries)
+    out = entries[0].new_zeros(len(entries), T, entries[0].shape[1])
+    for i, e in enumerate(entries):
+        out[i, : e.shape[0]] = e
+    counts = torch.tensor([e.shape[0] for e in entries], device=out.device)
+    return out, torch.arange(T, device=out.device)[None, :] < counts[:, None]

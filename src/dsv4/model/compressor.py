@@ -143,3 +143,16 @@ class Indexer(nn.Module):
             idx = scores.masked_fill(invisible, float("-inf")).topk(k, dim=-1).indices
             out.append(torch.where(idx >= limit, torch.full_like(idx, -1), idx))
         return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def select_batch(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Decode form of `select`: one query per sequence. q [N,nI,cI], w [N,nI], keys [N,T,cI] padded,
+        valid [N,T] (the entries each sequence has, all visible to its newest token) -> [N,k] picks, -1 = none."""
+        T = keys.shape[1]
+        k = min(self.topk, T)
+        if k == 0:
+            return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
+        scores = F.relu(torch.einsum("nhc,ntc->nht", q.float(), keys.float()))
+        scores = torch.einsum("nh,nht->nt", w, scores).masked_fill(~valid, float("-inf"))
+        idx = scores.topk(k, dim=-1).indices
+        return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
