@@ -1,4 +1,4 @@
-"""`dsv4` command line. Subcommands: inspect."""
+"""`dsv4` command line. Subcommands: serve, inspect."""
 from __future__ import annotations
 
 import argparse
@@ -56,14 +56,55 @@ def inspect(target: str, context: int, out=None) -> None:
           f"  {conv.description}\n")
 
 
+def serve(args) -> int:
+    import torch
+    import uvicorn
+
+    from .checkpoint import load_model
+    from .engine import AsyncLLM, EngineConfig, LLMEngine
+    from .server import ServerConfig, create_app
+    from .tokenizer import load_tokenizer
+
+    path = args.model
+    if path is None:
+        from .server.devmodel import build_dev_model
+        print("dsv4: no bundled model yet; serving a small randomly initialised V4 built locally "
+              "(its answers are noise; pass --model PATH for a real checkpoint)", file=sys.stderr)
+        path = build_dev_model()
+    path = Path(path)
+    keys = []
+    if args.api_key_file:
+        keys = [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
+        if not keys:
+            raise ConfigError(f"{args.api_key_file}: no API keys in the file")
+    model = load_model(path, dtype=getattr(torch, args.dtype))
+    tokenizer = load_tokenizer(path)
+    llm = AsyncLLM(LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=args.max_concurrency)))
+    app = create_app(llm, str(path / "tokenizer.json"),
+                     ServerConfig(args.served_model_name, keys, max_concurrency=args.max_concurrency))
+    print(f"dsv4: serving {path} as {args.served_model_name} on http://{args.host}:{args.port}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in PyTorch")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ins = sub.add_parser("inspect", help="config, parameter counts and KV-cache bytes of a checkpoint or preset")
     ins.add_argument("target", help="checkpoint directory, config.json, or preset: flash, pro, tiny")
     ins.add_argument("--context", type=int, default=1 << 20, help="context length in tokens (default 1048576)")
+    srv = sub.add_parser("serve", help="DeepSeek-compatible API server")
+    srv.add_argument("--model", help="checkpoint directory with tokenizer.json (default: the bundled model)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key-file", help="file with one accepted API key per line (default: no auth)")
+    srv.add_argument("--served-model-name", default="deepseek-v4-flash")
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    srv.add_argument("--max-concurrency", type=int, default=64)
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "serve":
+            return serve(args)
         if args.cmd == "inspect":
             if args.context <= 0:
                 raise ConfigError("--context must be a positive number of tokens")

@@ -1,0 +1,149 @@
+"""The server on localhost, driven by the official openai SDK (and raw HTTP for error shapes)."""
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.engine import AsyncLLM, EngineConfig, LLMEngine
+from dsv4.server import ServerConfig, create_app
+from dsv4.server.devmodel import build_dev_model
+from dsv4.tokenizer import load_tokenizer
+
+KEY = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    path = build_dev_model(tmp_path_factory.mktemp("dev-model"))
+    model = dsv4.load_model(path, dtype=torch.float32)
+    llm = AsyncLLM(LLMEngine(model, load_tokenizer(path), EngineConfig(max_num_seqs=8)))
+    app = create_app(llm, str(path / "tokenizer.json"), ServerConfig(api_keys=[KEY], max_concurrency=4,
+                                                                      max_body_bytes=64 << 10))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", llm
+    srv.should_exit = True
+    thread.join(timeout=10)
+    llm.close()
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server[0], api_key=KEY, max_retries=0)
+
+
+def post(url, body, key=KEY, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json",
+                                                          "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_health(client, server):
+    ids = [m.id for m in client.models.list().data]
+    assert "deepseek-v4-flash" in ids and "deepseek-reasoner" in ids
+    with urllib.request.urlopen(server[0] + "/health") as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_chat_thinking_on_by_default(client):
+    r = client.chat.completions.create(model="deepseek-v4-flash", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=6)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "length"
+    assert msg.model_extra.get("reasoning_content")  # a random model never closes its thinking
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 0
+
+
+def test_chat_stream_thinking_off_with_usage(client):
+    stream = client.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5, stream=True,
+        stream_options={"include_usage": True}, extra_body={"thinking": {"type": "disabled"}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = [c.usage for c in chunks if c.usage]
+    assert text and usage and usage[-1].completion_tokens == 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_streamed_equals_non_streamed_greedy(client):
+    kw = dict(model="deepseek-chat", messages=[{"role": "user", "content": "same"}], max_tokens=8, temperature=0,
+              extra_body={"thinking": {"type": "disabled"}})
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    assert full == streamed and full
+
+
+def test_repeated_prompt_reports_cache_hits(client):
+    messages = [{"role": "system", "content": "x " * 150}, {"role": "user", "content": "cache me"}]
+    kw = dict(model="deepseek-chat", messages=messages, max_tokens=2, extra_body={"thinking": {"type": "disabled"}})
+    first = client.chat.completions.create(**kw).usage
+    second = client.chat.completions.create(**kw).usage
+    assert first.model_extra["prompt_cache_hit_tokens"] == 0
+    hit = second.model_extra["prompt_cache_hit_tokens"]
+    assert hit >= 64 and hit % 64 == 0 and second.prompt_tokens_details.cached_tokens == hit
+    assert second.model_extra["prompt_cache_miss_tokens"] == second.prompt_tokens - hit
+
+
+def test_bad_key_is_401(server):
+    from openai import AuthenticationError, OpenAI
+
+    bad = OpenAI(base_url=server[0], api_key="sk-wrong-key-9999", max_retries=0)
+    with pytest.raises(AuthenticationError) as e:
+        bad.models.list()
+    assert "****9999" in str(e.value)
+
+
+def test_error_shapes(server):
+    url = server[0] + "/chat/completions"
+    status, body = post(url, None, raw=b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body = post(url, {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 400 and "model" in body["error"]["message"]
+    status, body = post(url, {"model": "deepseek-chat", "messages": []})
+    assert status in (400, 422)
+    status, body = post(url, None, raw=json.dumps({"model": "deepseek-chat", "messages": [
+        {"role": "user", "content": "y" * (70 << 10)}]}).encode())
+    assert status == 413 and "exceeds" in body["error"]["message"]
+
+
+def test_thinking_passback_rule(client):
+    """A thinking-mode tool-call turn without reasoning_content is DeepSeek's 400."""
+    from openai import BadRequestError
+
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(BadRequestError) as e:
+        client.chat.completions.create(model="deepseek-reasoner", messages=messages, tools=tools, max_tokens=2)
+    assert "reasoning_content" in str(e.value) and "passed back" in str(e.value)
+    messages[1]["reasoning_content"] = "I should call the tool."
+    r = client.chat.completions.create(model="deepseek-reasoner", messages=messages, tools=tools, max_tokens=2)
+    assert r.choices[0].finish_reason == "length"
