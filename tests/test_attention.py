@@ -8,7 +8,7 @@ import dsv4
 import dsv4.model.attention as attention
 from dsv4.model.attention import sparse_attention
 from dsv4.model.compressor import pool_windows
-from dsv4.quant import fp8_quant_dequant, rotate_fp4
+from dsv4.quant import rotate_fp4
 from helpers import random_model
 
 

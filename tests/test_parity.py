@@ -97,7 +97,7 @@ def test_transformers_checkpoint_loads_with_equal_logits(tmp_path):
     torch.manual_seed(3)
     ref = DeepseekV4ForCausalLM(hf_cfg).eval()
     with torch.no_grad():  # transformers initialises sinks, biases and ape to zero: make them non-trivial
-        for n, p in ref.named_parameters():
+        for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
         for n, b in ref.named_buffers():
             if n.endswith("tid2eid"):
