@@ -147,3 +147,59 @@ def test_thinking_passback_rule(client):
     messages[1]["reasoning_content"] = "I should call the tool."
     r = client.chat.completions.create(model="deepseek-reasoner", messages=messages, tools=tools, max_tokens=2)
     assert r.choices[0].finish_reason == "length"
+
+
+# ---- Anthropic Messages ----
+
+@pytest.fixture
+def claude(server):
+    from anthropic import Anthropic
+
+    return Anthropic(base_url=server[0] + "/anthropic", api_key=KEY, max_retries=0)
+
+
+def test_anthropic_messages_thinking_and_usage(claude):
+    r = claude.messages.create(model="claude-sonnet-4-6", max_tokens=6, messages=[{"role": "user", "content": "hi"}])
+    assert r.type == "message" and r.stop_reason == "max_tokens"
+    assert r.content and r.content[0].type == "thinking"  # thinking on by default
+    assert r.usage.input_tokens > 0 and r.usage.output_tokens == 6
+
+
+def test_anthropic_stream_thinking_disabled(claude):
+    events = list(claude.messages.create(model="deepseek-v4-flash", max_tokens=5, stream=True,
+                                         thinking={"type": "disabled"},
+                                         messages=[{"role": "user", "content": "hello"}]))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
+    assert text
+
+
+def test_anthropic_cache_read_tokens_on_repeat(claude):
+    kw = dict(model="claude-opus-4-1", max_tokens=2, thinking={"type": "disabled"}, system="y " * 150,
+              messages=[{"role": "user", "content": "again"}])
+    claude.messages.create(**kw)
+    r = claude.messages.create(**kw)
+    assert r.usage.cache_read_input_tokens and r.usage.cache_read_input_tokens % 64 == 0
+
+
+# ---- FIM / completions / metrics ----
+
+def test_fim_completion_stream_and_cap(client, server):
+    r = client.completions.create(model="deepseek-v4-pro", prompt="def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))",
+                                  max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="deepseek-v4-pro", prompt="def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))", max_tokens=6,
+        temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+    status, body = post(server[0] + "/beta/completions", {"model": "deepseek-v4-pro", "prompt": "x", "max_tokens": 5000})
+    assert status == 422 and "max_tokens" in body["error"]["message"]
+
+
+def test_metrics_are_prometheus_text(server, client):
+    client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "m"}], max_tokens=1)
+    with urllib.request.urlopen(server[0] + "/metrics") as r:
+        text = r.read().decode()
+    values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert int(values["dsv4_requests_total"]) >= 1 and "dsv4_prompt_cache_hit_tokens_total" in values

@@ -100,10 +100,58 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
     @app.post("/v1/chat/completions")
     @app.post("/beta/chat/completions")
     async def chat(request: Request):
+        return await complete(request, CHAT)
+
+    @app.post("/anthropic/v1/messages")
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        return await complete(request, MESSAGES)
+
+    @app.post("/beta/completions")
+    @app.post("/completions")
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        body = _json(await read_body(request))
+        try:
+            prompt_ids, params, model, stream, usage_on = fim_request(body, request.url.path, recipe_tok,
+                                                                      cfg.served_model_name)
+        except RequestError as e:
+            return error(422 if "parameter" in str(e) else 400, str(e))
+        return await run_text(request, prompt_ids, params, model, stream, usage_on)
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = [
+            "# TYPE dsv4_requests_total counter", f"dsv4_requests_total {state['requests']}",
+            "# TYPE dsv4_requests_active gauge", f"dsv4_requests_active {state['active']}",
+            "# TYPE dsv4_errors_total counter", f"dsv4_errors_total {state['errors']}",
+            "# TYPE dsv4_running_sequences gauge", f"dsv4_running_sequences {len(engine.running)}",
+            "# TYPE dsv4_waiting_sequences gauge", f"dsv4_waiting_sequences {len(engine.waiting)}",
+            "# TYPE dsv4_prompt_tokens_total counter", f"dsv4_prompt_tokens_total {engine.stats['prompt_tokens']}",
+            "# TYPE dsv4_prompt_cache_hit_tokens_total counter",
+            f"dsv4_prompt_cache_hit_tokens_total {engine.stats['cached_tokens']}",
+            "# TYPE dsv4_engine_steps_total counter", f"dsv4_engine_steps_total {engine.stats['steps']}",
+        ]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    def admit(ids, params, request):
+        if state["active"] >= cfg.max_concurrency:
+            raise _Reject(error(429, "Rate limit reached: too many concurrent requests", "rate_limit_error",
+                                "rate_limit_exceeded"))
+        try:
+            seq, queue = llm.submit(ids, params, user=request.headers.get("x-user-id"))
+        except RequestError as e:
+            raise _Reject(error(400, str(e))) from None
+        state["active"] += 1
+        state["requests"] += 1
+        return seq, queue
+
+    async def complete(request: Request, proto: "_Protocol"):
         authorize(request)
         body = await read_body(request)
         try:
-            req = dr.ChatCompletionRequest(body)
+            req = proto.request(proto.prepare(body, cfg.served_model_name))
             model = req.model
             conv = req.convert(options)
         except dr.ConversionError as e:
@@ -123,32 +171,74 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                 logprobs=(io.top_logprobs or 0) if io.logprobs else None, stop=list(po.stop_sequences))
         except RequestError as e:
             return error(422, str(e))
-        if state["active"] >= cfg.max_concurrency:
-            return error(429, "Rate limit reached: too many concurrent requests", "rate_limit_error",
-                         "rate_limit_exceeded")
-        state["active"] += 1
-        state["requests"] += 1
-        try:
-            seq, queue = llm.submit(ids, params, user=request.headers.get("x-user-id"))
-        except RequestError as e:
-            state["active"] -= 1
-            return error(400, str(e))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        processor = dr.StreamProcessor(dr.ChatCompletionRequest.chunk_generator(conv, rid, model), po, recipe_tok)
+        seq, queue = admit(ids, params, request)
+        rid = proto.new_id()
+        processor = dr.StreamProcessor(proto.generator(conv, rid, model), po, recipe_tok)
         chunks = _chunks(llm, seq, queue, processor, len(ids), cfg.keepalive_seconds)
         if conv.stream:
-            return StreamingResponse(_sse(chunks, state), media_type="text/event-stream")
+            return StreamingResponse(_sse(chunks, state, proto.response), media_type="text/event-stream")
         try:
             response = None
             async for item in chunks:
                 if item is None:
                     continue
                 if response is None:
-                    response = dr.ChatCompletionResponse(rid, model, int(time.time()), len(ids), seq.cached_tokens)
+                    response = proto.response(rid, model, int(time.time()), len(ids), seq.cached_tokens)
                 response.accumulate(item)
         finally:
             state["active"] -= 1
         return Response(response.to_json(), media_type="application/json")
+
+    async def run_text(request, ids, params, model, stream, usage_on):
+        seq, queue = admit(ids, params, request)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        chunks = _with_keepalive(llm.stream(seq, queue), cfg.keepalive_seconds)
+
+        def usage():
+            done = len(seq.output_ids)
+            return {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done,
+                    "prompt_cache_hit_tokens": seq.cached_tokens,
+                    "prompt_cache_miss_tokens": len(ids) - seq.cached_tokens,
+                    "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
+
+        def choice(text, reason):
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+
+        def reason_of(out):
+            if out.finish_reason and out.finish_reason.startswith(("error", "abort")):
+                raise RuntimeError(out.finish_reason)
+            return out.finish_reason
+
+        if stream:
+            async def events():
+                try:
+                    async for out in chunks:
+                        if out is None:
+                            yield ": keep-alive\n\n"
+                            continue
+                        reason = reason_of(out) if out.finished else None
+                        body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                                "choices": [choice(out.text, reason)]}
+                        if reason and usage_on:
+                            body["usage"] = usage()
+                        yield f"data: {json.dumps(body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                except Exception as e:
+                    yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'internal_error'}})}\n\n"
+                finally:
+                    state["active"] -= 1
+            return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            text, reason = "", None
+            async for out in chunks:
+                if out is not None:
+                    text += out.text
+                    reason = reason_of(out) if out.finished else reason
+        finally:
+            state["active"] -= 1
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [choice(text, reason)], "usage": usage()}
 
     app.state.llm = llm
     app.state.stats = state
@@ -210,18 +300,99 @@ async def _with_keepalive(stream, seconds: float):
         await it.aclose()
 
 
-async def _sse(chunks, state):
+async def _sse(chunks, state, response_cls):
     try:
         async for c in chunks:
             if c is None:
                 yield ": keep-alive\n\n"
                 continue
-            name = dr.ChatCompletionResponse.sse_event_name(c)
+            name = response_cls.sse_event_name(c)
             yield (f"event: {name}\n" if name else "") + f"data: {c.to_json()}\n\n"
-        done = dr.ChatCompletionResponse.sse_done_data()
+        done = response_cls.sse_done_data()
         if done:
             yield f"data: {done}\n\n"
     except Exception as e:  # mid-stream failure: an error event, never a traceback
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'internal_error'}})}\n\n"
     finally:
         state["active"] -= 1
+
+
+@dataclass
+class _Protocol:
+    request: type
+    response: type
+    generator: object  # (conversation request, id, model) -> chunk generator
+    prepare: object  # (raw body, served model name) -> body for the request class
+    id_prefix: str
+
+    def new_id(self) -> str:
+        return f"{self.id_prefix}{uuid.uuid4().hex}"
+
+
+def _json(body: bytes) -> dict:
+    try:
+        d = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _Reject(error(400, f"Invalid request: body is not valid JSON ({e})")) from None
+    if not isinstance(d, dict):
+        raise _Reject(error(400, "Invalid request: body must be a JSON object"))
+    return d
+
+
+def _claude_names(body: bytes, served: str):
+    """Anthropic side: claude-opus* -> deepseek-v4-pro, other claude-* -> deepseek-v4-flash; '[1m]' suffixes dropped."""
+    d = _json(body)
+    model = d.get("model")
+    if isinstance(model, str):
+        name = model.split("[")[0]
+        if name.startswith("claude-opus"):
+            name = "deepseek-v4-pro"
+        elif name.startswith("claude"):
+            name = "deepseek-v4-flash"
+        d["model"] = name
+    return d
+
+
+CHAT = _Protocol(dr.ChatCompletionRequest, dr.ChatCompletionResponse, dr.ChatCompletionRequest.chunk_generator,
+                 lambda body, served: body, "chatcmpl-")
+MESSAGES = _Protocol(dr.MessagesRequest, dr.MessagesResponse,
+                     lambda conv, rid, model: dr.MessagesChunkGenerator(rid, model, conv.conversation.thinking_mode),
+                     _claude_names, "msg_")
+
+FIM_MAX_TOKENS = 4096
+
+
+def fim_request(body: dict, path: str, tok, served: str):
+    """FIM (`/beta/completions`: prompt + suffix) or plain completion. Non-thinking; at most 4K new tokens."""
+    from ..tokenizer import FIM_TOKENS
+
+    prompt, suffix = body.get("prompt"), body.get("suffix")
+    if not isinstance(prompt, str):
+        raise RequestError("'prompt' is required and must be a string")
+    if suffix is not None and not isinstance(suffix, str):
+        raise RequestError("'suffix' must be a string")
+    model = body.get("model", served)
+    if model not in MODEL_NAMES + (served,):
+        raise RequestError(f"Model Not Exist: {model!r}")
+    max_tokens = body.get("max_tokens", 16)
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= FIM_MAX_TOKENS:
+        raise RequestError(f"invalid parameter 'max_tokens': must be an integer in [1, {FIM_MAX_TOKENS}]")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    bos = dr.SpecialToken.Bos.default_str()
+    if suffix is not None or path.startswith("/beta"):
+        text = f"{bos}{FIM_TOKENS[0]}{prompt}{FIM_TOKENS[1]}{suffix or ''}{FIM_TOKENS[2]}"
+    else:
+        text = f"{bos}{prompt}"
+    lp = body.get("logprobs")
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=body.get("temperature", 1.0),
+                                top_p=body.get("top_p", 1.0), stop=stop, seed=body.get("seed"),
+                                presence_penalty=body.get("presence_penalty", 0.0),
+                                frequency_penalty=body.get("frequency_penalty", 0.0),
+                                logprobs=lp if isinstance(lp, int) else None)
+    except (RequestError, TypeError) as e:
+        raise RequestError(f"invalid parameter: {e}") from None
+    usage_on = bool((body.get("stream_options") or {}).get("include_usage"))
+    return tok.encode(text), params, model, bool(body.get("stream")), usage_on
