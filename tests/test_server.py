@@ -203,3 +203,20 @@ def test_metrics_are_prometheus_text(server, client):
         text = r.read().decode()
     values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
     assert int(values["dsv4_requests_total"]) >= 1 and "dsv4_prompt_cache_hit_tokens_total" in values
+
+
+def test_dsv4_chat_streams_thinking_apart_from_the_answer(server):
+    import io
+
+    from dsv4.chat import chat_loop
+
+    out = io.StringIO()
+    rc = chat_loop(server[0], KEY, "deepseek-v4-flash", True, 6, inp=io.StringIO("hello\nagain\n\n"), out=out)
+    text = out.getvalue()
+    assert rc == 0 and text.count("[thinking] ") == 2  # two turns, each streamed into the thinking section
+    out = io.StringIO()
+    chat_loop(server[0], KEY, "deepseek-v4-flash", False, 4, inp=io.StringIO("hi\n"), out=out)
+    assert "[answer] " in out.getvalue() and "[thinking]" not in out.getvalue()
+    out = io.StringIO()
+    chat_loop(server[0], "bad-key", "deepseek-v4-flash", False, 4, inp=io.StringIO("hi\n"), out=out)
+    assert "[error]" in out.getvalue()

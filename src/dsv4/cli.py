@@ -1,4 +1,4 @@
-"""`dsv4` command line. Subcommands: serve, inspect."""
+"""`dsv4` command line. Subcommands: serve, chat, inspect."""
 from __future__ import annotations
 
 import argparse
@@ -87,6 +87,36 @@ def serve(args) -> int:
     return 0
 
 
+def chat(args) -> int:
+    from .chat import chat_loop
+
+    url = args.url
+    if args.model:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from .checkpoint import load_model
+        from .engine import AsyncLLM, LLMEngine
+        from .server import create_app
+        from .tokenizer import load_tokenizer
+
+        path = Path(args.model)
+        llm = AsyncLLM(LLMEngine(load_model(path), load_tokenizer(path)))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(llm, str(path / "tokenizer.json")), host="127.0.0.1",
+                                               port=port, log_level="error"))
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+    return chat_loop(url, args.api_key, args.served_model_name, not args.no_thinking, args.max_tokens)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in PyTorch")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -101,10 +131,19 @@ def main(argv=None) -> int:
     srv.add_argument("--served-model-name", default="deepseek-v4-flash")
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     srv.add_argument("--max-concurrency", type=int, default=64)
+    ch = sub.add_parser("chat", help="terminal chat against a running server (or --model PATH, started locally)")
+    ch.add_argument("--url", default="http://127.0.0.1:8000")
+    ch.add_argument("--model", help="checkpoint directory: start a local server on it first")
+    ch.add_argument("--api-key", default=None)
+    ch.add_argument("--served-model-name", default="deepseek-v4-flash")
+    ch.add_argument("--no-thinking", action="store_true")
+    ch.add_argument("--max-tokens", type=int, default=512)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "serve":
             return serve(args)
+        if args.cmd == "chat":
+            return chat(args)
         if args.cmd == "inspect":
             if args.context <= 0:
                 raise ConfigError("--context must be a positive number of tokens")
