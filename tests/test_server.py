@@ -33,9 +33,10 @@ def server(tmp_path_factory):
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
+    deadline = time.time() + 60
+    while not srv.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"test server did not start on port {port}")
         time.sleep(0.05)
     yield f"http://127.0.0.1:{port}", llm
     srv.should_exit = True
