@@ -221,3 +221,12 @@ def test_dsv4_chat_streams_thinking_apart_from_the_answer(server):
     out = io.StringIO()
     chat_loop(server[0], "bad-key", "deepseek-v4-flash", False, 4, inp=io.StringIO("hi\n"), out=out)
     assert "[error]" in out.getvalue()
+
+
+def test_chat_and_reasoner_aliases_set_the_thinking_mode(client):
+    chat = client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "a"}],
+                                          max_tokens=3)
+    assert chat.choices[0].message.content and not chat.choices[0].message.model_extra.get("reasoning_content")
+    reasoner = client.chat.completions.create(model="deepseek-reasoner", messages=[{"role": "user", "content": "a"}],
+                                              max_tokens=3)
+    assert reasoner.choices[0].message.model_extra.get("reasoning_content")

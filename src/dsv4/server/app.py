@@ -353,8 +353,17 @@ def _claude_names(body: bytes, served: str):
     return d
 
 
+def _chat_aliases(body: bytes, served: str):
+    """deepseek-chat / deepseek-reasoner: V4 with thinking off / on unless the request says otherwise."""
+    d = _json(body)
+    mode = {"deepseek-chat": "disabled", "deepseek-reasoner": "enabled"}.get(d.get("model"))
+    if mode and "thinking" not in d:
+        d["thinking"] = {"type": mode}
+    return d
+
+
 CHAT = _Protocol(dr.ChatCompletionRequest, dr.ChatCompletionResponse, dr.ChatCompletionRequest.chunk_generator,
-                 lambda body, served: body, "chatcmpl-")
+                 _chat_aliases, "chatcmpl-")
 MESSAGES = _Protocol(dr.MessagesRequest, dr.MessagesResponse,
                      lambda conv, rid, model: dr.MessagesChunkGenerator(rid, model, conv.conversation.thinking_mode),
                      _claude_names, "msg_")
