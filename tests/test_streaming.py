@@ -36,6 +36,9 @@ def tok(tmp_path_factory):
 class _FakeLLM:
     """Stands in for AsyncLLM.stream: replays token deltas as the engine would deliver them."""
 
+    class engine:  # noqa: N801 - mimics AsyncLLM.engine
+        eos = 1
+
     def __init__(self, deltas):
         self.deltas = deltas
 

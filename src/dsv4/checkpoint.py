@@ -124,7 +124,9 @@ def init_random(model: Transformer, std: float = 0.02, seed: int | None = None) 
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):
+            if name.endswith("gate.bias"):
+                b.zero_()
+            elif name.endswith("tid2eid"):
                 E = model.config.n_routed_experts
                 b.copy_(torch.stack([torch.randperm(E, generator=g)[:b.shape[1]] for _ in range(b.shape[0])]))
     return model

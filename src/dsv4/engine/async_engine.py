@@ -26,12 +26,12 @@ class AsyncLLM:
         self._thread.start()
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-               user: str | None = None) -> tuple[Sequence, asyncio.Queue]:
+               user: str | None = None, constraint=None) -> tuple[Sequence, asyncio.Queue]:
         """Queue a request (raises RequestError at once on bad input); returns it and its delta queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            seq = self.engine.add_request(prompt, params, request_id, user)
+            seq = self.engine.add_request(prompt, params, request_id, user, constraint)
             self._streams[seq.request_id] = (loop, queue, seq)
         self._wake.set()
         return seq, queue

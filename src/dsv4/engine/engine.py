@@ -75,7 +75,8 @@ class LLMEngine:
 
     # ---- requests ----
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    user: str | None = None) -> Sequence:
+                    user: str | None = None, constraint=None) -> Sequence:
+        """Queue a request. constraint: an output constraint (e.g. JSONObjectConstraint) masking each sample."""
         params = params or SamplingParams()
         ids = self._encode(prompt)
         if not ids:
@@ -88,6 +89,7 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id, user)
+        seq.constraint = constraint
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
         return seq
@@ -264,7 +266,8 @@ class LLMEngine:
         hooks = [w.mtp_hook() for w in live]
         logits, streams = self.model.mtp_step(X[rows], nxt, [w.seq.cache for w in live], hooks)
         ends = torch.tensor([len(w.rows) for w in live]).cumsum(0) - 1
-        drafting = [(w, int(e)) for w, e in zip(live, ends) if w.seq.pending == 1]
+        # constrained sequences are not drafted: their verification would need the grammar per draft
+        drafting = [(w, int(e)) for w, e in zip(live, ends) if w.seq.pending == 1 and w.seq.constraint is None]
         if not drafting:
             return
         caches = [w.seq.cache for w, _ in drafting]
@@ -292,12 +295,17 @@ class LLMEngine:
     def _sample(self, seqs: list, logits: torch.Tensor) -> None:
         for s in seqs:
             self._ensure_counts(s)
+        for i, s in enumerate(seqs):
+            if s.constraint is not None:
+                logits[i] = s.constraint.mask(logits[i], s.params.max_tokens - len(s.output_ids))
         toks, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs])
         for i, (s, t) in enumerate(zip(seqs, toks.tolist())):
             self._append(s, t, lps[i])
 
     def _append(self, s: Sequence, t: int, logprobs: torch.Tensor) -> None:
         s.tokens.append(t)
+        if s.constraint is not None:
+            s.constraint.accept(t)
         if s.counts is not None:
             s.counts[t] += 1
         if s.logprobs is not None:

@@ -55,6 +55,7 @@ class Sequence:
         self.block_hashes: list = []  # prefix-cache hash chain of the computed full blocks
         self.drafts: list = []  # MTP draft tokens to verify next step
         self.draft_q: list = []  # their draft distributions
+        self.constraint = None  # output constraint (grammar mask), if any
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -135,12 +135,12 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         ]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    def admit(ids, params, request):
+    def admit(ids, params, request, constraint=None):
         if state["active"] >= cfg.max_concurrency:
             raise _Reject(error(429, "Rate limit reached: too many concurrent requests", "rate_limit_error",
                                 "rate_limit_exceeded"))
         try:
-            seq, queue = llm.submit(ids, params, user=request.headers.get("x-user-id"))
+            seq, queue = llm.submit(ids, params, user=request.headers.get("x-user-id"), constraint=constraint)
         except RequestError as e:
             raise _Reject(error(400, str(e))) from None
         state["active"] += 1
@@ -171,7 +171,15 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                 logprobs=(io.top_logprobs or 0) if io.logprobs else None, stop=list(po.stop_sequences))
         except RequestError as e:
             return error(422, str(e))
-        seq, queue = admit(ids, params, request)
+        constraint = None
+        oc = io.output_constraint
+        if oc is not None and oc.kind == "json":  # JSON output: constrained to a valid JSON object
+            from ..engine.constrain import JSONObjectConstraint
+
+            think_end = engine.tokenizer.token_to_id(dr.SpecialToken.ThinkingEnd.default_str())
+            constraint = JSONObjectConstraint(engine.tokenizer, engine.eos,
+                                              think_end if conv.conversation.thinking_mode else None)
+        seq, queue = admit(ids, params, request, constraint)
         rid = proto.new_id()
         processor = dr.StreamProcessor(proto.generator(conv, rid, model), po, recipe_tok)
         chunks = _chunks(llm, seq, queue, processor, len(ids), cfg.keepalive_seconds)
@@ -258,6 +266,9 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
                 usage = dr.PromptUsage(prompt_tokens=prompt_tokens, prompt_cache_hit_tokens=seq.cached_tokens)
                 for c in processor.push(dr.InferenceChunk.ready(prompt_usage=usage)):
                     yield c
+            if out.finished and out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] == llm.engine.eos:
+                out.token_ids = out.token_ids[:-1]  # end of sequence is the finish, not text
+                out.logprobs = out.logprobs[:-1] if out.logprobs is not None else None
             if out.token_ids:
                 lps = None
                 if out.logprobs is not None:
