@@ -245,3 +245,59 @@ def test_json_mode_always_returns_a_json_object(client, thinking, max_tokens):
         if thinking == "enabled" and not content:
             continue  # the random model spent the budget thinking: no answer to constrain
         assert isinstance(json.loads(content), dict), content
+
+
+def test_usage_and_cost_totals_per_key(client, server):
+    def mine():
+        req = urllib.request.Request(server[0] + "/usage", headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())
+
+    before = mine()
+    r = client.chat.completions.create(model="deepseek-v4-pro", messages=[{"role": "user", "content": "bill me"}],
+                                       max_tokens=3, extra_body={"thinking": {"type": "disabled"}})
+    after = mine()
+    u = r.usage
+    hit = u.model_extra["prompt_cache_hit_tokens"]
+    want = (hit * 0.003625 + (u.prompt_tokens - hit) * 0.435 + u.completion_tokens * 0.87) / 1e6
+    assert after["requests"] == before["requests"] + 1
+    assert abs((after["cost_usd"] - before["cost_usd"]) - want) < 1e-12
+    assert KEY not in json.dumps(after)  # accounts are hashes, never the key
+
+
+def test_64_concurrent_streams_complete_or_get_429_and_health_stays_fast(server):
+    """Load on loopback: 64 streaming requests at once against a 4-slot server; health latency under load."""
+    import concurrent.futures
+
+    url = server[0] + "/chat/completions"
+    body = json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "load"}], "max_tokens": 8,
+                       "stream": True}).encode()
+
+    def one(_):
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
+                                                              "Authorization": f"Bearer {KEY}"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                text = r.read().decode()
+                return r.status if text.rstrip().endswith("data: [DONE]") else -1
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    latencies = []
+
+    def health_probe():
+        for _ in range(20):
+            t = time.perf_counter()
+            with urllib.request.urlopen(server[0] + "/health", timeout=30) as r:
+                assert r.status == 200
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.02)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=65) as pool:
+        probe = pool.submit(health_probe)
+        codes = list(pool.map(one, range(64)))
+        probe.result()
+    assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 1
+    p99 = sorted(latencies)[int(0.99 * (len(latencies) - 1))]
+    print(f"\n64 streams: {codes.count(200)} completed, {codes.count(429)} got 429; health p99 {p99 * 1000:.1f} ms")
+    assert p99 < 2.0

@@ -7,6 +7,8 @@ stream into protocol chunks; this module is the transport: auth, limits, queuein
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import hmac
 import json
 import time
@@ -21,6 +23,8 @@ from ..engine.async_engine import AsyncLLM
 from ..engine.sampling import RequestError, SamplingParams
 
 MODEL_NAMES = ("deepseek-v4-flash", "deepseek-v4-pro", "deepseek-chat", "deepseek-reasoner")
+DEFAULT_PRICES = {"deepseek-v4-flash": (0.0028, 0.14, 0.28), "deepseek-v4-pro": (0.003625, 0.435, 0.87),
+                  "deepseek-chat": (0.0028, 0.14, 0.28), "deepseek-reasoner": (0.0028, 0.14, 0.28)}
 
 
 @dataclass
@@ -30,6 +34,8 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     max_concurrency: int = 64
     keepalive_seconds: float = 5.0
+    # USD per 1M tokens: (cache hit, cache miss, output); DeepSeek's published V4 prices from 2026-05-22
+    prices: dict = field(default_factory=lambda: dict(DEFAULT_PRICES))
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str = "invalid_request_error"):
@@ -54,9 +60,10 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
     engine = llm.engine
     state = {"active": 0, "requests": 0, "errors": 0}
 
-    def authorize(request: Request) -> None:
+    def authorize(request: Request) -> str:
+        """-> the caller's account: a short hash of its API key (keys are never stored or logged)."""
         if not cfg.api_keys:
-            return
+            return "anonymous"
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
         ok = False
@@ -66,6 +73,29 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
             shown = f"****{key[-4:]}" if len(key) >= 4 else "****"
             raise _Reject(error(401, f"Authentication Fails, Your api key: {shown} is invalid",
                                 "authentication_error", "invalid_request_error"))
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    accounts: dict = {}
+
+    def release(seq, model: str, account: str, prompt_tokens: int) -> None:
+        """A request is over: free its concurrency slot and bill its tokens to the caller's account."""
+        state["active"] -= 1
+        hit, out = seq.cached_tokens, len(seq.output_ids)
+        p_hit, p_miss, p_out = cfg.prices.get(model, cfg.prices.get(cfg.served_model_name, (0.0, 0.0, 0.0)))
+        cost = (hit * p_hit + (prompt_tokens - hit) * p_miss + out * p_out) / 1e6
+        a = accounts.setdefault(account, {"requests": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0,
+                                          "completion_tokens": 0, "cost_usd": 0.0})
+        a["requests"] += 1
+        a["prompt_tokens"] += prompt_tokens
+        a["prompt_cache_hit_tokens"] += hit
+        a["completion_tokens"] += out
+        a["cost_usd"] += cost
+
+    @app.get("/usage")
+    async def usage(request: Request):
+        """The caller's own totals: requests, tokens and cost under the price table."""
+        account = authorize(request)
+        return {"account": account, **accounts.get(account, {"requests": 0, "cost_usd": 0.0})}
 
     async def read_body(request: Request) -> bytes:
         size = request.headers.get("content-length")
@@ -111,14 +141,14 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
     @app.post("/completions")
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
+        account = authorize(request)
         body = _json(await read_body(request))
         try:
             prompt_ids, params, model, stream, usage_on = fim_request(body, request.url.path, recipe_tok,
                                                                       cfg.served_model_name)
         except RequestError as e:
             return error(422 if "parameter" in str(e) else 400, str(e))
-        return await run_text(request, prompt_ids, params, model, stream, usage_on)
+        return await run_text(request, prompt_ids, params, model, stream, usage_on, account)
 
     @app.get("/metrics")
     async def metrics():
@@ -132,7 +162,8 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
             "# TYPE dsv4_prompt_cache_hit_tokens_total counter",
             f"dsv4_prompt_cache_hit_tokens_total {engine.stats['cached_tokens']}",
             "# TYPE dsv4_engine_steps_total counter", f"dsv4_engine_steps_total {engine.stats['steps']}",
-        ]
+            "# TYPE dsv4_cost_usd_total counter",
+        ] + [f'dsv4_cost_usd_total{{account="{a}"}} {v["cost_usd"]:.9f}' for a, v in accounts.items()]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     def admit(ids, params, request, constraint=None):
@@ -148,7 +179,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         return seq, queue
 
     async def complete(request: Request, proto: "_Protocol"):
-        authorize(request)
+        account = authorize(request)
         body = await read_body(request)
         try:
             req = proto.request(proto.prepare(body, cfg.served_model_name))
@@ -183,8 +214,9 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         rid = proto.new_id()
         processor = dr.StreamProcessor(proto.generator(conv, rid, model), po, recipe_tok)
         chunks = _chunks(llm, seq, queue, processor, len(ids), cfg.keepalive_seconds)
+        done = functools.partial(release, seq, model, account, len(ids))
         if conv.stream:
-            return StreamingResponse(_sse(chunks, state, proto.response), media_type="text/event-stream")
+            return StreamingResponse(_sse(chunks, done, proto.response), media_type="text/event-stream")
         try:
             response = None
             async for item in chunks:
@@ -194,11 +226,12 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                     response = proto.response(rid, model, int(time.time()), len(ids), seq.cached_tokens)
                 response.accumulate(item)
         finally:
-            state["active"] -= 1
+            done()
         return Response(response.to_json(), media_type="application/json")
 
-    async def run_text(request, ids, params, model, stream, usage_on):
+    async def run_text(request, ids, params, model, stream, usage_on, account):
         seq, queue = admit(ids, params, request)
+        done = functools.partial(release, seq, model, account, len(ids))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         chunks = _with_keepalive(llm.stream(seq, queue), cfg.keepalive_seconds)
@@ -235,7 +268,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                 except Exception as e:
                     yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'internal_error'}})}\n\n"
                 finally:
-                    state["active"] -= 1
+                    done()
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
             text, reason = "", None
@@ -244,7 +277,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                     text += out.text
                     reason = reason_of(out) if out.finished else reason
         finally:
-            state["active"] -= 1
+            done()
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "choices": [choice(text, reason)], "usage": usage()}
 
@@ -311,7 +344,7 @@ async def _with_keepalive(stream, seconds: float):
         await it.aclose()
 
 
-async def _sse(chunks, state, response_cls):
+async def _sse(chunks, done, response_cls):
     try:
         async for c in chunks:
             if c is None:
@@ -319,13 +352,13 @@ async def _sse(chunks, state, response_cls):
                 continue
             name = response_cls.sse_event_name(c)
             yield (f"event: {name}\n" if name else "") + f"data: {c.to_json()}\n\n"
-        done = response_cls.sse_done_data()
-        if done:
-            yield f"data: {done}\n\n"
+        final = response_cls.sse_done_data()
+        if final:
+            yield f"data: {final}\n\n"
     except Exception as e:  # mid-stream failure: an error event, never a traceback
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'internal_error'}})}\n\n"
     finally:
-        state["active"] -= 1
+        done()
 
 
 @dataclass
