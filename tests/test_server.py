@@ -301,3 +301,68 @@ def test_64_concurrent_streams_complete_or_get_429_and_health_stays_fast(server)
     p99 = sorted(latencies)[int(0.99 * (len(latencies) - 1))]
     print(f"\n64 streams: {codes.count(200)} completed, {codes.count(429)} got 429; health p99 {p99 * 1000:.1f} ms")
     assert p99 < 2.0
+
+
+def test_context_overflow_is_explained(server):
+    url = server[0] + "/chat/completions"
+    status, body = post(url, {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}],
+                              "max_tokens": 200_000})
+    assert status == 400 and "context" in body["error"]["message"].lower(), body
+    status, body = post(url, {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}],
+                              "temperature": "hot"})
+    assert status in (400, 422) and body["error"]["type"] == "invalid_request_error"
+
+
+def _fuzz_strategies():
+    from hypothesis import strategies as st
+
+    leaf = st.none() | st.booleans() | st.integers(-10**7, 10**7) | st.floats(allow_nan=False) | st.text(max_size=20)
+    value = st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                         max_leaves=8)
+    role = st.sampled_from(["system", "user", "assistant", "tool", "developer", "function", "", None])
+    message = st.fixed_dictionaries({"role": role}, optional={"content": value | st.text(max_size=30),
+                                                              "tool_calls": value, "reasoning_content": value,
+                                                              "tool_call_id": value, "prefix": value})
+    chat = st.fixed_dictionaries(
+        {"model": st.sampled_from(["deepseek-chat", "deepseek-v4-flash", "x", 3])},
+        optional={"messages": st.lists(message, max_size=3) | value, "max_tokens": value | st.integers(-5, 20),
+                  "temperature": value, "top_p": value, "stream": st.booleans() | value, "tools": value,
+                  "tool_choice": value, "response_format": value, "thinking": value, "reasoning_effort": value,
+                  "stop": value, "logprobs": value, "top_logprobs": value, "stream_options": value,
+                  "frequency_penalty": value, "presence_penalty": value, "seed": value})
+    messages = st.fixed_dictionaries(
+        {"model": st.sampled_from(["claude-sonnet-4-6", "deepseek-v4-flash", 7])},
+        optional={"messages": st.lists(message, max_size=3) | value, "max_tokens": value | st.integers(-5, 20),
+                  "system": value, "thinking": value, "tools": value, "tool_choice": value,
+                  "stop_sequences": value, "stream": st.booleans(), "output_config": value})
+    fim = st.fixed_dictionaries({"model": st.sampled_from(["deepseek-v4-pro", "nope"])},
+                                optional={"prompt": value | st.text(max_size=30), "suffix": value,
+                                          "max_tokens": value | st.integers(-5, 20), "stream": st.booleans(),
+                                          "temperature": value, "stop": value, "logprobs": value})
+    return st.one_of(st.tuples(st.just("/chat/completions"), chat),
+                     st.tuples(st.just("/anthropic/v1/messages"), messages),
+                     st.tuples(st.just("/beta/completions"), fim))
+
+
+def test_fuzzed_requests_never_get_a_5xx(server):
+    """Hypothesis-generated bodies (valid, half-valid and junk) across the three endpoints: always < 500."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(case=_fuzz_strategies())
+    def check(case):
+        path, body = case
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 20:
+            body["max_tokens"] = 20
+        req = urllib.request.Request(server[0] + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "x-api-key": KEY})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                status = r.status
+                r.read()
+        except urllib.error.HTTPError as e:
+            status = e.code
+            e.read()
+        assert status < 500, (path, body, status)
+
+    check()
