@@ -38,7 +38,7 @@ def server(tmp_path_factory):
         if not thread.is_alive() or time.time() > deadline:
             raise RuntimeError(f"test server did not start on port {port}")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", llm
+    yield f"http://127.0.0.1:{port}", llm, app, path
     srv.should_exit = True
     thread.join(timeout=10)
     llm.close()
@@ -366,3 +366,51 @@ def test_fuzzed_requests_never_get_a_5xx(server):
         assert status < 500, (path, body, status)
 
     check()
+
+
+
+def _suite():
+    import deepseek_recipe as dr
+
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    td = dr.ToolDefinition("get_weather", "Weather for a city", {"type": "object", "properties": {"city": {"type": "string"}}})
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    tc = dr.ToolCall("c1", "get_weather", '{"city": "Paris"}')
+    return [
+        ("system + user, no thinking",
+         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+          "thinking": {"type": "disabled"}},
+         dr.Conversation([dr.SystemMessage("Be brief."), dr.UserMessage("Hi")], thinking_mode=False)),
+        ("multi-turn thinking, effort max",
+         {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                       {"role": "user", "content": "C"}], "reasoning_effort": "max"},
+         dr.Conversation([dr.UserMessage("A"), dr.AssistantMessage("B"), dr.UserMessage("C")],
+                         reasoning_effort="max")),
+        ("tools, tool call with passback, tool result",
+         {"messages": [{"role": "user", "content": "weather?"},
+                       {"role": "assistant", "content": "", "reasoning_content": "use the tool", "tool_calls": [call]},
+                       {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], "tools": [tool]},
+         dr.Conversation([dr.UserMessage("weather?"), dr.AssistantMessage("", "use the tool", [tc]),
+                          dr.ToolMessage("sunny", "c1")], tools=[td])),
+        ("tool_choice none keeps tools out",
+         {"messages": [{"role": "user", "content": "hi"}], "tools": [tool], "tool_choice": "none",
+          "thinking": {"type": "disabled"}},
+         dr.Conversation([dr.UserMessage("hi")], thinking_mode=False)),
+        ("latest_reminder",
+         {"messages": [{"role": "user", "content": "hi"}, {"role": "latest_reminder", "content": "Today is Friday."}],
+          "thinking": {"type": "disabled"}},
+         dr.Conversation([dr.UserMessage("hi"), dr.LatestReminderMessage("Today is Friday.")], thinking_mode=False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_prompt_equals_deepseek_recipe_rendering(server, case):
+    import deepseek_recipe as dr
+
+    name, body, conversation = _suite()[case]
+    status, _ = post(server[0] + "/chat/completions", {"model": "deepseek-v4-flash", "max_tokens": 1, **body})
+    assert status == 200, name
+    tok = dr.Tokenizer.from_file(str(server[3] / "tokenizer.json"))
+    want = dr.DeepseekV4Encoding().with_tokenizer(tok).encode(conversation)
+    assert server[2].state.last_prompt_ids == want, name

@@ -190,6 +190,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         except (ValueError, TypeError) as e:
             return error(400, f"Invalid request: {e}")
         ids = encoding.encode(conv.conversation)
+        app.state.last_prompt_ids = ids  # what the model is fed (inspected by tests and debugging)
         try:
             max_tokens = conv.resolve_max_tokens(len(ids), engine.max_len)
         except dr.ConversionError as e:
