@@ -414,3 +414,53 @@ def test_prompt_equals_deepseek_recipe_rendering(server, case):
     tok = dr.Tokenizer.from_file(str(server[3] / "tokenizer.json"))
     want = dr.DeepseekV4Encoding().with_tokenizer(tok).encode(conversation)
     assert server[2].state.last_prompt_ids == want, name
+
+
+LIGHT = {"type": "function", "function": {
+    "name": "set_light", "description": "Switch a light",
+    "parameters": {"type": "object", "properties": {"on": {"type": "boolean"},
+                                                    "room": {"type": "string", "enum": ["kitchen", "hall"]}},
+                   "required": ["on", "room"], "additionalProperties": False}}}
+
+
+def test_tool_choice_required_is_refused_in_thinking_mode(client):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError, match="tool_choice"):  # DeepSeek's rule, via deepseek-recipe
+        client.chat.completions.create(model="deepseek-v4-flash", messages=[{"role": "user", "content": "x"}],
+                                       tools=[LIGHT], tool_choice="required", max_tokens=4)
+
+
+@pytest.mark.parametrize("thinking", ["disabled"])
+def test_tool_round_trip_with_forced_call(client, thinking):
+    """tool_choice=required makes the engine decode a DSML call under the tool's schema (constrained
+    decoding through the real engine); the SDK gets a parsed call; the result goes back; an answer comes."""
+    messages = [{"role": "user", "content": "Turn on the kitchen light."}]
+    extra = {"thinking": {"type": thinking}}
+    r = client.chat.completions.create(model="deepseek-v4-flash", messages=messages, tools=[LIGHT],
+                                       tool_choice="required", max_tokens=400, extra_body=extra)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "set_light" and isinstance(args["on"], bool) and args["room"] in ("kitchen", "hall")
+    assistant = {"role": "assistant", "content": choice.message.content or "", "tool_calls": [call.model_dump()]}
+    if thinking == "enabled":
+        assistant["reasoning_content"] = choice.message.model_extra.get("reasoning_content") or ""
+    messages += [assistant, {"role": "tool", "tool_call_id": call.id, "content": "done"}]
+    final = client.chat.completions.create(model="deepseek-v4-flash", messages=messages, tools=[LIGHT],
+                                           max_tokens=4, extra_body=extra)
+    assert final.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+def test_named_tool_choice_streams_the_same_call(client):
+    kw = dict(model="deepseek-v4-flash", messages=[{"role": "user", "content": "hall light off"}], tools=[LIGHT],
+              tool_choice={"type": "function", "function": {"name": "set_light"}}, max_tokens=400, seed=3,
+              extra_body={"thinking": {"type": "disabled"}})
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0].function
+    name, args = "", ""
+    for c in client.chat.completions.create(stream=True, **kw):
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            name += tc.function.name or ""
+            args += tc.function.arguments or ""
+    assert name == whole.name == "set_light" and json.loads(args) == json.loads(whole.arguments)

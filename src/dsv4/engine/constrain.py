@@ -12,6 +12,25 @@ import torch
 _VOCABS: dict = {}
 
 
+def _bytes_to_unicode() -> dict:
+    """The byte-level BPE alphabet: byte value -> the printable character that stands for it."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+_BYTE_CHAR = _bytes_to_unicode()
+
+
+def _special_strings(tokenizer) -> list:
+    return [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+
+
 class _Vocab:
     """Per-tokenizer tables: xgrammar compiler and the token classes used to finish quickly."""
 
@@ -31,6 +50,11 @@ class _Vocab:
         colon = torch.tensor([t == ":" for t in strip])
         short = torch.tensor([t in ("0", "1", "null", "true", "false", '""', "{}", "[]") for t in strip])
         quote = torch.tensor([t.startswith('"') and set(t) <= set('"}]:,') for t in strip])
+        # byte pieces that could spell the fullwidth bar of special markers ("｜" = EF BD 9C): a DSML tag
+        # counts only as the special token, so grammars that emit tags must not spell it from bytes
+        bar = {_BYTE_CHAR[b] for b in "｜".encode()}
+        special = {tokenizer.token_to_id(t) for t in _special_strings(tokenizer)}
+        self.bar_bytes = torch.tensor([i not in special and bool(set(p) & bar) for i, p in enumerate(pieces)])
         self.outside = [closers, colon, short]  # finishing order outside a string
         self.inside = [quote]  # inside a string: end it first
 
@@ -40,6 +64,80 @@ def vocab_for(tokenizer, eos: int) -> _Vocab:
     if key not in _VOCABS:
         _VOCABS[key] = _Vocab(tokenizer, eos)
     return _VOCABS[key]
+
+
+DSML = "｜DSML｜"
+
+
+def _lit(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def tool_call_grammar(tools: list):
+    """xgrammar Grammar for a DSML tool-call block (the prompt has opened it): one call to one of `tools`
+    (OpenAI-style function definitions), each required parameter in order, then the block's end.
+    String parameters are raw text without '<'; others are JSON values under their schema."""
+    import json
+
+    import xgrammar as xgr
+
+    invokes = []
+    for t in tools:
+        fn = t.get("function", t)
+        params = fn.get("parameters") or {}
+        parts = [xgr.Grammar.from_ebnf(f"root ::= {_lit(f'<{DSML}invoke name=' + chr(34) + fn['name'] + chr(34) + '>' + chr(10))}")]
+        props = params.get("properties") or {}
+        for name in params.get("required") or []:
+            schema = props.get(name, {})
+            is_str = schema.get("type") == "string" and "enum" not in schema
+            head = f'<{DSML}parameter name="{name}" string="{"true" if is_str else "false"}">'
+            if is_str:
+                parts.append(xgr.Grammar.from_ebnf(f"root ::= {_lit(head)} [^<]* {_lit(f'</{DSML}parameter>' + chr(10))}"))
+                continue
+            if "enum" in schema and schema.get("type") == "string":
+                schema = {"enum": schema["enum"]}
+                head = f'<{DSML}parameter name="{name}" string="true">'
+                alts = " | ".join(_lit(v) for v in schema["enum"])
+                parts.append(xgr.Grammar.from_ebnf(f"root ::= {_lit(head)} ({alts}) {_lit(f'</{DSML}parameter>' + chr(10))}"))
+                continue
+            parts += [xgr.Grammar.from_ebnf(f"root ::= {_lit(head)}"), xgr.Grammar.from_json_schema(json.dumps(schema)),
+                      xgr.Grammar.from_ebnf(f"root ::= {_lit(f'</{DSML}parameter>' + chr(10))}")]
+        parts.append(xgr.Grammar.from_ebnf(f"root ::= {_lit(f'</{DSML}invoke>' + chr(10))}"))
+        invokes.append(xgr.Grammar.concat(*parts))
+    calls = invokes[0] if len(invokes) == 1 else xgr.Grammar.union(*invokes)
+    return xgr.Grammar.concat(calls, xgr.Grammar.from_ebnf(f"root ::= {_lit(f'</{DSML}tool_calls>')}"))
+
+
+class GrammarConstraint:
+    """Masks every sampled token to a compiled xgrammar grammar; starts after `start_after` if given."""
+
+    def __init__(self, tokenizer, eos: int, grammar, start_after: int | None = None):
+        import xgrammar as xgr
+
+        self.vocab = vocab_for(tokenizer, eos)
+        self.matcher = xgr.GrammarMatcher(self.vocab.compiler.compile_grammar(grammar))
+        self.bitmask = xgr.allocate_token_bitmask(1, self.vocab.V)
+        self.start_after = start_after
+        self.active = start_after is None
+
+    def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
+        if not self.active:
+            return logits
+        import xgrammar as xgr
+
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        row = logits[: self.vocab.V].clone()[None].float()
+        xgr.apply_token_bitmask_inplace(row, self.bitmask)
+        row[0][self.vocab.bar_bytes] = float("-inf")
+        out = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+        out[: self.vocab.V] = row[0]
+        return out
+
+    def accept(self, token: int) -> None:
+        if not self.active:
+            self.active = token == self.start_after
+        elif not self.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} violates the output grammar")
 
 
 class JSONObjectConstraint:

@@ -203,14 +203,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                 logprobs=(io.top_logprobs or 0) if io.logprobs else None, stop=list(po.stop_sequences))
         except RequestError as e:
             return error(422, str(e))
-        constraint = None
-        oc = io.output_constraint
-        if oc is not None and oc.kind == "json":  # JSON output: constrained to a valid JSON object
-            from ..engine.constrain import JSONObjectConstraint
-
-            think_end = engine.tokenizer.token_to_id(dr.SpecialToken.ThinkingEnd.default_str())
-            constraint = JSONObjectConstraint(engine.tokenizer, engine.eos,
-                                              think_end if conv.conversation.thinking_mode else None)
+        constraint = _constraint(io.output_constraint, conv, po, engine)
         seq, queue = admit(ids, params, request, constraint)
         rid = proto.new_id()
         processor = dr.StreamProcessor(proto.generator(conv, rid, model), po, recipe_tok)
@@ -450,3 +443,21 @@ def fim_request(body: dict, path: str, tok, served: str):
         raise RequestError(f"invalid parameter: {e}") from None
     usage_on = bool((body.get("stream_options") or {}).get("include_usage"))
     return tok.encode(text), params, model, bool(body.get("stream")), usage_on
+
+
+def _constraint(oc, conv, po, engine):
+    """The engine-side output constraint for deepseek-recipe's OutputConstraint, or None.
+
+    json: a valid JSON object (after the thinking, if any). tool_call_required (tool_choice required
+    or a named function): the DSML tool-call block the prompt opened, under the tools' schemas."""
+    if oc is None:
+        return None
+    from ..engine.constrain import GrammarConstraint, JSONObjectConstraint, tool_call_grammar
+
+    think_end = engine.tokenizer.token_to_id(dr.SpecialToken.ThinkingEnd.default_str())
+    if oc.kind == "json":
+        return JSONObjectConstraint(engine.tokenizer, engine.eos, think_end if conv.conversation.thinking_mode else None)
+    if oc.kind == "tool_call_required":
+        start = None if po.starts_in_tool_calls else think_end
+        return GrammarConstraint(engine.tokenizer, engine.eos, tool_call_grammar(json.loads(oc.schema)), start)
+    return None  # "tool_call" (auto): the model may answer in text; calls are parsed, not forced
