@@ -464,3 +464,75 @@ def test_named_tool_choice_streams_the_same_call(client):
             name += tc.function.name or ""
             args += tc.function.arguments or ""
     assert name == whole.name == "set_light" and json.loads(args) == json.loads(whole.arguments)
+
+
+def test_reasoning_effort_and_anthropic_effort_reach_the_prompt(client, claude, server):
+    client.chat.completions.create(model="deepseek-v4-flash", messages=[{"role": "user", "content": "e"}],
+                                   max_tokens=1, reasoning_effort="high")
+    high = list(server[2].state.last_prompt_ids)
+    client.chat.completions.create(model="deepseek-v4-flash", messages=[{"role": "user", "content": "e"}],
+                                   max_tokens=1, reasoning_effort="max")
+    assert server[2].state.last_prompt_ids != high  # effort max adds its instruction
+    claude.messages.create(model="deepseek-v4-flash", max_tokens=1, messages=[{"role": "user", "content": "e"}],
+                           extra_body={"output_config": {"effort": "max"}})
+    assert len(server[2].state.last_prompt_ids) > len(high)
+
+
+def test_strict_tool_schema_is_enforced(client):
+    strict = json.loads(json.dumps(LIGHT))
+    strict["function"]["strict"] = True
+    r = client.chat.completions.create(model="deepseek-v4-flash", messages=[{"role": "user", "content": "hall on"}],
+                                       tools=[strict], tool_choice="required", max_tokens=400,
+                                       extra_body={"thinking": {"type": "disabled"}})
+    args = json.loads(r.choices[0].message.tool_calls[0].function.arguments)
+    assert set(args) == {"on", "room"} and args["room"] in ("kitchen", "hall")
+
+
+def test_chat_prefix_completion_continues_the_assistant_message(client, server):
+    from openai import OpenAI
+
+    beta = OpenAI(base_url=server[0] + "/beta", api_key=KEY, max_retries=0)
+    r = beta.chat.completions.create(
+        model="deepseek-v4-flash", max_tokens=3, extra_body={"thinking": {"type": "disabled"}},
+        messages=[{"role": "user", "content": "Write code"}, {"role": "assistant", "content": "```python\n",
+                                                              "prefix": True}])
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    assert server[2].state.last_prompt_ids[-1] != 1  # the prefix is continued, not closed with EOS
+
+
+def test_stop_sequence_ends_the_answer(client):
+    kw = dict(model="deepseek-chat", messages=[{"role": "user", "content": "stop test"}], temperature=0,
+              max_tokens=12)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    stop = full[3:5]
+    r = client.chat.completions.create(stop=[stop], **kw)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == full[:full.find(stop)]
+
+
+def test_engine_failure_is_a_500_without_traceback(server, client, monkeypatch):
+    from openai import InternalServerError
+
+    eng = server[1].engine
+
+    def boom():
+        raise RuntimeError("simulated device failure")
+    monkeypatch.setattr(eng, "step", boom)
+    with pytest.raises(InternalServerError) as e:
+        client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert "Traceback" not in str(e.value) and e.value.status_code == 500
+
+
+def test_keepalive_is_sent_while_waiting():
+    import asyncio
+
+    from dsv4.server.app import _with_keepalive
+
+    async def slow():
+        await asyncio.sleep(0.35)
+        yield "token"
+
+    async def run():
+        return [x async for x in _with_keepalive(slow(), 0.1)]
+
+    out = asyncio.run(run())
+    assert out[-1] == "token" and out.count(None) >= 2

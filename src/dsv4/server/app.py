@@ -302,6 +302,8 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
                     lps = [(lp.logprob, lp.top) for lp in out.logprobs]
                 for c in processor.push(dr.InferenceChunk.tokens(out.token_ids, lps)):
                     yield c
+            if processor.finished:  # the parser met a stop sequence: the answer is complete
+                return
             if out.finished:
                 if out.finish_reason and out.finish_reason.startswith(("error", "abort")):
                     raise RuntimeError(out.finish_reason)
