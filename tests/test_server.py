@@ -536,3 +536,18 @@ def test_keepalive_is_sent_while_waiting():
 
     out = asyncio.run(run())
     assert out[-1] == "token" and out.count(None) >= 2
+
+
+def test_request_beyond_the_decode_state_budget_is_503(server, client):
+    from openai import InternalServerError
+
+    eng = server[1].engine
+    budget = eng.cfg.kv_budget_bytes
+    eng.cfg.kv_budget_bytes = 1000  # smaller than any sequence's state
+    try:
+        with pytest.raises(InternalServerError) as e:
+            client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=2)
+        assert e.value.status_code == 503 and "overloaded" in str(e.value).lower()
+    finally:
+        eng.cfg.kv_budget_bytes = budget

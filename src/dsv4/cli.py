@@ -79,9 +79,18 @@ def serve(args) -> int:
             raise ConfigError(f"{args.api_key_file}: no API keys in the file")
     model = load_model(path, dtype=getattr(torch, args.dtype))
     tokenizer = load_tokenizer(path)
-    llm = AsyncLLM(LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=args.max_concurrency)))
-    app = create_app(llm, str(path / "tokenizer.json"),
-                     ServerConfig(args.served_model_name, keys, max_concurrency=args.max_concurrency))
+    config = ServerConfig(args.served_model_name, keys, max_concurrency=args.max_concurrency)
+    if args.prices:
+        import json
+
+        try:
+            table = json.loads(Path(args.prices).read_text())
+            config.prices.update({m: tuple(float(x) for x in v) for m, v in table.items()})
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"{args.prices}: not a price table ({e})") from None
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=args.max_concurrency,
+                                                      kv_budget_bytes=int(args.kv_budget_gib * 2**30)))
+    app = create_app(AsyncLLM(engine), str(path / "tokenizer.json"), config)
     print(f"dsv4: serving {path} as {args.served_model_name} on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -131,6 +140,9 @@ def main(argv=None) -> int:
     srv.add_argument("--served-model-name", default="deepseek-v4-flash")
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     srv.add_argument("--max-concurrency", type=int, default=64)
+    srv.add_argument("--prices", help='JSON file: {"model": [hit, miss, output] USD per 1M tokens} (default: '
+                                      "DeepSeek's published V4 prices)")
+    srv.add_argument("--kv-budget-gib", type=float, default=8.0, help="decode-state memory budget (GiB)")
     ch = sub.add_parser("chat", help="terminal chat against a running server (or --model PATH, started locally)")
     ch.add_argument("--url", default="http://127.0.0.1:8000")
     ch.add_argument("--model", help="checkpoint directory: start a local server on it first")

@@ -48,6 +48,10 @@ class _Reject(Exception):
         self.response = response
 
 
+class _Overloaded(RuntimeError):
+    """The engine could not take the request (its decode state exceeds the memory budget)."""
+
+
 def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None = None) -> FastAPI:
     cfg = config or ServerConfig()
     app = FastAPI(title="dsv4", description="DeepSeek-compatible API served by dsv4")
@@ -109,6 +113,11 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
     @app.exception_handler(_Reject)
     async def _rejected(request, exc: _Reject):
         return exc.response
+
+    @app.exception_handler(_Overloaded)
+    async def _overloaded(request, exc: _Overloaded):
+        state["errors"] += 1
+        return error(503, f"Server overloaded: {exc}", "server_overloaded", "server_overloaded")
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # never a traceback to the client
@@ -305,6 +314,8 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
             if processor.finished:  # the parser met a stop sequence: the answer is complete
                 return
             if out.finished:
+                if out.finish_reason and out.finish_reason.startswith("error: exceeds"):
+                    raise _Overloaded(out.finish_reason[len("error: "):])
                 if out.finish_reason and out.finish_reason.startswith(("error", "abort")):
                     raise RuntimeError(out.finish_reason)
                 reason = dr.InferenceFinishReason.Length if out.finish_reason == "length" \
