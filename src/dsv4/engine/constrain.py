@@ -73,6 +73,17 @@ def _lit(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def text_or_tool_call_grammar(tools: list):
+    """tool_choice auto: free text (without DSML markers), optionally followed by a DSML tool-call block
+    whose call follows one of the tools' schemas."""
+    import xgrammar as xgr
+
+    text = xgr.Grammar.from_ebnf('root ::= [^｜]*')
+    block = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {_lit(chr(10) + chr(10) + f'<{DSML}tool_calls>' + chr(10))}"),
+                               tool_call_grammar(tools))
+    return xgr.Grammar.concat(text, xgr.Grammar.union(block, xgr.Grammar.from_ebnf('root ::= ""')))
+
+
 def tool_call_grammar(tools: list):
     """xgrammar Grammar for a DSML tool-call block (the prompt has opened it): one call to one of `tools`
     (OpenAI-style function definitions), each required parameter in order, then the block's end.

@@ -465,7 +465,7 @@ def _constraint(oc, conv, po, engine):
     or a named function): the DSML tool-call block the prompt opened, under the tools' schemas."""
     if oc is None:
         return None
-    from ..engine.constrain import GrammarConstraint, JSONObjectConstraint, tool_call_grammar
+    from ..engine.constrain import GrammarConstraint, JSONObjectConstraint, text_or_tool_call_grammar, tool_call_grammar
 
     think_end = engine.tokenizer.token_to_id(dr.SpecialToken.ThinkingEnd.default_str())
     if oc.kind == "json":
@@ -473,4 +473,8 @@ def _constraint(oc, conv, po, engine):
     if oc.kind == "tool_call_required":
         start = None if po.starts_in_tool_calls else think_end
         return GrammarConstraint(engine.tokenizer, engine.eos, tool_call_grammar(json.loads(oc.schema)), start)
-    return None  # "tool_call" (auto): the model may answer in text; calls are parsed, not forced
+    if oc.kind == "tool_call":  # auto: free text, and any call it makes follows the tools' schemas
+        start = think_end if conv.conversation.thinking_mode else None
+        return GrammarConstraint(engine.tokenizer, engine.eos, text_or_tool_call_grammar(json.loads(oc.schema)),
+                                 start)
+    return None

@@ -1,0 +1,49 @@
+"""Grammar constraints at the engine level: JSON objects that always close, DSML calls under a schema."""
+import json
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.engine import EngineConfig, LLMEngine
+from dsv4.engine.constrain import GrammarConstraint, JSONObjectConstraint, text_or_tool_call_grammar
+from dsv4.server.devmodel import build_dev_model
+from dsv4.tokenizer import load_tokenizer
+
+TOOLS = [{"type": "function", "function": {"name": "set_light", "parameters": {
+    "type": "object", "properties": {"on": {"type": "boolean"}, "room": {"type": "string", "enum": ["kitchen", "hall"]}},
+    "required": ["on", "room"]}}}]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = build_dev_model(tmp_path_factory.mktemp("dev"))
+    return LLMEngine(dsv4.load_model(path, dtype=torch.float32), load_tokenizer(path), EngineConfig())
+
+
+@pytest.mark.parametrize("max_tokens", [3, 8, 20, 64])
+def test_json_object_closes_within_any_budget(engine, max_tokens):
+    tok = engine.tokenizer
+    for seed in range(8):
+        s = engine.add_request(tok.encode("json please").ids, dsv4.SamplingParams(max_tokens=max_tokens, seed=seed),
+                               constraint=JSONObjectConstraint(tok, engine.eos))
+        while engine.has_unfinished():
+            engine.step()
+        assert isinstance(json.loads(s.text), dict), (max_tokens, seed, s.text)
+
+
+def test_auto_tool_grammar_completes_a_started_call_under_the_schema(engine):
+    """Once the model opens a DSML block in auto mode, the rest must be a schema-valid call."""
+    tok = engine.tokenizer
+    opener = "Sure.\n\n<｜DSML｜tool_calls>\n"
+    for seed in range(4):
+        c = GrammarConstraint(tok, engine.eos, text_or_tool_call_grammar(TOOLS))
+        for t in tok.encode(opener).ids:  # as if the model had written the opener itself
+            c.accept(t)
+        prompt = tok.encode("lights").ids
+        s = engine.add_request(prompt, dsv4.SamplingParams(max_tokens=300, seed=seed), constraint=c)
+        while engine.has_unfinished():
+            engine.step()
+        text = tok.decode(s.output_ids, skip_special_tokens=False)
+        assert s.finish_reason == "stop" and text.endswith("</｜DSML｜tool_calls><｜end▁of▁sentence｜>"), text
+        assert '<｜DSML｜invoke name="set_light">' in text and ('>kitchen<' in text or '>hall<' in text)
