@@ -105,6 +105,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (SharedExpert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
                                if cfg.n_shared_experts else None)
+        self.last_load = None  # tokens per expert in the last training forward (for bias balancing)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """x: [B, S, d], ids: [B, S] -> [B, S, d]."""
@@ -114,7 +115,10 @@ class MoE(nn.Module):
         k = idx.shape[1]
         flat = idx.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        load = torch.bincount(flat, minlength=self.n_experts)
+        if self.training:
+            self.last_load = load
+        counts = load.tolist()
         tok = order // k
         gw = g.flatten()[order]
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

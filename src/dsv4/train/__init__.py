@@ -1,4 +1,5 @@
-"""Training: Muon + AdamW optimisation (more of the stack lands with issue 5)."""
+"""Training: Muon + AdamW, the training loop, checkpoints and exact resume."""
 from .muon import Muon, newton_schulz, param_groups
+from .trainer import TrainConfig, Trainer
 
-__all__ = ["Muon", "newton_schulz", "param_groups"]
+__all__ = ["Muon", "newton_schulz", "param_groups", "TrainConfig", "Trainer"]

@@ -1,0 +1,176 @@
+"""A training loop for DeepSeek-V4: next-token + MTP loss, Muon + AdamW, warmup-stable-decay,
+gradient clipping, auxiliary-loss-free expert balancing, atomic checkpoints and exact resume.
+
+Data is a flat token array read in order (position saved in checkpoints), so a resumed run sees
+exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..model.moe import MoE
+from ..model.transformer import Transformer
+from .muon import Muon, param_groups
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 128
+    lr_muon: float = 0.02
+    lr_adamw: float = 3e-3
+    weight_decay: float = 0.1
+    warmup: int = 10
+    decay_frac: float = 0.2  # the last fraction of steps decays the learning rate linearly to 10%
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3  # falls to mtp_weight_decay once the learning rate decays
+    mtp_weight_decay: float = 0.1
+    bias_update_speed: float = 0.001  # auxiliary-loss-free balancing
+    seed: int = 0
+
+    def lr_factor(self, step: int) -> float:
+        """Warmup-stable-decay multiplier for step (0-based)."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        decay_start = int(self.steps * (1 - self.decay_frac))
+        if step < decay_start:
+            return 1.0
+        return 1.0 - 0.9 * (step - decay_start) / max(1, self.steps - decay_start)
+
+
+class Trainer:
+    def __init__(self, model: Transformer, tokens: np.ndarray, cfg: TrainConfig):
+        self.model, self.cfg = model.train(), cfg
+        self.tokens = tokens
+        muon, adamw = param_groups(model)
+        self.opts = [Muon(muon, lr=cfg.lr_muon, weight_decay=cfg.weight_decay),
+                     torch.optim.AdamW(adamw, lr=cfg.lr_adamw, weight_decay=0.0, betas=(0.9, 0.95))]
+        self.base_lrs = [cfg.lr_muon, cfg.lr_adamw]
+        self.step_count, self.position = 0, 0
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+    def batch(self) -> torch.Tensor:
+        """The next [B, S+1] window of the token stream (wrapping around)."""
+        n = self.cfg.batch_size * (self.cfg.seq_len + 1)
+        idx = (self.position + np.arange(n)) % len(self.tokens)
+        self.position = int((self.position + n) % len(self.tokens))
+        return torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64)).view(self.cfg.batch_size, -1)
+
+    def loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        inp, tgt = ids[:, :-1], ids[:, 1:]
+        X = self.model.streams(inp)
+        logits = self.model.logits(X)
+        V = logits.shape[-1]
+        main = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
+        stats = {"loss": main.item()}
+        total = main
+        if len(self.model.mtp):
+            # MTP: stream t with token t+1 predicts token t+2
+            mtp = self.model.mtp_logits(X[:, :-1], tgt[:, :-1])
+            mtp_loss = F.cross_entropy(mtp.reshape(-1, V), tgt[:, 1:].reshape(-1))
+            w = self.cfg.mtp_weight if self.cfg.lr_factor(self.step_count) >= 1.0 or self.step_count < self.cfg.warmup \
+                else self.cfg.mtp_weight_decay
+            total = total + w * mtp_loss
+            stats["mtp_loss"] = mtp_loss.item()
+        return total, stats
+
+    def step(self) -> dict:
+        ids = self.batch()
+        factor = self.cfg.lr_factor(self.step_count)
+        for opt, base in zip(self.opts, self.base_lrs):
+            for g in opt.param_groups:
+                g["lr"] = base * factor
+        total, stats = self.loss(ids)
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip).item()
+        for opt in self.opts:
+            opt.step()
+        self._balance()
+        self.step_count += 1
+        stats["step"], stats["lr_factor"] = self.step_count, factor
+        return stats
+
+    @torch.no_grad()
+    def _balance(self) -> None:
+        """Auxiliary-loss-free: raise the selection bias of under-loaded experts, lower over-loaded ones."""
+        for m in self.model.modules():
+            if isinstance(m, MoE) and not m.gate.hash and m.last_load is not None:
+                load = m.last_load.float()
+                m.gate.bias.add_(self.cfg.bias_update_speed * torch.sign(load.mean() - load))
+
+    # ---- checkpoints ----
+    def save(self, path) -> None:
+        """Write atomically: a temporary directory renamed over `path`; a crash leaves the previous one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
+            opt_tensors, opt_meta = {}, []
+            for i, opt in enumerate(self.opts):
+                sd = opt.state_dict()
+                for pid, st in sd["state"].items():
+                    for k, v in st.items():
+                        if torch.is_tensor(v):
+                            opt_tensors[f"{i}.{pid}.{k}"] = v.contiguous()
+                        else:
+                            opt_meta.append([i, pid, k, v])
+                opt_meta.append([i, "groups", sd["param_groups"]])
+            opt_tensors["rng.torch"] = torch.get_rng_state()
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            np_state = np.random.get_state()
+            meta = {"step": self.step_count, "position": self.position, "config": asdict(self.cfg),
+                    "optimizer": opt_meta, "rng_python": random.getstate(),
+                    "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+            (tmp / "trainer.json").write_text(json.dumps(meta))
+            old = path.with_name(path.name + ".old")
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def resume(self, path) -> None:
+        path = Path(path)
+        if not (path / "trainer.json").exists() and path.with_name(path.name + ".old").exists():
+            path = path.with_name(path.name + ".old")  # a crash between the two renames of save()
+        self.model.load_state_dict(load_file(str(path / "model.safetensors")))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        meta = json.loads((path / "trainer.json").read_text())
+        for i, opt in enumerate(self.opts):
+            state: dict = {}
+            groups = None
+            for entry in meta["optimizer"]:
+                if entry[0] != i:
+                    continue
+                if entry[1] == "groups":
+                    groups = entry[2]
+                else:
+                    state.setdefault(int(entry[1]), {})[entry[2]] = entry[3]
+            for key, v in tensors.items():
+                parts = key.split(".")
+                if parts[0] == str(i):
+                    state.setdefault(int(parts[1]), {})[parts[2]] = v
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        random.setstate((meta["rng_python"][0], tuple(meta["rng_python"][1]), meta["rng_python"][2]))
+        ns = meta["rng_numpy"]
+        np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+        self.step_count, self.position = meta["step"], meta["position"]
