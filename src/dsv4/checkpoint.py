@@ -184,9 +184,8 @@ def _read_config(path: Path, overrides: dict) -> Config:
 class _Loader:
     """Streams tensors shard by shard into a pre-allocated model."""
 
-    def __init__(self, model: Transformer, fp4_experts: bool):
+    def __init__(self, model: Transformer):
         self.model = model
-        self.fp4 = fp4_experts
         self.params = dict(model.named_parameters())
         self.params.update(dict(model.named_buffers()))
         self.loaded: set[str] = set()
@@ -361,7 +360,7 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
     model = build_model(cfg, dtype, "cpu")
     if fp4_experts:
         _pack_experts(model)
-    loader = _Loader(model, fp4_experts)
+    loader = _Loader(model)
     for f in files:
         loader.load_file(f)
     loader.finish(path)

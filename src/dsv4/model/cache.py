@@ -3,8 +3,7 @@
 For each layer: the sliding-window ring of raw K=V entries and, on compressed layers, each
 compressor's open window (the projected tokens not yet pooled, plus CSA's previous A half) and
 its emitted entries (and the indexer's keys on CSA layers). Everything needed to continue a
-sequence exactly is here, so a snapshot of it is a prefix-cache entry and restoring an older
-snapshot rewinds the sequence.
+sequence exactly is here: prefix-cache blocks and speculative rewinds are snapshots of it.
 """
 from __future__ import annotations
 
@@ -85,11 +84,6 @@ class EntryStore:
         rows = lambda t: t.shape[0] if allocated else self.count  # noqa: E731
         return sum(rows(t) * t[0].numel() * t.element_size() for t in self.parts)
 
-    def clone(self) -> "EntryStore":
-        out = EntryStore.__new__(EntryStore)
-        out.__dict__.update(self.__dict__)
-        out.parts = [t[: max(self.count, 1)].clone() for t in self.parts]
-        return out
 
 
 @dataclass
@@ -122,10 +116,6 @@ class CompressorState:
         fixed = sum(x.numel() * x.element_size() for x in t if x is not None)
         return fixed + self.store.nbytes(allocated)
 
-    def clone(self) -> "CompressorState":
-        c = lambda x: None if x is None else x.clone()  # noqa: E731
-        return CompressorState(c(self.buf_kv), c(self.buf_gate), c(self.prev_kv), c(self.prev_gate),
-                               self.store.clone())
 
 
 @dataclass
@@ -138,8 +128,6 @@ class LayerCache:
         n = self.window.numel() * self.window.element_size()
         return n + sum(s.nbytes(allocated) for s in (self.comp, self.index) if s is not None)
 
-    def clone(self) -> "LayerCache":
-        return LayerCache(self.window.clone(), self.comp and self.comp.clone(), self.index and self.index.clone())
 
 
 @dataclass
@@ -160,8 +148,6 @@ class SequenceCache:
         return sum(st.store.bytes_per_entry / st.buf_kv.shape[0]
                    for c in self.layers + self.mtp for st in (c.comp, c.index) if st is not None)
 
-    def clone(self) -> "SequenceCache":
-        return SequenceCache([c.clone() for c in self.layers], self.n, [c.clone() for c in self.mtp], self.mtp_n)
 
 
 def new_cache(model, dtype: torch.dtype | None = None, device=None, layout: str = "dense") -> SequenceCache:
