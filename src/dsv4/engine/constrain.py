@@ -120,18 +120,24 @@ def tool_call_grammar(tools: list):
 
 
 class GrammarConstraint:
-    """Masks every sampled token to a compiled xgrammar grammar; starts after `start_after` if given."""
+    """Masks every sampled token to a compiled xgrammar grammar; starts after `start_after` if given.
 
-    def __init__(self, tokenizer, eos: int, grammar, start_after: int | None = None):
+    ban_spelled_markers: forbid byte pieces of the special markers' fullwidth bar, so DSML tags can
+    only come out as the special token (the output parser only honours that form)."""
+
+    def __init__(self, tokenizer, eos: int, grammar, start_after: int | None = None, ban_spelled_markers=True):
         import xgrammar as xgr
 
         self.vocab = vocab_for(tokenizer, eos)
-        self.matcher = xgr.GrammarMatcher(self.vocab.compiler.compile_grammar(grammar))
+        compiled = grammar if isinstance(grammar, xgr.CompiledGrammar) else self.vocab.compiler.compile_grammar(grammar)
+        self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, self.vocab.V)
         self.start_after = start_after
         self.active = start_after is None
+        self.ban = ban_spelled_markers
 
     def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
+        """logits [V] -> a new tensor with the tokens the grammar forbids at -inf."""
         if not self.active:
             return logits
         import xgrammar as xgr
@@ -139,49 +145,15 @@ class GrammarConstraint:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         row = logits[: self.vocab.V].clone()[None].float()
         xgr.apply_token_bitmask_inplace(row, self.bitmask)
-        row[0][self.vocab.bar_bytes] = float("-inf")
+        if self.ban:
+            row[0][self.vocab.bar_bytes] = float("-inf")
+        self.steer(row[0], remaining)
         out = torch.full_like(logits, float("-inf"), dtype=torch.float32)
         out[: self.vocab.V] = row[0]
         return out
 
-    def accept(self, token: int) -> None:
-        if not self.active:
-            self.active = token == self.start_after
-        elif not self.matcher.accept_token(token):
-            raise RuntimeError(f"token {token} violates the output grammar")
-
-
-class JSONObjectConstraint:
-    def __init__(self, tokenizer, eos: int, start_after: int | None = None, schema: str = '{"type": "object"}'):
-        import xgrammar as xgr
-
-        self.vocab = vocab_for(tokenizer, eos)
-        self.matcher = xgr.GrammarMatcher(self.vocab.compiler.compile_json_schema(schema))
-        self.bitmask = xgr.allocate_token_bitmask(1, self.vocab.V)
-        self.start_after = start_after
-        self.active = start_after is None
-        self.depth = 0  # unclosed { and [ outside strings
-        self.in_string = self.escape = False
-
-    def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
-        """logits [V] -> logits with disallowed tokens at -inf (a new tensor)."""
-        if not self.active:
-            return logits
-        import xgrammar as xgr
-
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        row = logits[: self.vocab.V].clone()[None].float()
-        xgr.apply_token_bitmask_inplace(row, self.bitmask)
-        allowed = torch.isfinite(row[0])
-        if remaining <= self.depth + 4:  # steer to the shortest completion
-            for prio in (self.vocab.inside if self.in_string else []) + self.vocab.outside:
-                cand = allowed & prio
-                if cand.any():
-                    row[0][~cand] = float("-inf")
-                    break
-        out = torch.full_like(logits, float("-inf"), dtype=torch.float32)
-        out[: self.vocab.V] = row[0]
-        return out
+    def steer(self, row: torch.Tensor, remaining: int) -> None:
+        """Hook: narrow the allowed tokens further (in place) given the remaining token budget."""
 
     def accept(self, token: int) -> None:
         if not self.active:
@@ -189,6 +161,33 @@ class JSONObjectConstraint:
             return
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"token {token} violates the output grammar")
+        self.accepted(token)
+
+    def accepted(self, token: int) -> None:
+        """Hook: track state after an accepted token."""
+
+
+class JSONObjectConstraint(GrammarConstraint):
+    """A JSON object that always closes before the token budget runs out."""
+
+    def __init__(self, tokenizer, eos: int, start_after: int | None = None, schema: str = '{"type": "object"}'):
+        vocab = vocab_for(tokenizer, eos)
+        super().__init__(tokenizer, eos, vocab.compiler.compile_json_schema(schema), start_after,
+                         ban_spelled_markers=False)
+        self.depth = 0  # unclosed { and [ outside strings
+        self.in_string = self.escape = False
+
+    def steer(self, row: torch.Tensor, remaining: int) -> None:
+        if remaining > self.depth + 4:
+            return
+        allowed = torch.isfinite(row)
+        for prio in (self.vocab.inside if self.in_string else []) + self.vocab.outside:
+            cand = allowed & prio
+            if cand.any():
+                row[~cand] = float("-inf")
+                return
+
+    def accepted(self, token: int) -> None:
         for ch in self.vocab.texts[token]:
             if self.in_string:
                 if self.escape:
