@@ -1,4 +1,4 @@
-"""`dsv4` command line. Subcommands: serve, chat, inspect."""
+"""`dsv4` command line. Subcommands: serve, chat, train, inspect."""
 from __future__ import annotations
 
 import argparse
@@ -150,8 +150,16 @@ def main(argv=None) -> int:
     ch.add_argument("--served-model-name", default="deepseek-v4-flash")
     ch.add_argument("--no-thinking", action="store_true")
     ch.add_argument("--max-tokens", type=int, default=512)
+    tr = sub.add_parser("train", help="train from a TOML config (see README)")
+    tr.add_argument("config", help="TOML file with [model], [data] and [train] tables")
+    tr.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    tr.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in this process")
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "train":
+            from .train.run import run_from_config
+
+            return run_from_config(args.config, resume=args.resume, stop_after=args.stop_after)
         if args.cmd == "serve":
             return serve(args)
         if args.cmd == "chat":

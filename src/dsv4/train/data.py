@@ -1,0 +1,41 @@
+"""Corpus building: text/code files -> one token stream (EOS between documents), with fill-in-the-middle
+augmentation in DeepSeek's PSM form: <fim_begin> prefix <fim_hole> suffix <fim_end> middle."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from ..tokenizer import FIM_TOKENS
+
+
+def fim_transform(text: str, rng: random.Random) -> str:
+    """Split at two random points and move the middle to the end (prefix-suffix-middle)."""
+    a, b = sorted(rng.randint(0, len(text)) for _ in range(2))
+    return f"{FIM_TOKENS[0]}{text[:a]}{FIM_TOKENS[1]}{text[b:]}{FIM_TOKENS[2]}{text[a:b]}"
+
+
+def build_corpus(files: list, tokenizer, eos: int, fim_rate: float = 0.0, seed: int = 0,
+                 max_chars: int = 20_000) -> np.ndarray:
+    """Tokenise each file (split into documents of at most max_chars at line breaks) into one int32 stream."""
+    rng = random.Random(seed)
+    out: list = []
+    for f in files:
+        text = Path(f).read_text(errors="replace")
+        docs, cur = [], []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            if size + len(line) > max_chars and cur:
+                docs.append("".join(cur))
+                cur, size = [], 0
+            cur.append(line)
+            size += len(line)
+        if cur:
+            docs.append("".join(cur))
+        for doc in docs:
+            if fim_rate and rng.random() < fim_rate:
+                doc = fim_transform(doc, rng)
+            out.extend(tokenizer.encode(doc).ids)
+            out.append(eos)
+    return np.asarray(out, dtype=np.int32)
