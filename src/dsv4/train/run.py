@@ -65,15 +65,21 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     n_val = int(len(tokens) * data.get("val_fraction", 0.02))
     train_tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
 
+    from .distributed import DataParallel, init
+
+    rank, world = init()  # under torchrun: data parallel over the launched processes
+    lead = rank == 0
     torch.manual_seed(tcfg.seed)
     model = init_random(build_model(cfg), seed=tcfg.seed)
-    trainer = Trainer(model, train_tokens, tcfg)
+    trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None)
     ckpt = run / "checkpoint"
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         trainer.resume(ckpt)
         out.write(f"dsv4 train: resumed at step {trainer.step_count}\n")
     metrics = run / "metrics.jsonl"
-    if trainer.step_count == 0:
+    if not lead:
+        pass
+    elif trainer.step_count == 0:
         metrics.write_text("")
     else:  # drop lines from steps after the checkpoint (they will be redone identically)
         lines = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= trainer.step_count]
@@ -81,7 +87,7 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     done_here = 0
     try:
         from tqdm import tqdm
-        bar = tqdm(total=tcfg.steps, initial=trainer.step_count, file=out, desc="train")
+        bar = tqdm(total=tcfg.steps, initial=trainer.step_count, file=out, desc="train") if lead else None
     except ImportError:
         bar = None
     while trainer.step_count < tcfg.steps and (stop_after is None or done_here < stop_after):
@@ -89,14 +95,18 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         done_here += 1
         if trainer.step_count % every == 0 or trainer.step_count == tcfg.steps:
             stats["val_loss"] = validate(model, val_tokens, tcfg)
-            trainer.save(ckpt)
-        with metrics.open("a") as f:
-            f.write(json.dumps(stats) + "\n")
+            if lead:  # every rank holds the same weights
+                trainer.save(ckpt)
+        if lead:
+            with metrics.open("a") as f:
+                f.write(json.dumps(stats) + "\n")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
     if bar is not None:
         bar.close()
+    if not lead:
+        return 0
     plot(metrics, run / "loss.png")
     if trainer.step_count >= tcfg.steps:
         save_model(model.eval(), run / "model")

@@ -51,8 +51,10 @@ class TrainConfig:
 
 
 class Trainer:
-    def __init__(self, model: Transformer, tokens: np.ndarray, cfg: TrainConfig):
+    def __init__(self, model: Transformer, tokens: np.ndarray, cfg: TrainConfig, parallel=None):
+        """parallel: a plan such as distributed.DataParallel (shard, sync_gradients, mean, sync_loads)."""
         self.model, self.cfg = model.train(), cfg
+        self.parallel = parallel
         self.tokens = tokens
         muon, adamw = param_groups(model)
         self.opts = [Muon(muon, lr=cfg.lr_muon, weight_decay=cfg.weight_decay),
@@ -90,6 +92,8 @@ class Trainer:
 
     def step(self) -> dict:
         ids = self.batch()
+        if self.parallel is not None:
+            ids = self.parallel.shard(ids)
         factor = self.cfg.lr_factor(self.step_count)
         for opt, base in zip(self.opts, self.base_lrs):
             for g in opt.param_groups:
@@ -98,6 +102,9 @@ class Trainer:
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
         total.backward()
+        if self.parallel is not None:
+            self.parallel.sync_gradients(self.model)
+            stats = {k: self.parallel.mean(v) for k, v in stats.items()}
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip).item()
         for opt in self.opts:
             opt.step()
@@ -112,6 +119,8 @@ class Trainer:
         for m in self.model.modules():
             if isinstance(m, MoE) and not m.gate.hash and m.last_load is not None:
                 load = m.last_load.float()
+                if self.parallel is not None:
+                    load = self.parallel.sync_loads(load)
                 m.gate.bias.add_(self.cfg.bias_update_speed * torch.sign(load.mean() - load))
 
     # ---- checkpoints ----

@@ -1,0 +1,58 @@
+"""Data parallelism over torch.distributed (gloo on CPU, nccl on GPU), applied from outside the model.
+
+`DataParallel` shards each global batch by rows across ranks and averages gradients with all-reduce
+after backward, so every rank takes the same optimiser step a single process would take on the whole
+batch. Launch with `torchrun --nproc-per-node N ...`; `init()` reads torchrun's environment.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group torchrun set up (no-op when not launched distributed). -> (rank, world)."""
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+            return 0, 1
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class DataParallel:
+    """The Trainer's parallel plan: shard batches by rank, all-reduce-average gradients and losses."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] % self.world:
+            raise ValueError(f"global batch of {batch.shape[0]} rows does not split over {self.world} ranks")
+        return batch[self.rank::self.world]
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t / self.world).item()
+
+    def sync_loads(self, loads: torch.Tensor) -> torch.Tensor:
+        """Expert loads summed over ranks, so the balancing bias update is the same everywhere."""
+        if self.world > 1:
+            dist.all_reduce(loads)
+        return loads
