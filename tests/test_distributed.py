@@ -1,12 +1,13 @@
 """Two gloo processes on half batches take exactly the steps one process takes on the whole batch."""
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dsv4
 from dsv4.train import TrainConfig, Trainer
-from dsv4.train.distributed import DataParallel
+from dsv4.train.distributed import DataParallel, FullyShardedDataParallel
 from helpers import random_model
 
 CFG = dsv4.Config.tiny(vocab_size=128)
@@ -16,24 +17,30 @@ TCFG = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup=1)
 
 def run(parallel=None):
     torch.manual_seed(0)
-    trainer = Trainer(random_model(CFG, seed=1), TOKENS, TCFG, parallel)
-    return [trainer.step()["loss"] for _ in range(4)], trainer.model.state_dict()
+    model = random_model(CFG, seed=1)
+    if hasattr(parallel, "apply"):
+        model = parallel.apply(model)
+    trainer = Trainer(model, TOKENS, TCFG, parallel)
+    losses = [trainer.step()["loss"] for _ in range(4)]
+    sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in trainer.model.state_dict().items()}
+    return losses, sd
 
 
-def worker(rank, world, init_file, out):
+def worker(rank, world, init_file, out, plan):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    losses, sd = run(DataParallel(rank, world))
+    losses, sd = run({"ddp": DataParallel, "fsdp": FullyShardedDataParallel}[plan](rank, world))
     if rank == 0:
         torch.save({"losses": losses, "head": sd["head.weight"], "w1": sd["layers.1.ffn.experts.w1"]}, out)
     dist.destroy_process_group()
 
 
-def test_two_process_data_parallel_equals_one_process(tmp_path):
+@pytest.mark.parametrize("plan", ["ddp", "fsdp"])
+def test_two_process_data_parallel_equals_one_process(tmp_path, plan):
     torch.set_num_threads(1)
     single, sd = run()
     out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out), plan), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     assert np.allclose(got["losses"], single, rtol=0, atol=1e-5), (got["losses"], single)
     assert torch.allclose(got["head"], sd["head.weight"], atol=1e-5)

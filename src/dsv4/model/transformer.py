@@ -67,6 +67,16 @@ class MTPBlock(Block):
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         _hc_params(self, "hc_head", cfg.hc_mult, d, cfg.hc_mult, 1)
 
+    def forward(self, X: torch.Tensor, e_next: torch.Tensor, ids: torch.Tensor,
+                segments: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """X [B,S,n,d] main streams, e_next [B,S,d] embeddings of the next tokens -> (MTP streams, normed
+        hidden [B,S,d] for the shared head)."""
+        c = self.cfg
+        Xm = self.e_proj(self.enorm(e_next)).unsqueeze(2) + self.h_proj(self.hnorm(X))
+        Xm = super().forward(Xm, ids, segments)
+        y = hc_head(Xm, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.rms_norm_eps, c.hc_eps)
+        return Xm, self.norm(y)
+
 
 class Transformer(nn.Module):
     """DeepSeek-V4. `forward(input_ids [B, S]) -> logits [B, S, vocab]` (fp32)."""
@@ -97,15 +107,19 @@ class Transformer(nn.Module):
             X = layer(X, input_ids)
         return X
 
-    def logits(self, X: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
-        """Streams [B, S, n, d] -> logits [B, S, vocab] fp32, through the main (or an MTP) HC head and norm."""
-        owner = block if block is not None else self
+    def logits(self, X: torch.Tensor) -> torch.Tensor:
+        """Streams [B, S, n, d] -> logits [B, S, vocab] fp32, through the HC head, norm and output head."""
         c = self.config
-        y = hc_head(X, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, c.rms_norm_eps, c.hc_eps)
-        return F.linear(owner.norm(y).float(), self.head.weight.float())
+        y = hc_head(X, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.rms_norm_eps, c.hc_eps)
+        return F.linear(self.norm(y).float(), self.head.weight.float())
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.streams(input_ids))
+    def forward(self, input_ids: torch.Tensor, next_ids: torch.Tensor | None = None):
+        """input_ids [B, S] -> logits [B, S, vocab]. With next_ids [B, S'] (the token after each of the
+        first S' positions), also the MTP logits [B, S', vocab]: (logits, mtp_logits)."""
+        X = self.streams(input_ids)
+        if next_ids is None:
+            return self.logits(X)
+        return self.logits(X), self.mtp_logits(X[:, : next_ids.shape[1]], next_ids)
 
     def step(self, ids: list, caches: list, hooks: list | None = None) -> torch.Tensor:
         """Continue sequences: segment ids[j] (1-D int tensor of new tokens) extends caches[j] (a SequenceCache).
@@ -142,21 +156,17 @@ class Transformer(nn.Module):
         for c, t in zip(caches, next_ids):
             starts.append(ends.get(id(c), c.mtp_n))
             ends[id(c)] = starts[-1] + len(t)
-        Xm = m.e_proj(m.enorm(self.embed(flat))).unsqueeze(2) + m.h_proj(m.hnorm(X[None]))
         segs = [(c.mtp[depth], n, len(t), h and functools.partial(h, f"M{depth}."))
                 for c, n, t, h in zip(caches, starts, next_ids, hooks)]
-        Xm = m(Xm, flat, segs)
+        Xm, y = m(X[None], self.embed(flat), flat, segs)
         for c in caches:
             c.mtp_n = ends[id(c)]
-        return self.logits(Xm, m)[0], Xm[0]
+        return F.linear(y.float(), self.head.weight.float())[0], Xm[0]
 
     def mtp_logits(self, X: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP: X [B, S, n, d] main streams, next_ids [B, S] (token t+1 at position t) -> logits for t+2."""
         if not len(self.mtp):
             raise ValueError("this model has no MTP module (num_nextn_predict_layers = 0)")
         self._check_ids(next_ids)
-        m = self.mtp[depth]
-        e = m.e_proj(m.enorm(self.embed(next_ids)))
-        Xm = e.unsqueeze(2) + m.h_proj(m.hnorm(X))
-        Xm = m(Xm, next_ids)
-        return self.logits(Xm, m)
+        _, y = self.mtp[depth](X, self.embed(next_ids), next_ids)
+        return F.linear(y.float(), self.head.weight.float())

@@ -2,7 +2,8 @@
 
 `DataParallel` shards each global batch by rows across ranks and averages gradients with all-reduce
 after backward, so every rank takes the same optimiser step a single process would take on the whole
-batch. Launch with `torchrun --nproc-per-node N ...`; `init()` reads torchrun's environment.
+batch; `FullyShardedDataParallel` shards the parameters too (FSDP2). Launch with
+`torchrun --nproc-per-node N ...`; `init()` reads torchrun's environment.
 """
 from __future__ import annotations
 
@@ -56,3 +57,18 @@ class DataParallel:
         if self.world > 1:
             dist.all_reduce(loads)
         return loads
+
+
+class FullyShardedDataParallel(DataParallel):
+    """FSDP2: parameters sharded over ranks per block (`fully_shard`), gradients reduce-scattered by it."""
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(model.layers) + list(model.mtp):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        """FSDP already averaged them."""

@@ -48,9 +48,15 @@ class Muon(torch.optim.Optimizer):
                 g = p.grad.float()
                 buf.mul_(group["momentum"]).add_(g)
                 u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                u = newton_schulz(u) * (group["rms_scale"] * max(p.shape[-2], p.shape[-1]) ** 0.5)
+                sharded = hasattr(u, "full_tensor")  # FSDP2: orthogonalise the whole matrix, keep our shard
+                full = u.full_tensor() if sharded else u
+                full = newton_schulz(full) * (group["rms_scale"] * max(p.shape[-2], p.shape[-1]) ** 0.5)
+                if sharded:
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(u.to(p.dtype), alpha=-group["lr"])
+                p.add_(full.to(p.dtype), alpha=-group["lr"])
         return loss
 
 

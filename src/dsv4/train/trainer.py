@@ -74,15 +74,16 @@ class Trainer:
 
     def loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         inp, tgt = ids[:, :-1], ids[:, 1:]
-        X = self.model.streams(inp)
-        logits = self.model.logits(X)
+        has_mtp = bool(len(self.model.mtp))
+        # one call of the model itself (so wrappers such as FSDP see a forward); MTP: stream t with token
+        # t+1 predicts token t+2
+        out = self.model(inp, tgt[:, :-1]) if has_mtp else self.model(inp)
+        logits, mtp = out if has_mtp else (out, None)
         V = logits.shape[-1]
         main = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
         stats = {"loss": main.item()}
         total = main
-        if len(self.model.mtp):
-            # MTP: stream t with token t+1 predicts token t+2
-            mtp = self.model.mtp_logits(X[:, :-1], tgt[:, :-1])
+        if has_mtp:
             mtp_loss = F.cross_entropy(mtp.reshape(-1, V), tgt[:, 1:].reshape(-1))
             w = self.cfg.mtp_weight if self.cfg.lr_factor(self.step_count) >= 1.0 or self.step_count < self.cfg.warmup \
                 else self.cfg.mtp_weight_decay
@@ -105,7 +106,8 @@ class Trainer:
         if self.parallel is not None:
             self.parallel.sync_gradients(self.model)
             stats = {k: self.parallel.mean(v) for k, v in stats.items()}
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        stats["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         for opt in self.opts:
             opt.step()
         self._balance()
