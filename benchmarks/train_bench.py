@@ -1,0 +1,130 @@
+"""Training benchmark on a real corpus (the Python standard library's source): Muon vs AdamW, and dsv4's
+training step against transformers' DeepseekV4ForCausalLM on the same config, one process run.
+
+For each optimiser a small learning-rate sweep runs the same steps on the same tokens; the best of each
+is compared by validation loss, and the script prints how many steps Muon needs to reach AdamW's final
+validation loss, as a fraction of AdamW's steps. Writes benchmarks/train_curves.png.
+Usage: python benchmarks/train_bench.py [--steps 200]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+import dsv4  # noqa: E402
+from dsv4.checkpoint import build_model, init_random  # noqa: E402
+from dsv4.config import CSA, HCA, SLIDING  # noqa: E402
+from dsv4.tokenizer import train_tokenizer  # noqa: E402
+from dsv4.train import TrainConfig, Trainer  # noqa: E402
+from dsv4.train.data import build_corpus  # noqa: E402
+from dsv4.train.run import validate  # noqa: E402
+
+
+def config(vocab):
+    return dsv4.Config.tiny(vocab_size=vocab, hidden_size=128, moe_intermediate_size=128, num_hidden_layers=4,
+                            layer_types=[SLIDING, CSA, HCA, CSA], num_attention_heads=4, head_dim=64,
+                            qk_rope_head_dim=16, q_lora_rank=64, o_lora_rank=32, sliding_window=64,
+                            hca_compress_ratio=32, num_nextn_predict_layers=0)
+
+
+def train(cfg, tokens, val, steps, lr_muon, lr_adamw, muon: bool, every: int):
+    torch.manual_seed(0)
+    model = init_random(build_model(cfg), seed=0)
+    tc = TrainConfig(steps=steps, batch_size=8, seq_len=128, warmup=10, lr_muon=lr_muon if muon else 0.0,
+                     lr_adamw=lr_adamw)
+    t = Trainer(model, tokens, tc)
+    if not muon:  # AdamW for every parameter: replace the split optimisers
+        t.opts = [torch.optim.AdamW(model.parameters(), lr=lr_adamw, weight_decay=0.1, betas=(0.9, 0.95))]
+        t.base_lrs = [lr_adamw]
+    curve = []
+    for _ in range(steps):
+        t.step()
+        if t.step_count % every == 0:
+            curve.append((t.step_count, validate(model, val, tc, batches=8)))
+    return curve
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    args = ap.parse_args()
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    tok = train_tokenizer(files[:150], 2048)
+    tokens = build_corpus(files[:150], tok, 1)
+    val = build_corpus(files[150:170], tok, 1)
+    cfg = config(tok.get_vocab_size())
+    print(f"corpus: {len(tokens):,} train / {len(val):,} val tokens (stdlib), vocab {cfg.vocab_size}; "
+          f"{args.steps} steps x 8 x 128 tokens\n")
+    every = max(1, args.steps // 10)
+    runs = {}
+    for muon, lrs in ((True, [(0.01, 2e-3), (0.02, 3e-3), (0.04, 5e-3)]), (False, [(0, 1e-3), (0, 3e-3), (0, 6e-3)])):
+        for lr_m, lr_a in lrs:
+            t0 = time.perf_counter()
+            curve = train(cfg, tokens, val, args.steps, lr_m, lr_a, muon, every)
+            name = f"{'muon' if muon else 'adamw'} lr={lr_m if muon else lr_a}"
+            runs[name] = curve
+            print(f"{name:<18} final val {curve[-1][1]:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    best = {k: min(((n, c) for n, c in runs.items() if n.startswith(k)), key=lambda nc: nc[1][-1][1])
+            for k in ("muon", "adamw")}
+    target = best["adamw"][1][-1][1]
+    reach = next((s for s, v in best["muon"][1] if v <= target), None)
+    print(f"\nbest: {best['muon'][0]} -> {best['muon'][1][-1][1]:.4f}; {best['adamw'][0]} -> {target:.4f}")
+    print("Muon steps to reach AdamW's final val loss: " +
+          (f"{reach} of {args.steps} = {reach / args.steps:.2f}" if reach else "not reached"))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in runs.items():
+        ax.plot(*zip(*curve), label=name, lw=2 if name in (best["muon"][0], best["adamw"][0]) else 0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(__file__).parent / "train_curves.png")
+
+    # training speed: one step (forward, backward, AdamW) of each implementation on the same weights
+    model = init_random(build_model(cfg), seed=0).train()
+    ids = torch.from_numpy(tokens[: 8 * 129].astype(np.int64)).view(8, 129)
+    with tempfile.TemporaryDirectory() as d:
+        dsv4.save_model(model, d)
+        from transformers import DeepseekV4ForCausalLM
+        ref = DeepseekV4ForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+
+    def timed(step, n=5):
+        step()
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        return 8 * 128 * n / (time.perf_counter() - t)
+
+    opt_a, opt_b = torch.optim.AdamW(model.parameters(), lr=1e-4), torch.optim.AdamW(ref.parameters(), lr=1e-4)
+
+    def ours():
+        loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+        opt_a.zero_grad()
+        loss.backward()
+        opt_a.step()
+
+    def theirs():
+        loss = ref(ids[:, :-1], labels=ids[:, :-1].clone(), use_cache=False).loss
+        opt_b.zero_grad()
+        loss.backward()
+        opt_b.step()
+
+    a, b = timed(ours), timed(theirs)
+    print(f"\ntraining tokens/s (fp32, batch 8 x 128): dsv4 {a:,.0f}, transformers {b:,.0f}, ratio {a / b:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
