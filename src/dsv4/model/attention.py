@@ -62,9 +62,10 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
         logits = [lw]
         t = torch.arange(T0, T0 + n * W, device=q.device)  # query positions (padded rows included)
         if has_comp:
-            if index is None:
-                vis = torch.arange(comp.shape[1], device=q.device)[None, :] < ((t + 1) // ratio)[:, None]
-                lc = torch.einsum("blhc,btc->bhlt", qc, comp).mul(scale).masked_fill(~vis, float("-inf"))
+            if index is None:  # HCA: every entry visible to the chunk's last query (later ones never are)
+                seen = comp[:, : max(1, min(comp.shape[1], (q_start + s1) // ratio))]
+                vis = torch.arange(seen.shape[1], device=q.device)[None, :] < ((t + 1) // ratio)[:, None]
+                lc = torch.einsum("blhc,btc->bhlt", qc, seen).mul(scale).masked_fill(~vis, float("-inf"))
             else:
                 ic = index[:, s0:s1]
                 if n * W > s1 - s0:
@@ -78,7 +79,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
         o = torch.einsum("bhnwk,bnck->bnwhc", p[..., :2 * W].reshape(B, H, n, W, 2 * W), keys).reshape(B, n * W, H, c)
         if has_comp:
             pc = p[..., 2 * W:-1]
-            o = o + (torch.einsum("bhlt,btc->blhc", pc, comp) if index is None
+            o = o + (torch.einsum("bhlt,btc->blhc", pc, seen) if index is None
                      else torch.einsum("bhlk,blkc->blhc", pc, picked))
         outs.append(o[:, : s1 - s0])
     return torch.cat(outs, dim=1)

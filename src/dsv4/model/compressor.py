@@ -136,12 +136,20 @@ class Indexer(nn.Module):
         out = []
         for s0 in range(0, L, chunk):
             s1 = min(L, s0 + chunk)
-            scores = F.relu(torch.matmul(q[:, s0:s1].float(), kt), inplace=True)  # [B,l,nI,T]
-            scores = torch.matmul(w[:, s0:s1].unsqueeze(2), scores).squeeze(2)  # sum_h w_h relu(.): [B,l,T]
+            # only the entries the chunk's last query can see: later ones are masked for every row anyway
+            Tc = min(T, int(pos[s1 - 1] + 1) // self.ratio)
+            if Tc == 0:
+                out.append(torch.full((B, s1 - s0, k), -1, dtype=torch.long, device=q.device))
+                continue
+            scores = F.relu(torch.matmul(q[:, s0:s1].float(), kt[..., :Tc]), inplace=True)  # [B,l,nI,Tc]
+            scores = torch.matmul(w[:, s0:s1].unsqueeze(2), scores).squeeze(2)  # sum_h w_h relu(.): [B,l,Tc]
             limit = ((pos[s0:s1] + 1) // self.ratio)[:, None]  # [l, 1]
-            invisible = torch.arange(T, device=q.device)[None, :] >= limit
-            idx = scores.masked_fill(invisible, float("-inf")).topk(k, dim=-1).indices
-            out.append(torch.where(idx >= limit, torch.full_like(idx, -1), idx))
+            invisible = torch.arange(Tc, device=q.device)[None, :] >= limit
+            idx = scores.masked_fill(invisible, float("-inf")).topk(min(k, Tc), dim=-1).indices
+            idx = torch.where(idx >= limit, torch.full_like(idx, -1), idx)
+            if idx.shape[-1] < k:
+                idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], k - idx.shape[-1]), -1)], dim=-1)
+            out.append(idx)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
