@@ -23,6 +23,7 @@ from ..checkpoint import build_model, init_random, save_model
 from ..config import Config, ConfigError
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .data import build_corpus
+from .hashing import install_tid2eid
 from .trainer import TrainConfig, Trainer
 
 
@@ -71,6 +72,7 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     lead = rank == 0
     torch.manual_seed(tcfg.seed)
     model = init_random(build_model(cfg), seed=tcfg.seed)
+    install_tid2eid(model, np.bincount(train_tokens, minlength=cfg.vocab_size))  # balanced hash routing
     trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None)
     ckpt = run / "checkpoint"
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
