@@ -87,3 +87,15 @@ def test_bias_updates_move_load_toward_balance():
     for _ in range(60):
         t.step()
     assert imbalance() < 0.6 * start
+
+
+def test_sequence_balance_loss_hand_computed():
+    from dsv4.model.moe import sequence_balance_loss
+
+    E, k, S = 4, 2, 4
+    uniform = torch.ones(1, S, E)
+    balanced = torch.tensor([[[0, 1], [2, 3], [0, 1], [2, 3]]])
+    assert torch.isclose(sequence_balance_loss(uniform, balanced), torch.tensor(1.0))
+    skewed_scores = torch.tensor([[[3.0, 1.0, 0.0, 0.0]] * S])  # P = (0.75, 0.25, 0, 0)
+    skewed = torch.tensor([[[0, 1]] * S])  # f = (2, 2, 0, 0)
+    assert torch.isclose(sequence_balance_loss(skewed_scores, skewed), torch.tensor(2 * 0.75 + 2 * 0.25))

@@ -45,6 +45,8 @@ class Gate(nn.Module):
             s = logits.sigmoid()
         else:
             s = logits.softmax(-1)
+        if self.training:
+            self.scores = s  # kept for the sequence-wise balance loss
         if self.hash:
             if ids is None:
                 raise ValueError("hash-routed MoE layers need the input token ids")
@@ -55,6 +57,20 @@ class Gate(nn.Module):
         if self.norm_topk:
             g = g / g.sum(-1, keepdim=True)
         return g * self.route_scale, idx
+
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """DeepSeekMoE's sequence-wise balance loss, sum_i f_i P_i averaged over sequences.
+
+    scores [B, S, E] affinities, idx [B, S, k] selected experts. f_i = E / (k S) * #tokens routed to i,
+    P_i = mean over tokens of the normalised affinity s_i / sum_j s_j. Equals 1 when perfectly balanced."""
+    B, S, E = scores.shape
+    k = idx.shape[-1]
+    f = torch.zeros(B, E, device=scores.device).scatter_add_(1, idx.reshape(B, -1),
+                                                             torch.ones(B, S * k, device=scores.device))
+    f = f * E / (k * S)
+    P = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    return (f * P).sum(-1).mean()
 
 
 class Experts(nn.Module):
@@ -106,6 +122,7 @@ class MoE(nn.Module):
         self.shared_experts = (SharedExpert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
                                if cfg.n_shared_experts else None)
         self.last_load = None  # tokens per expert in the last training forward (for bias balancing)
+        self.balance_loss = None  # sequence-wise balance loss of the last training forward (top-k layers)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """x: [B, S, d], ids: [B, S] -> [B, S, d]."""
@@ -118,6 +135,9 @@ class MoE(nn.Module):
         load = torch.bincount(flat, minlength=self.n_experts)
         if self.training:
             self.last_load = load
+            if not self.gate.hash and len(shape) == 3:
+                self.balance_loss = sequence_balance_loss(self.gate.scores.view(shape[0], shape[1], -1),
+                                                          idx.view(shape[0], shape[1], -1))
         counts = load.tolist()
         tok = order // k
         gw = g.flatten()[order]

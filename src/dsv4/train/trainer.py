@@ -38,6 +38,7 @@ class TrainConfig:
     mtp_weight: float = 0.3  # falls to mtp_weight_decay once the learning rate decays
     mtp_weight_decay: float = 0.1
     bias_update_speed: float = 0.001  # auxiliary-loss-free balancing
+    seq_balance_coef: float = 1e-4  # small sequence-wise balance loss on the top-k layers
     seed: int = 0
 
     def lr_factor(self, step: int) -> float:
@@ -83,6 +84,12 @@ class Trainer:
         main = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
         stats = {"loss": main.item()}
         total = main
+        if self.cfg.seq_balance_coef:
+            bal = [m.balance_loss for m in self.model.modules() if isinstance(m, MoE) and m.balance_loss is not None]
+            if bal:
+                balance = torch.stack(bal).mean()
+                total = total + self.cfg.seq_balance_coef * balance
+                stats["balance_loss"] = balance.item()
         if has_mtp:
             mtp_loss = F.cross_entropy(mtp.reshape(-1, V), tgt[:, 1:].reshape(-1))
             w = self.cfg.mtp_weight if self.cfg.lr_factor(self.step_count) >= 1.0 or self.step_count < self.cfg.warmup \
