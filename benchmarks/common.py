@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+
+import torch
 
 import dsv4
 from dsv4.config import CSA, HCA, SLIDING
@@ -46,3 +51,16 @@ class PeakRSS:
         self._t.join()
         self.max = max(self.max, _rss())
         self.peak = self.max - self.start
+
+
+def model_pair(cfg: dsv4.Config):
+    """The same random weights as a dsv4 model and as transformers' DeepseekV4ForCausalLM (fp32, eval)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from helpers import random_model
+    from transformers import DeepseekV4ForCausalLM
+
+    ours = random_model(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        dsv4.save_model(ours, d)
+        ref = DeepseekV4ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    return ours, ref

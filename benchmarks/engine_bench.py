@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,10 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import dsv4  # noqa: E402
-from common import PeakRSS, bench_config  # noqa: E402
+from common import PeakRSS, bench_config, model_pair  # noqa: E402
 from dsv4.engine.engine import LLMEngine  # noqa: E402
 from dsv4.footprint import param_counts, prefill_flops  # noqa: E402
-from helpers import random_model  # noqa: E402
 
 GREEDY = lambda n: dsv4.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
 
@@ -109,11 +107,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = bench_config()
-    model = random_model(cfg)
-    with tempfile.TemporaryDirectory() as d:
-        dsv4.save_model(model, d)
-        from transformers import DeepseekV4ForCausalLM
-        ref = DeepseekV4ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    model, ref = model_pair(cfg)
     L4, L16, L64 = (1024, 2048, 8192) if args.quick else (4096, 16384, 65536)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; config: hidden 256, 6 layers, "
           f"4x128 heads, 8 experts top-2, window 64, CSA m=4 top-64, HCA m'=32, vocab 4096\n")

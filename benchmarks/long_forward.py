@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,9 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-import dsv4  # noqa: E402
-from common import PeakRSS, bench_config  # noqa: E402
-from helpers import random_model  # noqa: E402
+from common import PeakRSS, bench_config, model_pair  # noqa: E402
 
 
 def timed(fn, ids):
@@ -38,11 +35,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = bench_config()
-    ours = random_model(cfg)
-    with tempfile.TemporaryDirectory() as d:
-        dsv4.save_model(ours, d)
-        from transformers import DeepseekV4ForCausalLM
-        ref = DeepseekV4ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ours, ref = model_pair(cfg)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1")
     print(f"{'S':>7} {'dsv4 s':>9} {'dsv4 MiB':>9} {'hf s':>9} {'hf MiB':>9} {'speedup':>8}")
     lengths, S = [], 1024
