@@ -17,8 +17,9 @@ def fim_transform(text: str, rng: random.Random) -> str:
 
 
 def build_corpus(files: list, tokenizer, eos: int, fim_rate: float = 0.0, seed: int = 0,
-                 max_chars: int = 20_000) -> np.ndarray:
-    """Tokenise each file (split into documents of at most max_chars at line breaks) into one int32 stream."""
+                 max_chars: int = 20_000, bos: int | None = None) -> np.ndarray:
+    """Tokenise each file (split into documents of at most max_chars at line breaks) into one int32 stream:
+    [BOS] document EOS per document (BOS when given, as V4's prompts start with it)."""
     rng = random.Random(seed)
     out: list = []
     for f in files:
@@ -36,6 +37,8 @@ def build_corpus(files: list, tokenizer, eos: int, fim_rate: float = 0.0, seed: 
         for doc in docs:
             if fim_rate and rng.random() < fim_rate:
                 doc = fim_transform(doc, rng)
+            if bos is not None:
+                out.append(bos)
             out.extend(tokenizer.encode(doc).ids)
             out.append(eos)
     return np.asarray(out, dtype=np.int32)

@@ -1,13 +1,15 @@
 """`dsv4 train CONFIG`: tokenizer, corpus, model, training loop, checkpoints, metrics and plots from one TOML.
 
 [model]  preset = "tiny" | "flash" | "pro", plus any Config field (vocab_size comes from the tokenizer)
-[data]   files = [globs] (default: the Python standard library), tokenizer = path or omitted to train one,
+[data]   files = [globs] ("stdlib:" = this interpreter's standard library; default "stdlib:*.py"),
+         exclude = [fnmatch patterns], tokenizer = path or omitted to train one,
          vocab_size, fim_rate, val_fraction
 [train]  any TrainConfig field, plus out (run directory), checkpoint_every
 Writes out/metrics.jsonl, out/loss.png, out/checkpoint/ (resumable) and out/model/ (HF format + tokenizer).
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import sys
@@ -19,21 +21,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import build_model, init_random, save_model
+from ..checkpoint import build_model, init_random, load_model, save_model
 from ..config import Config, ConfigError
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .data import build_corpus
+from .sft import BOS, EOS
 from .hashing import install_tid2eid
 from .trainer import TrainConfig, Trainer
 
 
-def _files(patterns) -> list:
-    if not patterns:
-        return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    files = sorted({f for p in patterns for f in glob.glob(p, recursive=True) if Path(f).is_file()})
-    if not files:
+def _files(patterns, exclude=()) -> list:
+    """Expand globs; a leading "stdlib:" means relative to this interpreter's standard library.
+    exclude: fnmatch patterns on the path relative to the glob's root."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    patterns = patterns or ["stdlib:*.py"]
+    found = set()
+    for p in patterns:
+        root = stdlib if p.startswith("stdlib:") else Path()
+        rel = p.removeprefix("stdlib:")
+        for f in glob.glob(str(root / rel), recursive=True):
+            name = str(Path(f).relative_to(root)) if root != Path() else f
+            if Path(f).is_file() and not any(fnmatch.fnmatch(name, x) for x in exclude):
+                found.add(f)
+    if not found:
         raise ConfigError(f"config [data] files: no file matches {patterns}")
-    return files
+    return sorted(found)
 
 
 def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=sys.stderr) -> int:
@@ -41,9 +53,12 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         spec = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    if "rl" in spec:
+        return run_rl(spec, out)
     data, mspec, tspec = spec.get("data", {}), dict(spec.get("model", {})), dict(spec.get("train", {}))
     run = Path(tspec.pop("out", "runs/dsv4"))
     every = int(tspec.pop("checkpoint_every", 50))
+    tensorboard = bool(tspec.pop("tensorboard", False))
     known = {f.name for f in fields(TrainConfig)}
     bad = set(tspec) - known
     if bad:
@@ -51,34 +66,49 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     tcfg = TrainConfig(**tspec)
     run.mkdir(parents=True, exist_ok=True)
 
-    files = _files(data.get("files"))
-    if data.get("tokenizer"):
-        tok = load_tokenizer(data["tokenizer"])
-    elif (run / "tokenizer.json").exists():
-        tok = load_tokenizer(run / "tokenizer.json")
+    init_from = mspec.pop("init", None)
+    if init_from:  # post-training: weights, config and tokenizer of an existing model
+        if set(mspec) - {"preset"}:
+            raise ConfigError(f"config [model]: with init, no other fields ({sorted(set(mspec) - {'preset'})})")
+        tok = load_tokenizer(data.get("tokenizer") or init_from)
     else:
-        tok = train_tokenizer(files[: data.get("tokenizer_files", 200)], data.get("vocab_size", 4096))
-        tok.save(str(run / "tokenizer.json"))
-    preset = mspec.pop("preset", "tiny")
-    cfg = {"tiny": Config.tiny, "flash": Config.flash, "pro": Config.pro}[preset](
-        **{**mspec, "vocab_size": tok.get_vocab_size()})
-    tokens = build_corpus(files, tok, cfg.eos_token_id, data.get("fim_rate", 0.0), tcfg.seed)
-    n_val = int(len(tokens) * data.get("val_fraction", 0.02))
+        tok = _tokenizer(data, run)
+    mask = None
+    if data.get("kind", "text") == "chat":
+        tokens, mask = _chat_data(data, tok, tcfg, out)
+    elif data.get("kind", "text") == "text":
+        tokens = build_corpus(_files(data.get("files"), data.get("exclude", ())), tok, tok.token_to_id(EOS),
+                              data.get("fim_rate", 0.0), tcfg.seed, bos=tok.token_to_id(BOS))
+    else:
+        raise ConfigError(f"config [data] kind: expected 'text' or 'chat' (got {data['kind']!r})")
+    width = tcfg.seq_len + 1
+    n_val = int(len(tokens) // width * data.get("val_fraction", 0.02)) * width  # whole rows
     train_tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    train_mask = None if mask is None else mask[: len(tokens) - n_val]
+    val_mask = None if mask is None else mask[len(tokens) - n_val:]
 
     from .distributed import DataParallel, init
 
     rank, world = init()  # under torchrun: data parallel over the launched processes
     lead = rank == 0
     torch.manual_seed(tcfg.seed)
-    model = init_random(build_model(cfg), seed=tcfg.seed)
-    install_tid2eid(model, np.bincount(train_tokens, minlength=cfg.vocab_size))  # balanced hash routing
-    trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None)
+    if init_from:
+        model = load_model(init_from, dtype=torch.float32)
+    else:
+        preset = mspec.pop("preset", "tiny")
+        cfg = {"tiny": Config.tiny, "flash": Config.flash, "pro": Config.pro}[preset](
+            **{**mspec, "vocab_size": tok.get_vocab_size()})
+        model = init_random(build_model(cfg), seed=tcfg.seed)
+        install_tid2eid(model, np.bincount(train_tokens, minlength=cfg.vocab_size))  # balanced hash routing
+    if model.config.vocab_size < tok.get_vocab_size():
+        raise ConfigError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab_size {model.config.vocab_size}")
+    trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None, train_mask)
     ckpt = run / "checkpoint"
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         trainer.resume(ckpt)
         out.write(f"dsv4 train: resumed at step {trainer.step_count}\n")
     metrics = run / "metrics.jsonl"
+    board = _board(run / "tensorboard") if tensorboard and lead else None
     if not lead:
         pass
     elif trainer.step_count == 0:
@@ -96,17 +126,23 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         stats = trainer.step()
         done_here += 1
         if trainer.step_count % every == 0 or trainer.step_count == tcfg.steps:
-            stats["val_loss"] = validate(model, val_tokens, tcfg)
+            stats["val_loss"] = validate(model, val_tokens, tcfg, val_mask)
             if lead:  # every rank holds the same weights
                 trainer.save(ckpt)
         if lead:
             with metrics.open("a") as f:
                 f.write(json.dumps(stats) + "\n")
+            if board is not None:
+                for k, v in stats.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        board.add_scalar(k, v, stats["step"])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
     if bar is not None:
         bar.close()
+    if board is not None:
+        board.close()
     if not lead:
         return 0
     plot(metrics, run / "loss.png")
@@ -116,20 +152,112 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     return 0
 
 
+def run_rl(spec: dict, out=sys.stderr) -> int:
+    """[rl] method = "grpo" | "distill" (teacher = model dir), eval_examples, eval_every;
+    [model] init = model dir; [train] out plus RLConfig fields. Held-out accuracy before, during, after."""
+    from .rl import GRPO, Distill, RLConfig, evaluate, heldout
+    from .sft import ChatRenderer
+
+    rl, tspec = dict(spec["rl"]), dict(spec.get("train", {}))
+    init_from = spec.get("model", {}).get("init")
+    if not init_from:
+        raise ConfigError("config [model] init: post-training needs a model directory to start from")
+    run = Path(tspec.pop("out", "runs/dsv4-rl"))
+    known = {f.name for f in fields(RLConfig)}
+    if set(tspec) - known:
+        raise ConfigError(f"config [train]: unknown fields {sorted(set(tspec) - known)}")
+    cfg = RLConfig(**tspec)
+    method = rl.get("method")
+    if method not in ("grpo", "distill"):
+        raise ConfigError(f"config [rl] method: expected 'grpo' or 'distill' (got {method!r})")
+    torch.manual_seed(cfg.seed)
+    renderer = ChatRenderer(init_from)
+    model = load_model(init_from, dtype=torch.float32)
+    if method == "grpo":
+        algo = GRPO(model, renderer, cfg)
+    else:
+        if not rl.get("teacher"):
+            raise ConfigError("config [rl] teacher: distillation needs a teacher model directory")
+        algo = Distill(model, load_model(rl["teacher"], dtype=torch.float32), renderer, cfg)
+    tests = heldout(int(rl.get("eval_examples", 100)), cfg.mix)
+    every = int(rl.get("eval_every", 0)) or cfg.steps
+    run.mkdir(parents=True, exist_ok=True)
+    metrics = run / "metrics.jsonl"
+    before = evaluate(model, renderer, tests, cfg.max_tokens)
+    rows = [{"step": 0, "heldout": before}]
+    out.write(f"dsv4 train ({method}): held-out accuracy before {before}\n")
+    from tqdm import tqdm
+    for _ in tqdm(range(cfg.steps), file=out, desc=method):
+        stats = algo.step()
+        if algo.step_count % every == 0 or algo.step_count == cfg.steps:
+            stats["heldout"] = evaluate(model, renderer, tests, cfg.max_tokens)
+            out.write(f"step {algo.step_count}: held-out {stats['heldout']}\n")
+        rows.append(stats)
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_model(model.eval(), run / "model")
+    renderer.tokenizer.save(str(run / "model" / "tokenizer.json"))
+    out.write(f"dsv4 train ({method}): held-out accuracy {before['all']:.3f} -> {rows[-1]['heldout']['all']:.3f}\n")
+    return 0
+
+
+def _tokenizer(data: dict, run: Path):
+    """The configured tokenizer, the run's own, or a new BPE trained on the [data] files."""
+    if data.get("tokenizer"):
+        return load_tokenizer(data["tokenizer"])
+    if (run / "tokenizer.json").exists():
+        return load_tokenizer(run / "tokenizer.json")
+    files = _files(data.get("files"), data.get("exclude", ()))
+    tok = train_tokenizer(files[: data.get("tokenizer_files", 200)], data.get("vocab_size", 4096))
+    tok.save(str(run / "tokenizer.json"))
+    return tok
+
+
+def _chat_data(data: dict, tok, tcfg: TrainConfig, out) -> tuple[np.ndarray, np.ndarray]:
+    """[data] kind = "chat": generated tasks (dsv4.train.tasks) rendered by deepseek-recipe,
+    loss on assistant turns. Fields: examples (task draws), mix (kind -> weight)."""
+    import tempfile
+
+    from .sft import ChatRenderer, build_sft_corpus
+    from .tasks import generate
+
+    with tempfile.TemporaryDirectory() as d:  # the renderer reads a tokenizer file
+        tok.save(str(Path(d) / "tokenizer.json"))
+        renderer = ChatRenderer(Path(d) / "tokenizer.json")
+    examples = generate(int(data.get("examples", 2000)), tcfg.seed, "train", data.get("mix"))
+    tokens, mask, dropped = build_sft_corpus(examples, renderer, tcfg.seq_len, tok.token_to_id(EOS), tcfg.seed)
+    out.write(f"dsv4 train: {len(examples)} chat examples, {int(mask.sum())} target tokens in "
+              f"{len(tokens) // (tcfg.seq_len + 1)} rows ({dropped} too long, dropped)\n")
+    return tokens, mask
+
+
+def _board(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("config [train] tensorboard = true needs the tensorboard package "
+                          "(pip install tensorboard)") from None
+    return SummaryWriter(str(path))
+
+
 @torch.no_grad()
-def validate(model, tokens: np.ndarray, cfg: TrainConfig, batches: int = 4) -> float:
-    if len(tokens) < cfg.seq_len + 2:
+def validate(model, tokens: np.ndarray, cfg: TrainConfig, mask: np.ndarray | None = None,
+             batches: int = 4) -> float:
+    """Mean next-token loss over the first `batches` rows of seq_len + 1 tokens (mask: targets counted)."""
+    width = cfg.seq_len + 1
+    n = len(tokens) // width
+    if n == 0:
         return float("nan")
     was = model.training
     model.eval()
-    losses = []
-    n = (len(tokens) - 1) // (cfg.seq_len + 1)
+    total, count = 0.0, 0.0
     for i in range(min(batches, n)):
-        ids = torch.from_numpy(tokens[i * (cfg.seq_len + 1):(i + 1) * (cfg.seq_len + 1)].astype(np.int64))[None]
-        logits = model(ids[:, :-1])
-        losses.append(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item())
+        ids = torch.from_numpy(tokens[i * width:(i + 1) * width].astype(np.int64))[None]
+        ce = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="none")
+        w = torch.ones_like(ce) if mask is None else torch.from_numpy(mask[i * width + 1:(i + 1) * width].astype(np.float32))
+        total += float((ce * w).sum())
+        count += float(w.sum())
     model.train(was)
-    return float(np.mean(losses))
+    return total / max(count, 1.0)
 
 
 def plot(metrics: Path, png: Path) -> None:

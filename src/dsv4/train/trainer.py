@@ -52,11 +52,15 @@ class TrainConfig:
 
 
 class Trainer:
-    def __init__(self, model: Transformer, tokens: np.ndarray, cfg: TrainConfig, parallel=None):
-        """parallel: a plan such as distributed.DataParallel (shard, sync_gradients, mean, sync_loads)."""
+    def __init__(self, model: Transformer, tokens: np.ndarray, cfg: TrainConfig, parallel=None,
+                 mask: np.ndarray | None = None):
+        """parallel: a plan such as distributed.DataParallel (shard, sync_gradients, mean, sync_loads).
+        mask: optional 0/1 array like tokens; only targets with mask 1 count (SFT: assistant turns)."""
         self.model, self.cfg = model.train(), cfg
         self.parallel = parallel
-        self.tokens = tokens
+        self.tokens, self.mask = tokens, mask
+        if mask is not None and len(mask) != len(tokens):
+            raise ValueError(f"mask has {len(mask)} entries for {len(tokens)} tokens")
         muon, adamw = param_groups(model)
         self.opts = [Muon(muon, lr=cfg.lr_muon, weight_decay=cfg.weight_decay),
                      torch.optim.AdamW(adamw, lr=cfg.lr_adamw, weight_decay=0.0, betas=(0.9, 0.95))]
@@ -66,22 +70,34 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-    def batch(self) -> torch.Tensor:
-        """The next [B, S+1] window of the token stream (wrapping around)."""
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next [B, S+1] window of the token stream (wrapping around), and its mask if any."""
         n = self.cfg.batch_size * (self.cfg.seq_len + 1)
         idx = (self.position + np.arange(n)) % len(self.tokens)
         self.position = int((self.position + n) % len(self.tokens))
-        return torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64)).view(self.cfg.batch_size, -1)
+        ids = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64)).view(self.cfg.batch_size, -1)
+        if self.mask is None:
+            return ids, None
+        return ids, torch.from_numpy(np.asarray(self.mask[idx], dtype=np.float32)).view(self.cfg.batch_size, -1)
 
-    def loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    @staticmethod
+    def _ce(logits: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """Mean cross-entropy over the targets with weight 1 (all targets when w is None)."""
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+        if w is None:
+            return ce.mean()
+        w = w.reshape(-1)
+        return (ce * w).sum() / w.sum().clamp(min=1.0)
+
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         inp, tgt = ids[:, :-1], ids[:, 1:]
+        w = None if mask is None else mask[:, 1:]
         has_mtp = bool(len(self.model.mtp))
         # one call of the model itself (so wrappers such as FSDP see a forward); MTP: stream t with token
         # t+1 predicts token t+2
         out = self.model(inp, tgt[:, :-1]) if has_mtp else self.model(inp)
         logits, mtp = out if has_mtp else (out, None)
-        V = logits.shape[-1]
-        main = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
+        main = self._ce(logits, tgt, w)
         stats = {"loss": main.item()}
         total = main
         if self.cfg.seq_balance_coef:
@@ -91,7 +107,7 @@ class Trainer:
                 total = total + self.cfg.seq_balance_coef * balance
                 stats["balance_loss"] = balance.item()
         if has_mtp:
-            mtp_loss = F.cross_entropy(mtp.reshape(-1, V), tgt[:, 1:].reshape(-1))
+            mtp_loss = self._ce(mtp, tgt[:, 1:], None if w is None else w[:, 1:])
             w = self.cfg.mtp_weight if self.cfg.lr_factor(self.step_count) >= 1.0 or self.step_count < self.cfg.warmup \
                 else self.cfg.mtp_weight_decay
             total = total + w * mtp_loss
@@ -99,14 +115,15 @@ class Trainer:
         return total, stats
 
     def step(self) -> dict:
-        ids = self.batch()
+        ids, mask = self.batch()
         if self.parallel is not None:
             ids = self.parallel.shard(ids)
+            mask = None if mask is None else self.parallel.shard(mask)
         factor = self.cfg.lr_factor(self.step_count)
         for opt, base in zip(self.opts, self.base_lrs):
             for g in opt.param_groups:
                 g["lr"] = base * factor
-        total, stats = self.loss(ids)
+        total, stats = self.loss(ids, mask)
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
         total.backward()

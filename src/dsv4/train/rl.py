@@ -1,0 +1,184 @@
+"""Post-training on generated tasks with verifiable answers (dsv4.train.tasks):
+
+- `evaluate`: greedy replies through the engine and the server's output parser, scored per task kind;
+- `GRPO`: group-relative policy optimisation. Per prompt, sample a group of replies, reward each 0/1 by
+  its verifier, advantage A_i = (r_i - mean) / (std + eps) within the group, and minimise
+  -mean_i A_i * mean_t log pi(y_it) (one on-policy update per batch, so the PPO ratio is 1);
+- `Distill`: on-policy distillation. The student samples replies; the loss is the per-token reverse KL
+  sum_v p_s(v) (log p_s(v) - log p_t(v)) to a teacher evaluated on the same tokens.
+
+Both use Muon + AdamW (`param_groups`) like pretraining and write the model atomically at the end.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.engine import LLMEngine, EngineConfig
+from ..engine.sampling import SamplingParams
+from .muon import Muon, param_groups
+from .sft import ChatRenderer
+from .tasks import Example, generate, score
+
+
+@dataclass
+class RLConfig:
+    steps: int = 60
+    prompts_per_step: int = 4
+    group_size: int = 8  # GRPO: replies per prompt (distillation: 1 per prompt, more prompts instead)
+    max_tokens: int = 96
+    temperature: float = 1.0
+    lr_muon: float = 0.002
+    lr_adamw: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    mix: dict = field(default_factory=lambda: {"add": 1})
+
+
+def rollout(model, renderer: ChatRenderer, examples: list, params: SamplingParams, n: int = 1,
+            constraint=None) -> list:
+    """Generate n replies per example. Returns [(example, prompt_ids, reply_ids, parsed message)].
+
+    reply_ids include the closing EOS when the model stopped."""
+    engine = LLMEngine(model, renderer.tokenizer, EngineConfig(prefix_block=0, max_num_seqs=64))
+    eos = model.config.eos_token_id
+    jobs = []
+    for ex in examples:
+        prompt = renderer.prompt_ids(ex.body)
+        for i in range(n):
+            p = params if params.seed is None else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+            jobs.append((ex, prompt, engine.add_request(prompt, p, constraint=constraint() if constraint else None)))
+    while engine.has_unfinished():
+        engine.step()
+    out = []
+    for ex, prompt, seq in jobs:
+        ids = list(seq.output_ids)
+        stopped = bool(ids) and ids[-1] == eos
+        msg = renderer.parse(renderer.conversation(ex.body), ids[:-1] if stopped else ids, stopped)
+        out.append((ex, prompt, ids, msg))
+    model.train()
+    return out
+
+
+def evaluate(model, renderer: ChatRenderer, examples: list, max_tokens: int = 96) -> dict:
+    """Greedy accuracy per task kind (and "all") on `examples`."""
+    results = rollout(model, renderer, examples, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    by = defaultdict(list)
+    for ex, _, _, msg in results:
+        s = score(ex, msg["content"], msg["tool_calls"])
+        by[ex.kind].append(s)
+        by["all"].append(s)
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
+
+
+def reply_logits(model, pairs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions predicting each reply token.
+
+    pairs: [(prompt_ids, reply_ids)]. Returns (logits [N, T, V], targets [N, T], mask [N, T]) with T the
+    longest reply; right padding never influences earlier positions (causal)."""
+    L = max(len(p) + len(r) for p, r in pairs)
+    T = max(len(r) for _, r in pairs)
+    ids = torch.full((len(pairs), L), model.config.eos_token_id, dtype=torch.long)
+    pos = torch.zeros(len(pairs), T, dtype=torch.long)
+    tgt = torch.zeros(len(pairs), T, dtype=torch.long)
+    mask = torch.zeros(len(pairs), T)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        pos[i, :len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+        tgt[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1.0
+    logits = model(ids)
+    logits = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    return logits, tgt, mask
+
+
+class _Optimised:
+    def __init__(self, model, cfg: RLConfig):
+        self.model, self.cfg = model.train(), cfg
+        muon, adamw = param_groups(model)
+        self.opts = [Muon(muon, lr=cfg.lr_muon, weight_decay=cfg.weight_decay),
+                     torch.optim.AdamW(adamw, lr=cfg.lr_adamw, weight_decay=0.0, betas=(0.9, 0.95))]
+        self.rng = random.Random(cfg.seed)
+        self.step_count = 0
+
+    def prompts(self, n: int) -> list:
+        draws = generate(n, self.rng.randrange(1 << 30), "train", self.cfg.mix)
+        return [ex for ex in draws if ex.kind in self.cfg.mix
+                or (ex.kind == "tool_result" and "tool" in self.cfg.mix)][:n]
+
+    def update(self, loss: torch.Tensor) -> float:
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        for opt in self.opts:
+            opt.step()
+        self.step_count += 1
+        return float(norm)
+
+
+class GRPO(_Optimised):
+    def __init__(self, model, renderer: ChatRenderer, cfg: RLConfig):
+        super().__init__(model, cfg)
+        self.renderer = renderer
+
+    def step(self) -> dict:
+        cfg = self.cfg
+        examples = self.prompts(cfg.prompts_per_step)
+        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                seed=self.rng.randrange(1 << 30))
+        results = rollout(self.model, self.renderer, examples, params, cfg.group_size)
+        rewards = torch.tensor([score(ex, m["content"], m["tool_calls"]) for ex, _, _, m in results])
+        groups = rewards.view(len(examples), cfg.group_size)
+        adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).reshape(-1)
+        stats = {"step": self.step_count + 1, "reward": rewards.mean().item(),
+                 "reply_tokens": sum(len(r) for _, _, r, _ in results) / len(results)}
+        keep = [i for i in range(len(results)) if adv[i] != 0 and results[i][2]]
+        if not keep:  # every group unanimous: nothing to learn from this batch
+            self.step_count += 1
+            return {**stats, "loss": 0.0, "grad_norm": 0.0}
+        logits, tgt, mask = reply_logits(self.model, [(results[i][1], results[i][2]) for i in keep])
+        logp = -F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")  # [N, T]
+        per_seq = (logp * mask).sum(1) / mask.sum(1)
+        loss = -(adv[keep] * per_seq).sum() / len(results)
+        stats["grad_norm"] = self.update(loss)
+        stats["loss"] = loss.item()
+        return stats
+
+
+class Distill(_Optimised):
+    def __init__(self, student, teacher, renderer: ChatRenderer, cfg: RLConfig):
+        super().__init__(student, cfg)
+        self.teacher, self.renderer = teacher.eval(), renderer
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def step(self) -> dict:
+        cfg = self.cfg
+        examples = self.prompts(cfg.prompts_per_step)
+        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                seed=self.rng.randrange(1 << 30))
+        results = [r for r in rollout(self.model, self.renderer, examples, params) if r[2]]
+        pairs = [(p, r) for _, p, r, _ in results]
+        with torch.no_grad():
+            t_logits, _, _ = reply_logits(self.teacher, pairs)
+        s_logits, _, mask = reply_logits(self.model, pairs)
+        s_logp, t_logp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+        kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # [N, T] reverse KL per reply token
+        loss = (kl * mask).sum() / mask.sum()
+        rewards = [score(ex, m["content"], m["tool_calls"]) for ex, _, _, m in results]
+        return {"step": self.step_count + 1, "loss": loss.item(), "grad_norm": self.update(loss),
+                "reward": sum(rewards) / max(1, len(rewards))}
+
+
+def heldout(n: int, mix: dict, seed: int = 1234) -> list:
+    """n held-out examples of the kinds in mix (disjoint entities and number pairs from training)."""
+    return [ex for ex in generate(n, seed, "heldout", mix) if ex.kind in mix][:n]
+
+
+__all__ = ["RLConfig", "GRPO", "Distill", "evaluate", "rollout", "reply_logits", "heldout", "Example"]

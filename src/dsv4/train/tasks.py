@@ -1,0 +1,227 @@
+"""Generated chat tasks with verifiable answers: the SFT data, the RL rewards and the held-out evaluation
+of dsv4-tiny. Each example is an OpenAI-style request body plus the assistant turn it should produce.
+
+Kinds: `add` (arithmetic; thinking shows the sum), `tool` (call one of several tools with the right
+arguments; a second example answers from the tool's result), `json` (extract fields into a JSON object,
+response_format json_object), `chat` (greetings and identity), `code` (a small Python function).
+`split="train"` and `split="heldout"` draw from disjoint cities, names and number pairs.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Delhi",
+          "Dublin", "Lisbon", "Vienna", "Prague", "Warsaw", "Athens", "Bangkok", "Nairobi", "Toronto", "Sydney",
+          "Boston", "Denver", "Chicago", "Austin", "Munich", "Milan", "Zurich", "Geneva", "Quito", "Bogota",
+          "Hanoi", "Manila", "Jakarta", "Dakar", "Accra", "Tunis", "Riga", "Tallinn", "Helsinki"]
+NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Liam",
+         "Maria", "Noah", "Olivia", "Peter", "Quinn", "Rosa", "Sam", "Tina", "Uma", "Victor", "Wendy", "Xavier",
+         "Yara", "Zoe", "Omar", "Lena", "Hugo", "Nina"]
+CURRENCIES = ["USD", "EUR", "GBP", "JPY", "CNY", "CHF"]
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
+JOBS = ["teacher", "engineer", "doctor", "pilot", "chef", "writer", "farmer", "nurse"]
+
+
+def _fn(name, description, props, types):
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": {p: {"type": t, "description": d}
+                                                        for p, (t, d) in zip(props, types)},
+                       "required": list(props)}}}
+
+
+TOOLS = {
+    "get_weather": _fn("get_weather", "Get the current weather in a city", ["city"], [("string", "City name")]),
+    "get_time": _fn("get_time", "Get the local time in a city", ["city"], [("string", "City name")]),
+    "convert_currency": _fn("convert_currency", "Convert an amount of money between currencies",
+                            ["amount", "source", "target"],
+                            [("number", "Amount to convert"), ("string", "Currency code to convert from"),
+                             ("string", "Currency code to convert to")]),
+}
+
+
+@dataclass
+class Example:
+    """A request body (without `model`) and the assistant turn that answers it."""
+    kind: str
+    body: dict
+    reasoning: str | None = None  # thinking text when body enables thinking
+    content: str = ""
+    tool_call: dict | None = None  # {"name": ..., "arguments": {...}}
+    answer: object = None  # what a verifier compares against
+    meta: dict = field(default_factory=dict)
+
+
+def _held(key: str) -> bool:
+    """Deterministic 1-in-5 held-out membership of an entity or pair."""
+    return sum(map(ord, key)) * 2654435761 % 5 == 0
+
+
+def _pick(rng: random.Random, items: list, split: str) -> str:
+    pool = [x for x in items if _held(x) == (split == "heldout")]
+    return rng.choice(pool)
+
+
+def _thinking(rng: random.Random, body: dict, force: bool | None = None) -> bool:
+    on = rng.random() < 0.5 if force is None else force
+    body["thinking"] = {"type": "enabled" if on else "disabled"}
+    if on and rng.random() < 0.5:
+        body["reasoning_effort"] = rng.choice(["high", "max"])
+    return on
+
+
+def make_add(rng: random.Random, split: str) -> Example:
+    while True:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if _held(f"{a}+{b}") == (split == "heldout"):
+            break
+    q = rng.choice(["What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "Add {a} and {b}.",
+                    "What do you get when you add {a} and {b}?"]).format(a=a, b=b)
+    body = {"messages": [{"role": "user", "content": q}]}
+    think = _thinking(rng, body)
+    s = a + b
+    ones = (a % 10) + (b % 10)
+    reasoning = (f"I need to add {a} and {b}. Ones: {a % 10} + {b % 10} = {ones}. "
+                 f"Tens: {a // 10} + {b // 10} + {ones // 10} = {a // 10 + b // 10 + ones // 10}. So {a} + {b} = {s}.")
+    return Example("add", body, reasoning if think else None, f"{a} + {b} = {s}.", answer=s)
+
+
+def make_tool(rng: random.Random, split: str) -> list:
+    """Two examples: the call, and the answer after the tool's result."""
+    name = rng.choice(list(TOOLS))
+    others = [t for t in TOOLS if t != name]
+    offered = [name] + rng.sample(others, rng.randint(0, len(others)))
+    rng.shuffle(offered)
+    city = _pick(rng, CITIES, split)
+    if name == "get_weather":
+        q = rng.choice(["What's the weather in {c}?", "How is the weather in {c} today?", "Is it raining in {c}?",
+                        "Weather for {c}, please."]).format(c=city)
+        args = {"city": city}
+        temp, cond = rng.randint(-5, 35), rng.choice(CONDITIONS)
+        result = json.dumps({"city": city, "temperature_c": temp, "condition": cond})
+        final = f"It is {temp}°C and {cond} in {city}."
+        why = f"The user wants the weather in {city}. I will call get_weather with city {city}."
+    elif name == "get_time":
+        q = rng.choice(["What time is it in {c}?", "Tell me the local time in {c}.", "Current time in {c}?"]
+                       ).format(c=city)
+        args = {"city": city}
+        hh, mm = rng.randint(0, 23), rng.randint(0, 59)
+        result = json.dumps({"city": city, "time": f"{hh:02d}:{mm:02d}"})
+        final = f"The local time in {city} is {hh:02d}:{mm:02d}."
+        why = f"The user wants the time in {city}. I will call get_time with city {city}."
+    else:
+        amount = rng.choice([rng.randint(1, 999), rng.randint(1, 99) * 10])
+        src, dst = rng.sample(CURRENCIES, 2)
+        if _held(f"{src}{dst}{amount % 7}") != (split == "heldout"):
+            src, dst = dst, src
+        q = rng.choice(["Convert {a} {s} to {d}.", "How much is {a} {s} in {d}?", "Change {a} {s} into {d}, please."]
+                       ).format(a=amount, s=src, d=dst)
+        args = {"amount": amount, "source": src, "target": dst}
+        rate = round(rng.uniform(0.5, 2.0), 2)
+        result = json.dumps({"amount": round(amount * rate, 2), "currency": dst})
+        final = f"{amount} {src} is {round(amount * rate, 2)} {dst}."
+        why = f"The user wants to convert {amount} {src} to {dst}. I will call convert_currency."
+    tools = [TOOLS[t] for t in offered]
+    body = {"messages": [{"role": "user", "content": q}], "tools": tools}
+    think = _thinking(rng, body)
+    call = Example("tool", body, why if think else None, "", {"name": name, "arguments": args},
+                   answer={"name": name, "arguments": args})
+    history = [{"role": "user", "content": q},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"id": "call_0", "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(args)}}]},
+               {"role": "tool", "tool_call_id": "call_0", "content": result}]
+    body2 = {"messages": history, "tools": tools, "thinking": body["thinking"]}
+    if "reasoning_effort" in body:
+        body2["reasoning_effort"] = body["reasoning_effort"]
+    reply = Example("tool_result", body2, "The tool returned the result. I will report it." if think else None,
+                    final, answer=final)
+    return [call, reply]
+
+
+def make_json(rng: random.Random, split: str) -> Example:
+    name, job = _pick(rng, NAMES, split), rng.choice(JOBS)
+    age = rng.randint(18, 90)
+    city = _pick(rng, CITIES, split)
+    fields_ = rng.choice([["name", "age"], ["name", "city"], ["name", "age", "city"], ["name", "job"],
+                          ["name", "age", "job"]])
+    facts = {"name": name, "age": age, "city": city, "job": job}
+    text = rng.choice([f"{name} is a {age}-year-old {job} who lives in {city}.",
+                       f"{name} lives in {city}, works as a {job} and is {age} years old."])
+    q = f"Return a JSON object with the fields {', '.join(fields_)} for this person: {text}"
+    body = {"messages": [{"role": "user", "content": q}], "response_format": {"type": "json_object"},
+            "thinking": {"type": "disabled"}}
+    obj = {f: facts[f] for f in fields_}
+    return Example("json", body, None, json.dumps(obj), answer=obj)
+
+
+CHAT = [
+    (["Hello", "Hi", "Hi there!", "Hey", "Good morning"], "Hello! How can I help you today?"),
+    (["Who are you?", "What are you?", "Introduce yourself."],
+     "I am dsv4-tiny, a very small DeepSeek-V4 model trained by dsv4 on a laptop CPU."),
+    (["Thank you", "Thanks!", "Thanks a lot"], "You're welcome!"),
+    (["What can you do?", "How can you help me?"],
+     "I can add numbers, call tools such as weather, time and currency conversion, return JSON and write small "
+     "Python functions."),
+]
+OPS = {"sum": ("add", "a + b"), "difference": ("subtract", "a - b"), "product": ("multiply", "a * b"),
+       "maximum": ("maximum", "max(a, b)"), "minimum": ("minimum", "min(a, b)")}
+
+
+def make_chat(rng: random.Random, split: str) -> Example:
+    qs, a = rng.choice(CHAT)
+    body = {"messages": [{"role": "user", "content": rng.choice(qs)}]}
+    think = _thinking(rng, body)
+    return Example("chat", body, "The user is chatting with me. I will reply briefly." if think else None, a,
+                   answer=a)
+
+
+def make_code(rng: random.Random, split: str) -> Example:
+    what, (fname, expr) = rng.choice(list(OPS.items()))
+    q = rng.choice(["Write a Python function that returns the {w} of two numbers.",
+                    "Python: a function computing the {w} of a and b."]).format(w=what)
+    body = {"messages": [{"role": "user", "content": q}]}
+    think = _thinking(rng, body)
+    code = f"```python\ndef {fname}(a, b):\n    return {expr}\n```"
+    return Example("code", body, f"The function takes a and b and returns {expr}." if think else None, code,
+                   answer=expr)
+
+
+MAKERS = {"add": make_add, "tool": make_tool, "json": make_json, "chat": make_chat, "code": make_code}
+
+
+def generate(n: int, seed: int = 0, split: str = "train", mix: dict | None = None) -> list:
+    """n task draws (a tool draw gives two examples) from the kinds in `mix` (kind -> weight)."""
+    mix = mix or {"add": 3, "tool": 4, "json": 2, "chat": 1, "code": 1}
+    rng = random.Random(f"{seed}-{split}")
+    kinds, weights = zip(*mix.items())
+    out = []
+    for _ in range(n):
+        ex = MAKERS[rng.choices(kinds, weights)[0]](rng, split)
+        out.extend(ex if isinstance(ex, list) else [ex])
+    return out
+
+
+# ---- verification of a parsed reply ----
+def score(ex: Example, content: str, tool_calls: list) -> float:
+    """1.0 if the reply (content and parsed tool calls [{"name", "arguments": dict}]) solves ex, else 0.0."""
+    if ex.kind == "add":
+        nums = re.findall(r"-?\d+", content or "")
+        return float(bool(nums) and int(nums[-1]) == ex.answer and not tool_calls)
+    if ex.kind == "tool":
+        return float(len(tool_calls) == 1 and tool_calls[0]["name"] == ex.answer["name"]
+                     and tool_calls[0]["arguments"] == ex.answer["arguments"])
+    if ex.kind == "json":
+        try:
+            return float(json.loads(content) == ex.answer)
+        except (TypeError, ValueError):
+            return 0.0
+    if ex.kind == "tool_result":
+        # the numbers and place of the tool's result are restated
+        want = set(re.findall(r"[\w.:-]+", ex.answer)) - {"is", "in", "and", "The", "local", "time", "It"}
+        got = set(re.findall(r"[\w.:-]+", content or ""))
+        return float(want <= got)
+    return float((content or "").strip() == str(ex.content).strip())
