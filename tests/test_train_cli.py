@@ -52,3 +52,39 @@ def test_train_run_writes_everything_and_resumes_exactly(tmp_path):
     import dsv4
     model = dsv4.load_model(straight / "model")
     assert model.config.vocab_size == 400
+
+
+def test_tensorboard_option_logs_or_names_the_missing_package(tmp_path, capsys):
+    import importlib.util
+
+    cfg = write_config(tmp_path, "tb")
+    cfg.write_text(cfg.read_text().replace("[train]", "[train]\ntensorboard = true"))
+    rc = main(["train", str(cfg)])
+    if importlib.util.find_spec("tensorboard") is None:
+        assert rc == 2 and "pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert rc == 0 and any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_sft_config_trains_on_assistant_turns_from_an_existing_model(tmp_path, capsys):
+    assert main(["train", str(write_config(tmp_path, "base"))]) == 0
+    cfg = tmp_path / "sft.toml"
+    cfg.write_text(f"""
+[model]
+init = "{tmp_path / 'base' / 'model'}"
+[data]
+kind = "chat"
+examples = 30
+mix = {{add = 1, json = 1}}
+val_fraction = 0.2
+[train]
+steps = 2
+batch_size = 2
+seq_len = 256
+out = "{tmp_path / 'sft'}"
+""")
+    assert main(["train", str(cfg)]) == 0
+    assert "chat examples" in capsys.readouterr().err
+    rows = [json.loads(ln) for ln in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["val_loss"] > 0
+    assert (tmp_path / "sft" / "model" / "tokenizer.json").exists()

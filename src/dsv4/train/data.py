@@ -17,12 +17,15 @@ def fim_transform(text: str, rng: random.Random) -> str:
 
 
 def build_corpus(files: list, tokenizer, eos: int, fim_rate: float = 0.0, seed: int = 0,
-                 max_chars: int = 20_000, bos: int | None = None) -> np.ndarray:
+                 max_chars: int = 20_000, bos: int | None = None, starts: list | None = None) -> np.ndarray:
     """Tokenise each file (split into documents of at most max_chars at line breaks) into one int32 stream:
-    [BOS] document EOS per document (BOS when given, as V4's prompts start with it)."""
+    [BOS] document EOS per document (BOS when given, as V4's prompts start with it).
+    starts: if a list, receives (file index, token offset) of each file's first token."""
     rng = random.Random(seed)
     out: list = []
-    for f in files:
+    for i, f in enumerate(files):
+        if starts is not None:
+            starts.append((i, len(out)))
         text = Path(f).read_text(errors="replace")
         docs, cur = [], []
         size = 0

@@ -22,7 +22,7 @@ from ..engine.engine import LLMEngine, EngineConfig
 from ..engine.sampling import SamplingParams
 from .muon import Muon, param_groups
 from .sft import ChatRenderer
-from .tasks import Example, generate, score
+from .tasks import generate, score
 
 
 @dataclass
@@ -97,6 +97,18 @@ def reply_logits(model, pairs: list) -> tuple[torch.Tensor, torch.Tensor, torch.
     return logits, tgt, mask
 
 
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages: rewards [P, G] (G replies per prompt) -> (r - mean) / (std + eps) per group, [P*G]."""
+    return ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over mask of KL(p_s || p_t) = sum_v p_s (log p_s - log p_t); logits [N, T, V], mask [N, T]."""
+    s, t = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+    kl = (s.exp() * (s - t)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 class _Optimised:
     def __init__(self, model, cfg: RLConfig):
         self.model, self.cfg = model.train(), cfg
@@ -134,8 +146,7 @@ class GRPO(_Optimised):
                                 seed=self.rng.randrange(1 << 30))
         results = rollout(self.model, self.renderer, examples, params, cfg.group_size)
         rewards = torch.tensor([score(ex, m["content"], m["tool_calls"]) for ex, _, _, m in results])
-        groups = rewards.view(len(examples), cfg.group_size)
-        adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).reshape(-1)
+        adv = group_advantages(rewards.view(len(examples), cfg.group_size))
         stats = {"step": self.step_count + 1, "reward": rewards.mean().item(),
                  "reply_tokens": sum(len(r) for _, _, r, _ in results) / len(results)}
         keep = [i for i in range(len(results)) if adv[i] != 0 and results[i][2]]
@@ -168,9 +179,7 @@ class Distill(_Optimised):
         with torch.no_grad():
             t_logits, _, _ = reply_logits(self.teacher, pairs)
         s_logits, _, mask = reply_logits(self.model, pairs)
-        s_logp, t_logp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
-        kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)  # [N, T] reverse KL per reply token
-        loss = (kl * mask).sum() / mask.sum()
+        loss = reverse_kl(s_logits, t_logits, mask)
         rewards = [score(ex, m["content"], m["tool_calls"]) for ex, _, _, m in results]
         return {"step": self.step_count + 1, "loss": loss.item(), "grad_norm": self.update(loss),
                 "reward": sum(rewards) / max(1, len(rewards))}
@@ -178,7 +187,7 @@ class Distill(_Optimised):
 
 def heldout(n: int, mix: dict, seed: int = 1234) -> list:
     """n held-out examples of the kinds in mix (disjoint entities and number pairs from training)."""
-    return [ex for ex in generate(n, seed, "heldout", mix) if ex.kind in mix][:n]
+    return [ex for ex in generate(n, seed, "heldout", mix)
+            if ex.kind in mix or (ex.kind == "tool_result" and "tool" in mix)][:n]
 
 
-__all__ = ["RLConfig", "GRPO", "Distill", "evaluate", "rollout", "reply_logits", "heldout", "Example"]

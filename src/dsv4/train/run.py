@@ -4,7 +4,8 @@
 [data]   files = [globs] ("stdlib:" = this interpreter's standard library; default "stdlib:*.py"),
          exclude = [fnmatch patterns], tokenizer = path or omitted to train one,
          vocab_size, fim_rate, val_fraction
-[train]  any TrainConfig field, plus out (run directory), checkpoint_every
+[train]  any TrainConfig field, plus out (run directory), checkpoint_every, tensorboard (true: out/tensorboard),
+         qat ("fp4" | "fp4+fp8": fake-quantised training, exported also to out/official)
 Writes out/metrics.jsonl, out/loss.png, out/checkpoint/ (resumable) and out/model/ (HF format + tokenizer).
 """
 from __future__ import annotations
@@ -21,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import build_model, init_random, load_model, save_model
+from ..checkpoint import build_model, init_random, load_model, save_model, save_official
 from ..config import Config, ConfigError
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .data import build_corpus
 from .sft import BOS, EOS
 from .hashing import install_tid2eid
+from .qat import enable_fp4_qat
 from .trainer import TrainConfig, Trainer
 
 
@@ -48,7 +50,8 @@ def _files(patterns, exclude=()) -> list:
     return sorted(found)
 
 
-def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=sys.stderr) -> int:
+def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=None) -> int:
+    out = out or sys.stderr
     try:
         spec = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -59,6 +62,9 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     run = Path(tspec.pop("out", "runs/dsv4"))
     every = int(tspec.pop("checkpoint_every", 50))
     tensorboard = bool(tspec.pop("tensorboard", False))
+    qat = tspec.pop("qat", None)  # "fp4" (routed experts) or "fp4+fp8" (and the official FP8 linears)
+    if qat not in (None, "fp4", "fp4+fp8"):
+        raise ConfigError(f"config [train] qat: expected 'fp4' or 'fp4+fp8' (got {qat!r})")
     known = {f.name for f in fields(TrainConfig)}
     bad = set(tspec) - known
     if bad:
@@ -102,6 +108,8 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         install_tid2eid(model, np.bincount(train_tokens, minlength=cfg.vocab_size))  # balanced hash routing
     if model.config.vocab_size < tok.get_vocab_size():
         raise ConfigError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab_size {model.config.vocab_size}")
+    if qat:
+        enable_fp4_qat(model, fp8=qat == "fp4+fp8")
     trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None, train_mask)
     ckpt = run / "checkpoint"
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
@@ -149,10 +157,13 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     if trainer.step_count >= tcfg.steps:
         save_model(model.eval(), run / "model")
         tok.save(str(run / "model" / "tokenizer.json"))
+        if qat:  # the weights exactly as trained, in DeepSeek's packed FP4 / FP8 layout
+            save_official(model, run / "official", fp8=qat == "fp4+fp8")
+            tok.save(str(run / "official" / "tokenizer.json"))
     return 0
 
 
-def run_rl(spec: dict, out=sys.stderr) -> int:
+def run_rl(spec: dict, out) -> int:
     """[rl] method = "grpo" | "distill" (teacher = model dir), eval_examples, eval_every;
     [model] init = model dir; [train] out plus RLConfig fields. Held-out accuracy before, during, after."""
     from .rl import GRPO, Distill, RLConfig, evaluate, heldout

@@ -34,7 +34,8 @@ class ChatRenderer:
         self.encoding_tokenizer = dr.Tokenizer.from_file(str(tokenizer_file))
         self.encoding = dr.DeepseekV4Encoding().with_tokenizer(self.encoding_tokenizer)
         self.plain = dr.DeepseekV4Encoding()
-        self.options = dr.ConversionOptions().with_model_alias(MODEL_ALIAS, dr.ModelVersion.DeepseekV4Pro)
+        self.options = dr.ConversionOptions(reasoning_content_behavior=dr.ReasoningContentBehavior.Reject
+                                            ).with_model_alias(MODEL_ALIAS, dr.ModelVersion.DeepseekV4Pro)
 
     def conversation(self, body: dict):
         return self.dr.ChatCompletionRequest(json.dumps({"model": MODEL_ALIAS, **body})).convert(self.options)

@@ -129,11 +129,11 @@ def make_tool(rng: random.Random, split: str) -> list:
     think = _thinking(rng, body)
     call = Example("tool", body, why if think else None, "", {"name": name, "arguments": args},
                    answer={"name": name, "arguments": args})
-    history = [{"role": "user", "content": q},
-               {"role": "assistant", "content": "", "tool_calls": [
-                   {"id": "call_0", "type": "function",
-                    "function": {"name": name, "arguments": json.dumps(args)}}]},
-               {"role": "tool", "tool_call_id": "call_0", "content": result}]
+    turn = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]}
+    if think:  # thinking mode: the reasoning of a tool-calling turn is passed back
+        turn["reasoning_content"] = why
+    history = [{"role": "user", "content": q}, turn, {"role": "tool", "tool_call_id": "call_0", "content": result}]
     body2 = {"messages": history, "tools": tools, "thinking": body["thinking"]}
     if "reasoning_effort" in body:
         body2["reasoning_effort"] = body["reasoning_effort"]

@@ -1,0 +1,200 @@
+"""Post-training: SFT data rendered like the server's prompts with the loss on assistant turns only,
+GRPO advantages, the distillation loss, and `dsv4 train` for [rl] configs."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsv4
+from dsv4.server.devmodel import build_dev_model
+from dsv4.train.rl import GRPO, RLConfig, group_advantages, reply_logits, reverse_kl
+from dsv4.train.sft import ChatRenderer, build_sft_corpus
+from dsv4.train.tasks import MAKERS, generate, score
+from dsv4.train.trainer import TrainConfig, Trainer
+
+from helpers import random_model
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    path = build_dev_model(tmp_path_factory.mktemp("dev-model"))
+    return path, ChatRenderer(path)
+
+
+def test_prompt_ids_equal_what_the_server_feeds_the_model(dev):
+    from fastapi.testclient import TestClient
+
+    from dsv4.engine import AsyncLLM, EngineConfig, LLMEngine
+    from dsv4.server import ServerConfig, create_app
+
+    path, renderer = dev
+    model = dsv4.load_model(path, dtype=torch.float32)
+    llm = AsyncLLM(LLMEngine(model, renderer.tokenizer, EngineConfig()))
+    app = create_app(llm, str(path / "tokenizer.json"), ServerConfig())
+    try:
+        with TestClient(app) as client:
+            for ex in generate(12, seed=5):
+                body = {"model": "deepseek-v4-flash", "max_tokens": 1, **ex.body}
+                r = client.post("/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                assert list(app.state.last_prompt_ids) == renderer.prompt_ids(ex.body), ex.kind
+    finally:
+        llm.close()
+
+
+def test_mask_covers_exactly_the_assistant_turn(dev):
+    _, renderer = dev
+    for ex in generate(20, seed=7):
+        ids, mask = renderer.example_ids(ex)
+        prompt = [i for i, m in zip(ids, mask) if not m]
+        target = [i for i, m in zip(ids, mask) if m]
+        assert prompt == renderer.prompt_ids(ex.body)
+        assert mask == [0] * len(prompt) + [1] * len(target)
+        text = renderer.tokenizer.decode(target, skip_special_tokens=False)
+        assert text == renderer.target_text(ex)
+        assert text.endswith("<｜end▁of▁sentence｜>")
+        thinking = ex.body["thinking"]["type"] == "enabled"
+        assert ("</think>" in text) == thinking
+
+
+def test_gold_replies_parse_and_score_one_and_wrong_ones_zero(dev):
+    _, renderer = dev
+    exs = generate(40, seed=11)
+    assert {ex.kind for ex in exs} == set(MAKERS) | {"tool_result"}
+    for ex in exs:
+        conv = renderer.conversation(ex.body)
+        ids = renderer.tokenizer.encode(renderer.target_text(ex), add_special_tokens=False).ids
+        msg = renderer.parse(conv, ids[:-1], True)
+        assert score(ex, msg["content"], msg["tool_calls"]) == 1.0, (ex.kind, msg)
+        if ex.tool_call:
+            assert msg["tool_calls"] == [ex.tool_call]
+        if ex.reasoning:
+            assert msg["reasoning_content"] == ex.reasoning
+    add = next(ex for ex in exs if ex.kind == "add")
+    assert score(add, f"It is {add.answer + 1}.", []) == 0.0
+    tool = next(ex for ex in exs if ex.kind == "tool")
+    wrong = dict(tool.tool_call, arguments={**tool.tool_call["arguments"], "city": "Atlantis"})
+    assert score(tool, "", [wrong]) == (0.0 if "city" in tool.tool_call["arguments"] else 1.0)
+    js = next(ex for ex in exs if ex.kind == "json")
+    assert score(js, "{not json", []) == 0.0
+
+
+def test_heldout_split_is_disjoint_from_training():
+    train = generate(400, seed=0)
+    held = generate(400, seed=0, split="heldout")
+    cities = lambda exs: {ex.tool_call["arguments"]["city"] for ex in exs  # noqa: E731
+                          if ex.tool_call and "city" in ex.tool_call["arguments"]}
+    assert cities(train) and cities(held) and not cities(train) & cities(held)
+    pairs = lambda exs: {ex.body["messages"][0]["content"] for ex in exs if ex.kind == "add"}  # noqa: E731
+    sums = lambda exs: {tuple(map(int, __import__("re").findall(r"\d+", q)[:2])) for q in pairs(exs)}  # noqa: E731
+    assert not sums(train) & sums(held)
+
+
+def test_packing_keeps_every_example_whole(dev):
+    _, renderer = dev
+    exs = generate(30, seed=3)
+    tokens, mask, dropped = build_sft_corpus(exs, renderer, seq_len=1023, pad=1)
+    assert dropped == 0 and len(tokens) % 1024 == 0 and len(mask) == len(tokens)
+    rows = tokens.reshape(-1, 1024)
+    assert len(rows) < len(exs)  # several examples share a row
+    stream = " ".join(map(str, tokens.tolist()))
+    for ex in exs:
+        ids, m = renderer.example_ids(ex)
+        assert " ".join(map(str, ids)) in stream
+    assert int(mask.sum()) == sum(sum(renderer.example_ids(ex)[1]) for ex in exs)
+
+
+def test_masked_loss_is_the_mean_over_assistant_targets():
+    model = random_model(dsv4.Config.tiny(num_nextn_predict_layers=0)).train()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(2, 512, (2 * 17,), generator=g).numpy().astype(np.int32)
+    mask = (torch.rand(2 * 17, generator=g) < 0.4).numpy().astype(np.uint8)
+    tr = Trainer(model, tokens, TrainConfig(batch_size=2, seq_len=16, seq_balance_coef=0.0), mask=mask)
+    ids, w = tr.batch()
+    total, stats = tr.loss(ids, w)
+    logits = model(ids[:, :-1])
+    ce = F.cross_entropy(logits.reshape(-1, 512), ids[:, 1:].reshape(-1), reduction="none").view(2, 16)
+    sel = torch.from_numpy(mask.reshape(2, 17)[:, 1:].astype(bool))
+    assert torch.isclose(total, ce[sel].mean(), atol=1e-6)
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    std = math.sqrt(((0.5 ** 2) * 4) / 3)  # unbiased
+    want = torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4)
+    adv = group_advantages(r)
+    assert torch.allclose(adv[:4], want) and torch.equal(adv[4:], torch.zeros(4))
+
+
+def test_reverse_kl_matches_the_definition():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    ps, pt = s.softmax(-1), t.softmax(-1)
+    kl = [float((ps[i, j] * (ps[i, j] / pt[i, j]).log()).sum()) for i, j in [(0, 0), (0, 1), (1, 0)]]
+    assert math.isclose(float(reverse_kl(s, t, mask)), sum(kl) / 3, rel_tol=1e-5)
+    assert float(reverse_kl(s, s, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reply_logits_are_the_full_forward_at_reply_positions():
+    model = random_model(dsv4.Config.tiny(num_nextn_predict_layers=0))
+    pairs = [([0, 5, 9, 7], [3, 4]), ([0, 8], [6, 2, 1])]
+    with torch.no_grad():
+        logits, tgt, mask = reply_logits(model, pairs)
+        for i, (p, r) in enumerate(pairs):
+            full = model(torch.tensor([p + r]))[0]
+            for k in range(len(r)):
+                assert torch.allclose(logits[i, k], full[len(p) - 1 + k], atol=1e-5)
+                assert tgt[i, k] == r[k]
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_grpo_update_raises_rewarded_replies_and_lowers_the_rest():
+    """One policy-gradient update with advantages +1 / -1 on two fixed replies moves their log-probs apart."""
+    model = random_model(dsv4.Config.tiny(num_nextn_predict_layers=0)).train()
+    algo = GRPO(model, None, RLConfig(lr_muon=0.02, lr_adamw=1e-3))
+    pairs = [([0, 5, 9], [3, 4, 1]), ([0, 5, 9], [7, 7, 1])]
+    adv = torch.tensor([1.0, -1.0])
+
+    def logp():
+        logits, tgt, mask = reply_logits(model, pairs)
+        lp = -F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+        return (lp * mask).sum(1) / mask.sum(1)
+
+    before = logp().detach()
+    algo.update(-(adv * logp()).sum() / 2)
+    after = logp().detach()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_rl_config_runs_grpo_and_reports_heldout_accuracy(dev, tmp_path, capsys):
+    from dsv4.cli import main
+
+    path, _ = dev
+    cfg = tmp_path / "grpo.toml"
+    cfg.write_text(f"""
+[model]
+init = "{path}"
+[rl]
+method = "grpo"
+eval_examples = 3
+[train]
+out = "{tmp_path / 'run'}"
+steps = 2
+prompts_per_step = 2
+group_size = 2
+max_tokens = 6
+mix = {{add = 1}}
+""")
+    assert main(["train", str(cfg)]) == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and set(rows[0]["heldout"]) == {"add", "all"}
+    assert rows[-1]["step"] == 2 and "heldout" in rows[-1] and "reward" in rows[-1]
+    assert dsv4.load_model(tmp_path / "run" / "model").config.vocab_size == dsv4.load_model(path).config.vocab_size
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace('method = "grpo"', 'method = "ppo"'))
+    assert main(["train", str(bad)]) == 2
+    assert "[rl] method" in capsys.readouterr().err
