@@ -99,3 +99,16 @@ def test_sequence_balance_loss_hand_computed():
     skewed_scores = torch.tensor([[[3.0, 1.0, 0.0, 0.0]] * S])  # P = (0.75, 0.25, 0, 0)
     skewed = torch.tensor([[[0, 1]] * S])  # f = (2, 2, 0, 0)
     assert torch.isclose(sequence_balance_loss(skewed_scores, skewed), torch.tensor(2 * 0.75 + 2 * 0.25))
+
+
+def test_per_expert_loads_are_in_the_step_metrics():
+    cfg = dsv4.Config.tiny(vocab_size=128)
+    model = random_model(cfg, seed=2)
+    tokens = np.tile(np.arange(2, 60), 50).astype(np.int32)
+    stats = Trainer(model, tokens, TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=1)).step()
+    topk_layers = [i for i in range(cfg.num_hidden_layers) if not cfg.is_hash_layer(i)]
+    assert sorted(stats["expert_load"]) == sorted([f"layers.{i}.ffn" for i in topk_layers] + ["mtp.0.ffn"])
+    for name, counts in stats["expert_load"].items():  # every token picks top-k experts (MTP: S - 1 per row)
+        n_tokens = 2 * (15 if name.startswith("mtp") else 16)
+        assert len(counts) == cfg.n_routed_experts and sum(counts) == n_tokens * cfg.num_experts_per_tok
+    assert stats["load_max_over_mean"] >= 1.0

@@ -56,6 +56,9 @@ def inspect(target: str, context: int, out=None) -> None:
           f"  {conv.description}\n")
 
 
+BUNDLED = Path(__file__).resolve().parents[2] / "models" / "dsv4-tiny"  # in the repository (editable install)
+
+
 def serve(args) -> int:
     import torch
     import uvicorn
@@ -66,10 +69,15 @@ def serve(args) -> int:
     from .tokenizer import load_tokenizer
 
     path = args.model
-    if path is None:
+    if path is None and (BUNDLED / "config.json").exists():
+        path = BUNDLED
+        print(f"dsv4: serving the bundled dsv4-tiny ({BUNDLED}); pass --model PATH for another checkpoint",
+              file=sys.stderr)
+    elif path is None:
         from .server.devmodel import build_dev_model
-        print("dsv4: no bundled model yet; serving a small randomly initialised V4 built locally "
-              "(its answers are noise; pass --model PATH for a real checkpoint)", file=sys.stderr)
+        print(f"dsv4: the bundled model is not at {BUNDLED} (install from the repository with pip install -e .); "
+              "serving a small randomly initialised V4 built locally instead (its answers are noise)",
+              file=sys.stderr)
         path = build_dev_model()
     path = Path(path)
     keys = []

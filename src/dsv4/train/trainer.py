@@ -134,20 +134,27 @@ class Trainer:
         stats["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         for opt in self.opts:
             opt.step()
-        self._balance()
+        loads = self._balance()
+        if loads:  # per-expert token counts of each top-k layer, and the worst max/mean
+            stats["expert_load"] = loads
+            stats["load_max_over_mean"] = max(max(v) / max(1e-9, sum(v) / len(v)) for v in loads.values())
         self.step_count += 1
         stats["step"], stats["lr_factor"] = self.step_count, factor
         return stats
 
     @torch.no_grad()
-    def _balance(self) -> None:
-        """Auxiliary-loss-free: raise the selection bias of under-loaded experts, lower over-loaded ones."""
-        for m in self.model.modules():
+    def _balance(self) -> dict:
+        """Auxiliary-loss-free: raise the selection bias of under-loaded experts, lower over-loaded ones.
+        Returns {module name: per-expert token counts} of this step."""
+        loads = {}
+        for name, m in self.model.named_modules():
             if isinstance(m, MoE) and not m.gate.hash and m.last_load is not None:
                 load = m.last_load.float()
                 if self.parallel is not None:
                     load = self.parallel.sync_loads(load)
                 m.gate.bias.add_(self.cfg.bias_update_speed * torch.sign(load.mean() - load))
+                loads[name] = [int(x) for x in load.tolist()]
+        return loads
 
     # ---- checkpoints ----
     def save(self, path) -> None:

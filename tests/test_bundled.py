@@ -1,0 +1,88 @@
+"""The bundled dsv4-tiny behind `dsv4 serve`: what the README promises a first-time user, through the
+official openai SDK (streamed FIM, a tool call that parses, a JSON answer, a thinking answer)."""
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.cli import BUNDLED
+from dsv4.engine import AsyncLLM, EngineConfig, LLMEngine
+from dsv4.server import ServerConfig, create_app
+from dsv4.tokenizer import load_tokenizer
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                   "required": ["city"]}}}
+
+
+def test_bundled_model_is_small_and_complete():
+    files = {p.name: p.stat().st_size for p in BUNDLED.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert sum(files.values()) <= 50 << 20
+    cfg = dsv4.Config.from_file(BUNDLED / "config.json")
+    assert {"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"} <= set(cfg.layer_types)
+    assert cfg.num_hash_layers >= 1 and cfg.num_nextn_predict_layers >= 1 and cfg.hc_mult > 1
+
+
+@pytest.fixture(scope="module")
+def client():
+    import uvicorn
+    from openai import OpenAI
+
+    model = dsv4.load_model(BUNDLED, dtype=torch.float32)
+    llm = AsyncLLM(LLMEngine(model, load_tokenizer(BUNDLED), EngineConfig()))
+    app = create_app(llm, str(BUNDLED / "tokenizer.json"), ServerConfig())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    yield OpenAI(base_url=f"http://127.0.0.1:{port}", api_key="none", max_retries=0), port
+    srv.should_exit = True
+    thread.join(timeout=10)
+    llm.close()
+
+
+def test_streamed_fim_completes_python(client):
+    from openai import OpenAI
+
+    beta = OpenAI(base_url=f"http://127.0.0.1:{client[1]}/beta", api_key="none", max_retries=0)
+    stream = beta.completions.create(model="deepseek-v4-flash", prompt="def add(a, b):\n    ",
+                                     suffix="\n\nprint(add(1, 2))\n", max_tokens=16, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in stream)
+    assert text.strip(), "empty FIM completion"
+
+
+def test_tool_call_parses_with_the_right_arguments(client):
+    r = client[0].chat.completions.create(
+        model="deepseek-v4-flash", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[WEATHER], extra_body={"thinking": {"type": "disabled"}}, temperature=0, max_tokens=80)
+    calls = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_json_mode_answer(client):
+    r = client[0].chat.completions.create(
+        model="deepseek-v4-flash", response_format={"type": "json_object"}, temperature=0, max_tokens=60,
+        messages=[{"role": "user", "content": "Return a JSON object with the fields name, age for this person: "
+                                              "Alice is a 30-year-old pilot who lives in Oslo."}])
+    assert json.loads(r.choices[0].message.content) == {"name": "Alice", "age": 30}
+
+
+def test_thinking_answer_has_reasoning_and_the_sum(client):
+    r = client[0].chat.completions.create(
+        model="deepseek-v4-flash", messages=[{"role": "user", "content": "What is 12 + 23?"}], temperature=0,
+        max_tokens=120, extra_body={"thinking": {"type": "enabled"}})
+    msg = r.choices[0].message
+    assert msg.reasoning_content and "35" in msg.content
