@@ -47,3 +47,18 @@ def test_auto_tool_grammar_completes_a_started_call_under_the_schema(engine):
         text = tok.decode(s.output_ids, skip_special_tokens=False)
         assert s.finish_reason == "stop" and text.endswith("</｜DSML｜tool_calls><｜end▁of▁sentence｜>"), text
         assert '<｜DSML｜invoke name="set_light">' in text and ('>kitchen<' in text or '>hall<' in text)
+
+
+def test_reasoning_cannot_end_the_reply_and_is_closed_in_time(engine):
+    """JSON mode with thinking: no EOS inside the reasoning; with 16 tokens left, </think> is forced."""
+    tok = engine.tokenizer
+    think_end = tok.token_to_id("</think>")
+    c = JSONObjectConstraint(tok, engine.eos, start_after=think_end)
+    logits = torch.zeros(engine.model.config.vocab_size)
+    logits[engine.eos] = 10.0
+    early = c.mask(logits, remaining=100)
+    assert early[engine.eos] == float("-inf") and torch.isfinite(early).sum() == len(logits) - 1
+    late = c.mask(logits, remaining=16)
+    assert late.argmax() == think_end and torch.isfinite(late).sum() == 1
+    c.accept(think_end)
+    assert c.active  # from here on the JSON grammar decides

@@ -62,7 +62,7 @@ def test_mask_covers_exactly_the_assistant_turn(dev):
 
 def test_gold_replies_parse_and_score_one_and_wrong_ones_zero(dev):
     _, renderer = dev
-    exs = generate(40, seed=11)
+    exs = generate(80, seed=11)
     assert {ex.kind for ex in exs} == set(MAKERS) | {"tool_result"}
     for ex in exs:
         conv = renderer.conversation(ex.body)
@@ -198,3 +198,21 @@ mix = {{add = 1}}
     bad.write_text(cfg.read_text().replace('method = "grpo"', 'method = "ppo"'))
     assert main(["train", str(bad)]) == 2
     assert "[rl] method" in capsys.readouterr().err
+
+
+def test_partial_credit_reward_hand_computed():
+    from dsv4.train.tasks import Example, reward
+
+    js = Example("json", {}, content='{"name": "Ann", "age": 30}', answer={"name": "Ann", "age": 30})
+    assert reward(js, '{"name": "Ann", "age": 30}', []) == 1.0
+    assert reward(js, '{"name": "Bo", "age": 30}', []) == pytest.approx(0.9 * 1 / 2)
+    assert reward(js, '{"name": "Ann", "age": 30, "x": 1}', []) == pytest.approx(0.9 * 1.5 / 2)
+    assert reward(js, "[1]", []) == 0.0 and reward(js, "nope", []) == 0.0
+    want = {"name": "convert_currency", "arguments": {"amount": 5, "source": "EUR", "target": "USD"}}
+    tool = Example("tool", {}, answer=want)
+    assert reward(tool, "", [want]) == 1.0
+    assert reward(tool, "", [{"name": "convert_currency", "arguments": {"amount": 5, "source": "GBP"}}]) == \
+        pytest.approx(0.5 + 0.4 / 3)
+    assert reward(tool, "", [{"name": "get_time", "arguments": {}}]) == 0.0
+    add = Example("add", {}, answer=57)
+    assert reward(add, "= 57.", []) == 1.0 and reward(add, "= 47.", []) == 0.25 and reward(add, "= 56", []) == 0.0

@@ -88,3 +88,29 @@ out = "{tmp_path / 'sft'}"
     rows = [json.loads(ln) for ln in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[-1]["val_loss"] > 0
     assert (tmp_path / "sft" / "model" / "tokenizer.json").exists()
+
+
+def test_sft_replay_mixes_in_pretraining_rows_and_needs_its_source(tmp_path, capsys):
+    assert main(["train", str(write_config(tmp_path, "base"))]) == 0
+    cfg = tmp_path / "sft.toml"
+    cfg.write_text(f"""
+[model]
+init = "{tmp_path / 'base' / 'model'}"
+[data]
+kind = "chat"
+examples = 30
+mix = {{chat = 1}}
+replay = 0.5
+replay_from = "{tmp_path / 'base.toml'}"
+[train]
+steps = 1
+batch_size = 2
+seq_len = 64
+out = "{tmp_path / 'sft'}"
+""")
+    assert main(["train", str(cfg)]) == 0
+    assert "rows of" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace(f'replay_from = "{tmp_path / "base.toml"}"', ""))
+    assert main(["train", str(bad)]) == 2
+    assert "replay_from" in capsys.readouterr().err

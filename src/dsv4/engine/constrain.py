@@ -136,10 +136,20 @@ class GrammarConstraint:
         self.active = start_after is None
         self.ban = ban_spelled_markers
 
+    REPLY_RESERVE = 16  # tokens kept for the constrained reply: the reasoning is closed before them
+
     def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
-        """logits [V] -> a new tensor with the tokens the grammar forbids at -inf."""
+        """logits [V] -> a new tensor with the tokens the grammar forbids at -inf.
+
+        Before `start_after` (the reasoning): no end of sequence, and `start_after` is forced once only
+        REPLY_RESERVE tokens remain, so the constrained reply always gets its turn."""
         if not self.active:
-            return logits
+            out = logits.clone()
+            out[self.vocab.eos] = float("-inf")
+            if remaining <= self.REPLY_RESERVE:
+                out.fill_(float("-inf"))
+                out[self.start_after] = 0.0
+            return out
         import xgrammar as xgr
 
         self.matcher.fill_next_token_bitmask(self.bitmask)

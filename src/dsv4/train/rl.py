@@ -1,9 +1,10 @@
 """Post-training on generated tasks with verifiable answers (dsv4.train.tasks):
 
 - `evaluate`: greedy replies through the engine and the server's output parser, scored per task kind;
-- `GRPO`: group-relative policy optimisation. Per prompt, sample a group of replies, reward each 0/1 by
-  its verifier, advantage A_i = (r_i - mean) / (std + eps) within the group, and minimise
-  -mean_i A_i * mean_t log pi(y_it) (one on-policy update per batch, so the PPO ratio is 1);
+- `GRPO`: group-relative policy optimisation. Per prompt, sample a group of replies, reward each in
+  [0, 1] by its verifier with partial credit (tasks.reward), advantage A_i = (r_i - mean) / (std + eps)
+  within the group, and minimise -mean_i A_i * mean_t log pi(y_it) (one on-policy update per batch, so
+  the PPO ratio is 1);
 - `Distill`: on-policy distillation. The student samples replies; the loss is the per-token reverse KL
   sum_v p_s(v) (log p_s(v) - log p_t(v)) to a teacher evaluated on the same tokens.
 
@@ -22,7 +23,7 @@ from ..engine.engine import LLMEngine, EngineConfig
 from ..engine.sampling import SamplingParams
 from .muon import Muon, param_groups
 from .sft import ChatRenderer
-from .tasks import generate, score
+from .tasks import generate, reward, score
 
 
 @dataclass
@@ -66,13 +67,14 @@ def rollout(model, renderer: ChatRenderer, examples: list, params: SamplingParam
 
 
 def evaluate(model, renderer: ChatRenderer, examples: list, max_tokens: int = 96) -> dict:
-    """Greedy accuracy per task kind (and "all") on `examples`."""
+    """Greedy accuracy per task kind (and "all") on `examples`, and the mean partial-credit reward."""
     results = rollout(model, renderer, examples, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     by = defaultdict(list)
     for ex, _, _, msg in results:
         s = score(ex, msg["content"], msg["tool_calls"])
         by[ex.kind].append(s)
         by["all"].append(s)
+        by["reward"].append(reward(ex, msg["content"], msg["tool_calls"]))
     return {k: sum(v) / len(v) for k, v in sorted(by.items())}
 
 
@@ -145,7 +147,7 @@ class GRPO(_Optimised):
         params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                 seed=self.rng.randrange(1 << 30))
         results = rollout(self.model, self.renderer, examples, params, cfg.group_size)
-        rewards = torch.tensor([score(ex, m["content"], m["tool_calls"]) for ex, _, _, m in results])
+        rewards = torch.tensor([reward(ex, m["content"], m["tool_calls"]) for ex, _, _, m in results])
         adv = group_advantages(rewards.view(len(examples), cfg.group_size))
         stats = {"step": self.step_count + 1, "reward": rewards.mean().item(),
                  "reply_tokens": sum(len(r) for _, _, r, _ in results) / len(results)}
@@ -180,7 +182,7 @@ class Distill(_Optimised):
             t_logits, _, _ = reply_logits(self.teacher, pairs)
         s_logits, _, mask = reply_logits(self.model, pairs)
         loss = reverse_kl(s_logits, t_logits, mask)
-        rewards = [score(ex, m["content"], m["tool_calls"]) for ex, _, _, m in results]
+        rewards = [reward(ex, m["content"], m["tool_calls"]) for ex, _, _, m in results]
         return {"step": self.step_count + 1, "loss": loss.item(), "grad_norm": self.update(loss),
                 "reward": sum(rewards) / max(1, len(rewards))}
 

@@ -92,6 +92,8 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     train_tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
     train_mask = None if mask is None else mask[: len(tokens) - n_val]
     val_mask = None if mask is None else mask[len(tokens) - n_val:]
+    if mask is not None and data.get("replay"):  # keep pretraining ability: mix in rows of its corpus
+        train_tokens, train_mask = _with_replay(train_tokens, train_mask, data, tok, tcfg, out)
 
     from .distributed import DataParallel, init
 
@@ -239,6 +241,33 @@ def _chat_data(data: dict, tok, tcfg: TrainConfig, out) -> tuple[np.ndarray, np.
     out.write(f"dsv4 train: {len(examples)} chat examples, {int(mask.sum())} target tokens in "
               f"{len(tokens) // (tcfg.seq_len + 1)} rows ({dropped} too long, dropped)\n")
     return tokens, mask
+
+
+def _with_replay(tokens: np.ndarray, mask: np.ndarray, data: dict, tok, tcfg: TrainConfig, out):
+    """[data] replay = fraction, replay_from = a pretraining config: add fraction x (chat rows) rows of that
+    config's corpus (same files, FIM and split; training part only), loss on every token; rows shuffled."""
+    if not data.get("replay_from"):
+        raise ConfigError("config [data] replay needs replay_from = the pretraining config to draw text from")
+    try:
+        pre = tomllib.loads(Path(data["replay_from"]).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config [data] replay_from: {e}") from None
+    pdata, ptrain = pre.get("data", {}), pre.get("train", {})
+    text = build_corpus(_files(pdata.get("files"), pdata.get("exclude", ())), tok, tok.token_to_id(EOS),
+                        pdata.get("fim_rate", 0.0), ptrain.get("seed", 0), bos=tok.token_to_id(BOS))
+    pw = ptrain.get("seq_len", 128) + 1
+    text = text[: len(text) - int(len(text) // pw * pdata.get("val_fraction", 0.02)) * pw]  # not its validation
+    width = tcfg.seq_len + 1
+    rows = len(tokens) // width
+    n = int(rows * float(data["replay"]))
+    rng = np.random.default_rng(tcfg.seed)
+    starts = rng.integers(0, len(text) - width, n)
+    extra = np.stack([text[s:s + width] for s in starts]).astype(np.int32)
+    all_rows = np.concatenate([tokens.reshape(rows, width), extra])
+    all_mask = np.concatenate([mask.reshape(rows, width), np.ones_like(extra, dtype=np.uint8)])
+    order = rng.permutation(len(all_rows))
+    out.write(f"dsv4 train: {n} rows of {data['replay_from']}'s corpus mixed in\n")
+    return all_rows[order].reshape(-1), all_mask[order].reshape(-1)
 
 
 def _board(path: Path):

@@ -60,7 +60,19 @@ def _held(key: str) -> bool:
     return sum(map(ord, key)) * 2654435761 % 5 == 0
 
 
+SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "dor", "sa", "ti", "bel", "mar", "no", "zu", "fi", "gor", "le", "pa",
+             "qui", "ron", "tes", "wa", "xi", "yo", "dan", "ru"]
+
+
+def _invented(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
 def _pick(rng: random.Random, items: list, split: str) -> str:
+    """A real name of the split, or (training, half the time) an invented one: replies must copy the
+    entity from the request rather than recall a memorised few."""
+    if split == "train" and rng.random() < 0.5:
+        return _invented(rng)
     pool = [x for x in items if _held(x) == (split == "heldout")]
     return rng.choice(pool)
 
@@ -225,3 +237,32 @@ def score(ex: Example, content: str, tool_calls: list) -> float:
         got = set(re.findall(r"[\w.:-]+", content or ""))
         return float(want <= got)
     return float((content or "").strip() == str(ex.content).strip())
+
+
+def reward(ex: Example, content: str, tool_calls: list) -> float:
+    """Partial credit in [0, 1] (the RL reward): 1 where `score` is 1; otherwise the share of the answer
+    that is right (JSON fields, tool name and arguments, restated facts, the sum's last digit)."""
+    if score(ex, content, tool_calls):
+        return 1.0
+    if ex.kind == "add":
+        nums = re.findall(r"-?\d+", content or "")
+        return 0.25 if nums and int(nums[-1]) % 10 == ex.answer % 10 else 0.0
+    if ex.kind == "json":
+        try:
+            got = json.loads(content)
+        except (TypeError, ValueError):
+            return 0.0
+        if not isinstance(got, dict):
+            return 0.0
+        right = sum(got.get(k) == v for k, v in ex.answer.items()) - 0.5 * len(set(got) - set(ex.answer))
+        return max(0.0, right / len(ex.answer)) * 0.9
+    if ex.kind == "tool":
+        if len(tool_calls) != 1 or tool_calls[0]["name"] != ex.answer["name"]:
+            return 0.0
+        args = tool_calls[0]["arguments"] if isinstance(tool_calls[0]["arguments"], dict) else {}
+        want = ex.answer["arguments"]
+        return 0.5 + 0.4 * sum(args.get(k) == v for k, v in want.items()) / len(want)
+    if ex.kind == "tool_result":
+        want = set(re.findall(r"[\w.:-]+", ex.answer))
+        return 0.9 * len(want & set(re.findall(r"[\w.:-]+", content or ""))) / len(want)
+    return 0.0
