@@ -191,7 +191,7 @@ mix = {{add = 1}}
 """)
     assert main(["train", str(cfg)]) == 0
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["step"] == 0 and set(rows[0]["heldout"]) == {"add", "all"}
+    assert rows[0]["step"] == 0 and set(rows[0]["heldout"]) == {"add", "all", "reward"}
     assert rows[-1]["step"] == 2 and "heldout" in rows[-1] and "reward" in rows[-1]
     assert dsv4.load_model(tmp_path / "run" / "model").config.vocab_size == dsv4.load_model(path).config.vocab_size
     bad = tmp_path / "bad.toml"
