@@ -92,7 +92,7 @@ def test_bias_updates_move_load_toward_balance():
 def test_sequence_balance_loss_hand_computed():
     from dsv4.model.moe import sequence_balance_loss
 
-    E, k, S = 4, 2, 4
+    E, S = 4, 4  # top-2 of 4 experts
     uniform = torch.ones(1, S, E)
     balanced = torch.tensor([[[0, 1], [2, 3], [0, 1], [2, 3]]])
     assert torch.isclose(sequence_balance_loss(uniform, balanced), torch.tensor(1.0))
