@@ -30,10 +30,9 @@ from dsv4.engine.constrain import JSONObjectConstraint
 from dsv4.engine.engine import EngineConfig, LLMEngine
 from dsv4.engine.sampling import SamplingParams
 from dsv4.tokenizer import FIM_TOKENS, load_tokenizer
-from dsv4.train.data import build_corpus
 from dsv4.train.rl import heldout, rollout
-from dsv4.train.run import _files, validate
-from dsv4.train.sft import BOS, EOS, ChatRenderer
+from dsv4.train.run import _files, text_corpus, train_end, validate
+from dsv4.train.sft import BOS, ChatRenderer
 from dsv4.train.tasks import TOOLS, score
 from dsv4.train.trainer import TrainConfig
 
@@ -47,11 +46,8 @@ def val_split(model_dir: Path, config: Path):
     tok = load_tokenizer(model_dir)
     files = _files(data.get("files"), data.get("exclude", ()))
     starts: list = []
-    tokens = build_corpus(files, tok, tok.token_to_id(EOS), data.get("fim_rate", 0.0), train.get("seed", 0),
-                          bos=tok.token_to_id(BOS), starts=starts)
-    width = train["seq_len"] + 1
-    n_val = int(len(tokens) // width * data.get("val_fraction", 0.02)) * width
-    cut = len(tokens) - n_val
+    tokens = text_corpus(data, tok, train.get("seed", 0), starts)
+    cut = train_end(len(tokens), train["seq_len"] + 1, data.get("val_fraction", 0.02))
     held = [files[i] for i, off in starts if off >= cut]
     return tokens[cut:], train["seq_len"], held
 

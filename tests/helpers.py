@@ -1,6 +1,11 @@
 """Shared test helpers: random non-trivial weights and the transformers oracle."""
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 import torch
 
 from dsv4.checkpoint import build_model, init_random
@@ -29,3 +34,26 @@ def random_model(cfg: Config, seed: int = 0, std: float = 0.05) -> torch.nn.Modu
 def hf_model(path):
     from transformers import DeepseekV4ForCausalLM
     return DeepseekV4ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run an ASGI app with uvicorn on a free localhost port in a thread; yields the base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"test server did not start on port {port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

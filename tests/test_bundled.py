@@ -1,9 +1,6 @@
 """The bundled dsv4-tiny behind `dsv4 serve`: what the README promises a first-time user, through the
 official openai SDK (streamed FIM, a tool call that parses, a JSON answer, a thinking answer)."""
 import json
-import socket
-import threading
-import time
 
 import pytest
 import torch
@@ -13,6 +10,8 @@ from dsv4.cli import BUNDLED
 from dsv4.engine import AsyncLLM, EngineConfig, LLMEngine
 from dsv4.server import ServerConfig, create_app
 from dsv4.tokenizer import load_tokenizer
+
+from helpers import serving
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -31,31 +30,20 @@ def test_bundled_model_is_small_and_complete():
 
 @pytest.fixture(scope="module")
 def client():
-    import uvicorn
     from openai import OpenAI
 
     model = dsv4.load_model(BUNDLED, dtype=torch.float32)
     llm = AsyncLLM(LLMEngine(model, load_tokenizer(BUNDLED), EngineConfig()))
     app = create_app(llm, str(BUNDLED / "tokenizer.json"), ServerConfig())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        assert thread.is_alive()
-        time.sleep(0.05)
-    yield OpenAI(base_url=f"http://127.0.0.1:{port}", api_key="none", max_retries=0), port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield OpenAI(base_url=url, api_key="none", max_retries=0), url
     llm.close()
 
 
 def test_streamed_fim_completes_python(client):
     from openai import OpenAI
 
-    beta = OpenAI(base_url=f"http://127.0.0.1:{client[1]}/beta", api_key="none", max_retries=0)
+    beta = OpenAI(base_url=f"{client[1]}/beta", api_key="none", max_retries=0)
     stream = beta.completions.create(model="deepseek-v4-flash", prompt="def add(a, b):\n    ",
                                      suffix="\n\nprint(add(1, 2))\n", max_tokens=16, temperature=0, stream=True)
     text = "".join(c.choices[0].text for c in stream)

@@ -11,6 +11,21 @@ from dsv4.train import TrainConfig, Trainer, enable_fp4_qat, fake_fp4
 from helpers import random_model
 
 
+def train(model, steps: int) -> None:
+    tokens = np.tile(np.arange(2, 60), 200).astype(np.int32)
+    trainer = Trainer(model, tokens, TrainConfig(steps=steps, batch_size=2, seq_len=32, warmup=1))
+    for _ in range(steps):
+        trainer.step()
+
+
+@torch.no_grad()
+def bf16_exact(model) -> None:
+    """The official layout stores these in BF16: make them BF16-exact before exporting."""
+    for name, p in model.named_parameters():
+        if not re.search(r"experts\.w[123]$|hc_\w+_(fn|base|scale)$|attn_sink$|\.ape$", name):
+            p.copy_(p.bfloat16().float())
+
+
 def test_fake_fp4_is_the_official_storage_format():
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(fake_fp4(w), dequant_fp4_weight(*quant_fp4_weight(w)))
@@ -26,15 +41,9 @@ def test_straight_through_gradient():
 def test_qat_training_exports_an_official_checkpoint_with_equal_logits(tmp_path):
     cfg = dsv4.Config.tiny(vocab_size=128)
     model = enable_fp4_qat(random_model(cfg, seed=3))
-    tokens = np.tile(np.arange(2, 60), 200).astype(np.int32)
-    trainer = Trainer(model, tokens, TrainConfig(steps=4, batch_size=2, seq_len=32, warmup=1))
-    for _ in range(4):
-        trainer.step()
+    train(model, 4)
     model.eval()
-    with torch.no_grad():  # the official layout stores these in BF16: make them BF16-exact first
-        for name, p in model.named_parameters():
-            if not re.search(r"experts\.w[123]$|hc_\w+_(fn|base|scale)$|attn_sink$|\.ape$", name):
-                p.copy_(p.bfloat16().float())
+    bf16_exact(model)
     dsv4.save_official(model, tmp_path, fp8=False)
     loaded = dsv4.load_model(tmp_path, dtype=torch.float32)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
@@ -61,16 +70,10 @@ def test_fp4_fp8_qat_export_reproduces_the_trained_logits(tmp_path):
     model = enable_fp4_qat(random_model(cfg, seed=5), fp8=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert sum(type(m).__name__ == "QATLinear" for m in model.modules()) >= 5 * cfg.num_hidden_layers
-    tokens = np.tile(np.arange(2, 60), 200).astype(np.int32)
-    trainer = Trainer(model, tokens, TrainConfig(steps=3, batch_size=2, seq_len=32, warmup=1))
-    for _ in range(3):
-        trainer.step()
+    train(model, 3)
     assert set(model.state_dict()) == set(state)  # same parameters, so checkpoints are unchanged
     model.eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not re.search(r"experts\.w[123]$|hc_\w+_(fn|base|scale)$|attn_sink$|\.ape$", name):
-                p.copy_(p.bfloat16().float())
+    bf16_exact(model)
     dsv4.save_official(model, tmp_path, fp8=True)
     loaded = dsv4.load_model(tmp_path, dtype=torch.float32)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(6))

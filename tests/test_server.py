@@ -1,7 +1,5 @@
 """The server on localhost, driven by the official openai SDK (and raw HTTP for error shapes)."""
 import json
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,32 +13,20 @@ from dsv4.server import ServerConfig, create_app
 from dsv4.server.devmodel import build_dev_model
 from dsv4.tokenizer import load_tokenizer
 
+from helpers import serving
+
 KEY = "sk-test-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
     path = build_dev_model(tmp_path_factory.mktemp("dev-model"))
     model = dsv4.load_model(path, dtype=torch.float32)
     llm = AsyncLLM(LLMEngine(model, load_tokenizer(path), EngineConfig(max_num_seqs=8)))
     app = create_app(llm, str(path / "tokenizer.json"), ServerConfig(api_keys=[KEY], max_concurrency=4,
                                                                       max_body_bytes=64 << 10))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        if not thread.is_alive() or time.time() > deadline:
-            raise RuntimeError(f"test server did not start on port {port}")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", llm, app, path
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield url, llm, app, path
     llm.close()
 
 

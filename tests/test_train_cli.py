@@ -66,7 +66,8 @@ def test_tensorboard_option_logs_or_names_the_missing_package(tmp_path, capsys):
         assert rc == 0 and any((tmp_path / "tb" / "tensorboard").iterdir())
 
 
-def test_sft_config_trains_on_assistant_turns_from_an_existing_model(tmp_path, capsys):
+def sft_config(tmp_path, data: str, steps: int, seq_len: int):
+    """Train the base run, then write an SFT config starting from it; `data`: extra [data] lines."""
     assert main(["train", str(write_config(tmp_path, "base"))]) == 0
     cfg = tmp_path / "sft.toml"
     cfg.write_text(f"""
@@ -75,14 +76,18 @@ init = "{tmp_path / 'base' / 'model'}"
 [data]
 kind = "chat"
 examples = 30
-mix = {{add = 1, json = 1}}
-val_fraction = 0.2
+{data}
 [train]
-steps = 2
+steps = {steps}
 batch_size = 2
-seq_len = 256
+seq_len = {seq_len}
 out = "{tmp_path / 'sft'}"
 """)
+    return cfg
+
+
+def test_sft_config_trains_on_assistant_turns_from_an_existing_model(tmp_path, capsys):
+    cfg = sft_config(tmp_path, "mix = {add = 1, json = 1}\nval_fraction = 0.2", steps=2, seq_len=256)
     assert main(["train", str(cfg)]) == 0
     assert "chat examples" in capsys.readouterr().err
     rows = [json.loads(ln) for ln in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -91,23 +96,8 @@ out = "{tmp_path / 'sft'}"
 
 
 def test_sft_replay_mixes_in_pretraining_rows_and_needs_its_source(tmp_path, capsys):
-    assert main(["train", str(write_config(tmp_path, "base"))]) == 0
-    cfg = tmp_path / "sft.toml"
-    cfg.write_text(f"""
-[model]
-init = "{tmp_path / 'base' / 'model'}"
-[data]
-kind = "chat"
-examples = 30
-mix = {{chat = 1}}
-replay = 0.5
-replay_from = "{tmp_path / 'base.toml'}"
-[train]
-steps = 1
-batch_size = 2
-seq_len = 64
-out = "{tmp_path / 'sft'}"
-""")
+    cfg = sft_config(tmp_path, f'mix = {{chat = 1}}\nreplay = 0.5\nreplay_from = "{tmp_path / "base.toml"}"',
+                     steps=1, seq_len=64)
     assert main(["train", str(cfg)]) == 0
     assert "rows of" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"

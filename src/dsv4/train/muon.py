@@ -73,3 +73,10 @@ def param_groups(model: torch.nn.Module) -> tuple[list, list]:
         is_matrix = p.dim() >= 2 and not name.endswith(_ADAMW_NAMES)
         (muon if is_matrix else adamw).append(p)
     return muon, adamw
+
+
+def optimizers(model: torch.nn.Module, lr_muon: float, lr_adamw: float, weight_decay: float) -> list:
+    """[Muon over the matrices, AdamW (betas 0.9, 0.95, no decay) over the rest] as `param_groups` splits them."""
+    muon, adamw = param_groups(model)
+    return [Muon(muon, lr=lr_muon, weight_decay=weight_decay),
+            torch.optim.AdamW(adamw, lr=lr_adamw, weight_decay=0.0, betas=(0.9, 0.95))]

@@ -8,7 +8,7 @@
 - `Distill`: on-policy distillation. The student samples replies; the loss is the per-token reverse KL
   sum_v p_s(v) (log p_s(v) - log p_t(v)) to a teacher evaluated on the same tokens.
 
-Both use Muon + AdamW (`param_groups`) like pretraining and write the model atomically at the end.
+Both use Muon + AdamW (`muon.optimizers`) like pretraining and write the model atomically at the end.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..engine.engine import LLMEngine, EngineConfig
 from ..engine.sampling import SamplingParams
-from .muon import Muon, param_groups
+from .muon import optimizers
 from .sft import ChatRenderer
 from .tasks import generate, reward, score
 
@@ -114,9 +114,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
 class _Optimised:
     def __init__(self, model, cfg: RLConfig):
         self.model, self.cfg = model.train(), cfg
-        muon, adamw = param_groups(model)
-        self.opts = [Muon(muon, lr=cfg.lr_muon, weight_decay=cfg.weight_decay),
-                     torch.optim.AdamW(adamw, lr=cfg.lr_adamw, weight_decay=0.0, betas=(0.9, 0.95))]
+        self.opts = optimizers(model, cfg.lr_muon, cfg.lr_adamw, cfg.weight_decay)
         self.rng = random.Random(cfg.seed)
         self.step_count = 0
 

@@ -50,6 +50,17 @@ def _files(patterns, exclude=()) -> list:
     return sorted(found)
 
 
+def text_corpus(data: dict, tok, seed: int, starts: list | None = None) -> np.ndarray:
+    """The token stream `dsv4 train` builds from a [data] table (files, exclude, fim_rate)."""
+    return build_corpus(_files(data.get("files"), data.get("exclude", ())), tok, tok.token_to_id(EOS),
+                        data.get("fim_rate", 0.0), seed, bos=tok.token_to_id(BOS), starts=starts)
+
+
+def train_end(n_tokens: int, width: int, val_fraction: float) -> int:
+    """Where validation starts: the last val_fraction of the whole rows of `width` tokens."""
+    return n_tokens - int(n_tokens // width * val_fraction) * width
+
+
 def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=None) -> int:
     out = out or sys.stderr
     try:
@@ -83,15 +94,13 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     if data.get("kind", "text") == "chat":
         tokens, mask = _chat_data(data, tok, tcfg, out)
     elif data.get("kind", "text") == "text":
-        tokens = build_corpus(_files(data.get("files"), data.get("exclude", ())), tok, tok.token_to_id(EOS),
-                              data.get("fim_rate", 0.0), tcfg.seed, bos=tok.token_to_id(BOS))
+        tokens = text_corpus(data, tok, tcfg.seed)
     else:
         raise ConfigError(f"config [data] kind: expected 'text' or 'chat' (got {data['kind']!r})")
-    width = tcfg.seq_len + 1
-    n_val = int(len(tokens) // width * data.get("val_fraction", 0.02)) * width  # whole rows
-    train_tokens, val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    train_mask = None if mask is None else mask[: len(tokens) - n_val]
-    val_mask = None if mask is None else mask[len(tokens) - n_val:]
+    cut = train_end(len(tokens), tcfg.seq_len + 1, data.get("val_fraction", 0.02))
+    train_tokens, val_tokens = tokens[:cut], tokens[cut:]
+    train_mask = None if mask is None else mask[:cut]
+    val_mask = None if mask is None else mask[cut:]
     if mask is not None and data.get("replay"):  # keep pretraining ability: mix in rows of its corpus
         train_tokens, train_mask = _with_replay(train_tokens, train_mask, data, tok, tcfg, out)
 
@@ -253,10 +262,8 @@ def _with_replay(tokens: np.ndarray, mask: np.ndarray, data: dict, tok, tcfg: Tr
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"config [data] replay_from: {e}") from None
     pdata, ptrain = pre.get("data", {}), pre.get("train", {})
-    text = build_corpus(_files(pdata.get("files"), pdata.get("exclude", ())), tok, tok.token_to_id(EOS),
-                        pdata.get("fim_rate", 0.0), ptrain.get("seed", 0), bos=tok.token_to_id(BOS))
-    pw = ptrain.get("seq_len", 128) + 1
-    text = text[: len(text) - int(len(text) // pw * pdata.get("val_fraction", 0.02)) * pw]  # not its validation
+    text = text_corpus(pdata, tok, ptrain.get("seed", 0))
+    text = text[: train_end(len(text), ptrain.get("seq_len", 128) + 1, pdata.get("val_fraction", 0.02))]
     width = tcfg.seq_len + 1
     rows = len(tokens) // width
     n = int(rows * float(data["replay"]))

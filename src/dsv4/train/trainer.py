@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..model.moe import MoE
 from ..model.transformer import Transformer
-from .muon import Muon, param_groups
+from .muon import optimizers
 
 
 @dataclass
@@ -61,9 +61,7 @@ class Trainer:
         self.tokens, self.mask = tokens, mask
         if mask is not None and len(mask) != len(tokens):
             raise ValueError(f"mask has {len(mask)} entries for {len(tokens)} tokens")
-        muon, adamw = param_groups(model)
-        self.opts = [Muon(muon, lr=cfg.lr_muon, weight_decay=cfg.weight_decay),
-                     torch.optim.AdamW(adamw, lr=cfg.lr_adamw, weight_decay=0.0, betas=(0.9, 0.95))]
+        self.opts = optimizers(model, cfg.lr_muon, cfg.lr_adamw, cfg.weight_decay)
         self.base_lrs = [cfg.lr_muon, cfg.lr_adamw]
         self.step_count, self.position = 0, 0
         torch.manual_seed(cfg.seed)
