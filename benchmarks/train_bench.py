@@ -56,12 +56,17 @@ def train(cfg, tokens, val, steps, lr_muon, lr_adamw, muon: bool, every: int):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--speed-only", action="store_true", help="only the training-throughput comparison")
     args = ap.parse_args()
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     tok = train_tokenizer(files[:150], 2048)
     tokens = build_corpus(files[:150], tok, 1)
     val = build_corpus(files[150:170], tok, 1)
     cfg = config(tok.get_vocab_size())
+    if args.speed_only:
+        for seq in (128, 512):
+            speed(cfg, tokens, seq)
+        return
     print(f"corpus: {len(tokens):,} train / {len(val):,} val tokens (stdlib), vocab {cfg.vocab_size}; "
           f"{args.steps} steps x 8 x 128 tokens\n")
     every = max(1, args.steps // 10)
@@ -93,9 +98,17 @@ def main():
     fig.tight_layout()
     fig.savefig(Path(__file__).parent / "train_curves.png")
 
-    # training speed: one step (forward, backward, AdamW) of each implementation on the same weights
+    for seq in (128, 512):
+        speed(cfg, tokens, seq)
+
+
+def speed(cfg, tokens, seq: int, batch: int = 8):
+    """Training tokens/s of one step (forward, backward, AdamW) of each implementation on the same weights:
+    dsv4 eager, dsv4 compiled (what `[train] compile = true` runs), transformers eager."""
+    import torch._dynamo
+
     model = init_random(build_model(cfg), seed=0).train()
-    ids = torch.from_numpy(tokens[: 8 * 129].astype(np.int64)).view(8, 129)
+    ids = torch.from_numpy(tokens[: batch * (seq + 1)].astype(np.int64)).view(batch, seq + 1)
     with tempfile.TemporaryDirectory() as d:
         dsv4.save_model(model, d)
         from transformers import DeepseekV4ForCausalLM
@@ -106,12 +119,18 @@ def main():
         t = time.perf_counter()
         for _ in range(n):
             step()
-        return 8 * 128 * n / (time.perf_counter() - t)
+        return batch * seq * n / (time.perf_counter() - t)
 
     opt_a, opt_b = torch.optim.AdamW(model.parameters(), lr=1e-4), torch.optim.AdamW(ref.parameters(), lr=1e-4)
 
-    def ours():
-        loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+    def loss_fn(x):
+        return F.cross_entropy(model(x[:, :-1]).reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+
+    compiled = torch.compile(loss_fn)
+
+    def ours(fn=loss_fn):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            loss = fn(ids)
         opt_a.zero_grad()
         loss.backward()
         opt_a.step()
@@ -122,9 +141,15 @@ def main():
         loss.backward()
         opt_b.step()
 
-    a, b = timed(ours), timed(theirs)
-    print(f"\ntraining tokens/s (fp32, batch 8 x 128): dsv4 {a:,.0f}, transformers {b:,.0f}, ratio {a / b:.2f}x")
-
+    b = timed(theirs)
+    a = timed(ours)
+    t = time.perf_counter()
+    ours(compiled)
+    first = time.perf_counter() - t
+    c = timed(lambda: ours(compiled))
+    print(f"\ntraining tokens/s (fp32, batch {batch} x {seq}): transformers {b:,.0f}; dsv4 eager {a:,.0f} "
+          f"({a / b:.2f}x); dsv4 compiled {c:,.0f} ({c / b:.2f}x; first step with compilation {first:.0f} s)",
+          flush=True)
 
 if __name__ == "__main__":
     main()

@@ -112,3 +112,18 @@ def test_per_expert_loads_are_in_the_step_metrics():
         n_tokens = 2 * (15 if name.startswith("mtp") else 16)
         assert len(counts) == cfg.n_routed_experts and sum(counts) == n_tokens * cfg.num_experts_per_tok
     assert stats["load_max_over_mean"] >= 1.0
+
+
+@pytest.mark.slow  # compilation takes minutes on a 2-core CPU
+def test_compiled_training_matches_eager():
+    """[train] compile = true: the same losses as the eager step (fp32), step after step, MoE routing included."""
+    eager = make()
+    want = [eager.step() for _ in range(3)]
+    torch.manual_seed(0)
+    compiled = Trainer(random_model(CFG, seed=1), tokens(),
+                       TrainConfig(steps=8, batch_size=4, seq_len=32, warmup=2, compile=True))
+    got = [compiled.step() for _ in range(3)]
+    for w, g in zip(want, got):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4)
+        assert g["mtp_loss"] == pytest.approx(w["mtp_loss"], rel=1e-4)
+        assert g["expert_load"] == w["expert_load"]

@@ -163,7 +163,7 @@ class Attention(nn.Module):
             if self.cfg.quant_simulation:
                 keys = rotate_fp4(keys)
             qi, wi = self.indexer.queries(x, qr, pos, self.rope, self.cfg.quant_simulation)
-            index = self.indexer.select(qi, wi, keys, pos)
+            index = self.indexer.select(qi, wi, keys, 0)
         o = sparse_attention(q, kv, self.attn_sink, self.cfg.sliding_window, self.head_dim ** -0.5,
                              comp, self.ratio, index)
         return self.output(o, cos, sin)
@@ -198,7 +198,7 @@ class Attention(nn.Module):
             if self.indexer is not None:
                 new = self.indexer.compressor.step(cache.index, ikv[sl], igate[sl], n, self.rope, x.dtype)
                 cache.index.append(rotate_fp4(new) if quant else new)
-                index = self.indexer.select(qi[:, sl], wi[:, sl], cache.index.entries[None].to(x.dtype), pos[sl])
+                index = self.indexer.select(qi[:, sl], wi[:, sl], cache.index.entries[None].to(x.dtype), n)
             outs.append(sparse_attention(q[:, sl], ctx[None], self.attn_sink, W, self.head_dim ** -0.5, comp,
                                          self.ratio, index, q_start=n, kv_start=n - h))
             if hook is not None:

@@ -120,9 +120,10 @@ class Indexer(nn.Module):
         return q, w
 
     @torch.no_grad()
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, start: int,
                budget: int = 1 << 24) -> torch.Tensor:
-        """q [B,L,nI,cI], w [B,L,nI], keys [B,T,cI], pos [L] -> indices [B,L,k] into keys, -1 where invalid.
+        """q [B,L,nI,cI] of queries at positions start..start+L-1, w [B,L,nI], keys [B,T,cI] -> indices [B,L,k]
+        into keys, -1 where invalid.
 
         k = min(index_topk, T); only entries w < (t+1) // ratio are valid for query t.
         Queries are scored in chunks so the [L, nI, T] score tensor is never whole."""
@@ -137,13 +138,13 @@ class Indexer(nn.Module):
         for s0 in range(0, L, chunk):
             s1 = min(L, s0 + chunk)
             # only the entries the chunk's last query can see: later ones are masked for every row anyway
-            Tc = min(T, int(pos[s1 - 1] + 1) // self.ratio)
+            Tc = min(T, (start + s1) // self.ratio)
             if Tc == 0:
                 out.append(torch.full((B, s1 - s0, k), -1, dtype=torch.long, device=q.device))
                 continue
             scores = F.relu(torch.matmul(q[:, s0:s1].float(), kt[..., :Tc]), inplace=True)  # [B,l,nI,Tc]
             scores = torch.matmul(w[:, s0:s1].unsqueeze(2), scores).squeeze(2)  # sum_h w_h relu(.): [B,l,Tc]
-            limit = ((pos[s0:s1] + 1) // self.ratio)[:, None]  # [l, 1]
+            limit = ((torch.arange(start + s0, start + s1, device=q.device) + 1) // self.ratio)[:, None]  # [l, 1]
             invisible = torch.arange(Tc, device=q.device)[None, :] >= limit
             idx = scores.masked_fill(invisible, float("-inf")).topk(min(k, Tc), dim=-1).indices
             idx = torch.where(idx >= limit, torch.full_like(idx, -1), idx)

@@ -132,7 +132,7 @@ class MoE(nn.Module):
         k = idx.shape[1]
         flat = idx.flatten()
         order = flat.argsort(stable=True)
-        load = torch.bincount(flat, minlength=self.n_experts)
+        load = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         if self.training:
             self.last_load = load
             if not self.gate.hash and len(shape) == 3:
@@ -144,7 +144,10 @@ class MoE(nn.Module):
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
+            if torch.compiler.is_compiling():  # sizes are symbolic there: state what holds
+                torch._check(n >= 0)
+                torch._check(start + n <= tok.shape[0])
+            elif n == 0:
                 continue
             t, w = tok[start:start + n], gw[start:start + n]
             start += n

@@ -3,7 +3,8 @@ of dsv4-tiny. Each example is an OpenAI-style request body plus the assistant tu
 
 Kinds: `add` (arithmetic; thinking shows the sum), `tool` (call one of several tools with the right
 arguments; a second example answers from the tool's result), `json` (extract fields into a JSON object,
-response_format json_object), `chat` (greetings and identity), `code` (a small Python function).
+response_format json_object), `chat` (greetings and identity), `code` (a small Python function), `echo`
+(repeat a short phrase of names, places and numbers exactly: a copying drill).
 `split="train"` and `split="heldout"` draw from disjoint cities, names and number pairs.
 """
 from __future__ import annotations
@@ -202,7 +203,24 @@ def make_code(rng: random.Random, split: str) -> Example:
                    answer=expr)
 
 
-MAKERS = {"add": make_add, "tool": make_tool, "json": make_json, "chat": make_chat, "code": make_code}
+def make_echo(rng: random.Random, split: str) -> Example:
+    """Repeat a phrase of 1-4 names, places, numbers and currency codes: only copying the request solves it."""
+    parts = []
+    for _ in range(rng.randint(1, 4)):
+        r = rng.random()
+        parts.append(_pick(rng, CITIES, split) if r < 0.35 else _pick(rng, NAMES, split) if r < 0.7
+                     else str(rng.randint(0, 999)) if r < 0.85 else rng.choice(CURRENCIES + JOBS))
+    phrase = " ".join(parts)
+    q = rng.choice(["Repeat after me: {p}", "Say exactly this: {p}", "Copy this text: {p}", "Echo: {p}",
+                    "Please repeat \"{p}\"."]).format(p=phrase)
+    body = {"messages": [{"role": "user", "content": q}]}
+    think = _thinking(rng, body)
+    return Example("echo", body, f"The user wants me to repeat {phrase}." if think else None, phrase,
+                   answer=phrase)
+
+
+MAKERS = {"add": make_add, "tool": make_tool, "json": make_json, "chat": make_chat, "code": make_code,
+          "echo": make_echo}
 
 
 def generate(n: int, seed: int = 0, split: str = "train", mix: dict | None = None) -> list:
@@ -265,4 +283,7 @@ def reward(ex: Example, content: str, tool_calls: list) -> float:
     if ex.kind == "tool_result":
         want = set(re.findall(r"[\w.:-]+", ex.answer))
         return 0.9 * len(want & set(re.findall(r"[\w.:-]+", content or ""))) / len(want)
+    if ex.kind == "echo":
+        want, got = ex.answer.split(), (content or "").split()
+        return 0.9 * sum(a == b for a, b in zip(want, got)) / max(len(want), len(got))
     return 0.0
