@@ -8,7 +8,8 @@ Prints (and with --json writes):
   and filled in greedily through the server's FIM prompt form;
 - per generated-task kind (held-out cities, names and number pairs): greedy accuracy; for tool calls the
   fraction that parse into a valid call of an offered tool with its required arguments, and the fraction
-  exactly right; for JSON answers validity and correctness without and with constrained decoding;
+  exactly right; for JSON answers validity and correctness without and with constrained decoding; echo
+  accuracy (repeating a phrase of held-out names exactly: can the model copy from its context?);
 - MTP speculative decoding: acceptance rate and batch-1 decode speed with and without it (greedy outputs
   must be equal).
 """
@@ -96,9 +97,9 @@ def tool_validity(ex, msg) -> bool:
 
 def tasks_eval(model, renderer, n: int) -> dict:
     out = {}
-    exs = heldout(6 * n, {"add": 1, "tool": 1, "json": 1, "chat": 1, "code": 1})
+    exs = heldout(7 * n, {"add": 1, "tool": 1, "json": 1, "chat": 1, "code": 1, "echo": 1})
     results = rollout(model, renderer, exs, SamplingParams(max_tokens=96, temperature=0.0))
-    for kind in ["add", "tool", "tool_result", "json", "chat", "code"]:
+    for kind in ["add", "tool", "tool_result", "json", "chat", "code", "echo"]:
         rs = [(ex, m) for ex, _, _, m in results if ex.kind == kind][:n]
         if not rs:
             continue
