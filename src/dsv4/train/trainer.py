@@ -168,22 +168,28 @@ class Trainer:
 
     # ---- checkpoints ----
     def save(self, path) -> None:
-        """Write atomically: a temporary directory renamed over `path`; a crash leaves the previous one."""
+        """Write atomically: a temporary directory renamed over `path`; a crash leaves the previous one.
+
+        Under FSDP2 every rank calls it (sharded weights and optimiser state are gathered to full tensors)
+        and rank 0 writes: the checkpoint is the same as a single process's and resumes under any plan."""
+        model_sd = {k: _full(v).detach().contiguous() for k, v in self.model.state_dict().items()}
+        opt_tensors, opt_meta = {}, []
+        for i, opt in enumerate(self.opts):
+            sd = opt.state_dict()
+            for pid, st in sd["state"].items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        opt_tensors[f"{i}.{pid}.{k}"] = _full(v).contiguous()
+                    else:
+                        opt_meta.append([i, pid, k, v])
+            opt_meta.append([i, "groups", sd["param_groups"]])
+        if self.parallel is not None and self.parallel.rank != 0:
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
-            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(tmp / "model.safetensors"))
-            opt_tensors, opt_meta = {}, []
-            for i, opt in enumerate(self.opts):
-                sd = opt.state_dict()
-                for pid, st in sd["state"].items():
-                    for k, v in st.items():
-                        if torch.is_tensor(v):
-                            opt_tensors[f"{i}.{pid}.{k}"] = v.contiguous()
-                        else:
-                            opt_meta.append([i, pid, k, v])
-                opt_meta.append([i, "groups", sd["param_groups"]])
+            save_file(model_sd, str(tmp / "model.safetensors"))
             opt_tensors["rng.torch"] = torch.get_rng_state()
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             np_state = np.random.get_state()
@@ -203,7 +209,9 @@ class Trainer:
         path = Path(path)
         if not (path / "trainer.json").exists() and path.with_name(path.name + ".old").exists():
             path = path.with_name(path.name + ".old")  # a crash between the two renames of save()
-        self.model.load_state_dict(load_file(str(path / "model.safetensors")))
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: _like(v, current[k]) if k in current else v
+                                    for k, v in load_file(str(path / "model.safetensors")).items()})
         tensors = load_file(str(path / "optimizer.safetensors"))
         meta = json.loads((path / "trainer.json").read_text())
         for i, opt in enumerate(self.opts):
@@ -216,13 +224,29 @@ class Trainer:
                     groups = entry[2]
                 else:
                     state.setdefault(int(entry[1]), {})[entry[2]] = entry[3]
+            params = [p for g in opt.param_groups for p in g["params"]]  # state ids index this list
             for key, v in tensors.items():
                 parts = key.split(".")
                 if parts[0] == str(i):
-                    state.setdefault(int(parts[1]), {})[parts[2]] = v
+                    p = params[int(parts[1])]
+                    state.setdefault(int(parts[1]), {})[parts[2]] = _like(v, p) if v.shape == p.shape else v
             opt.load_state_dict({"state": state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.torch"])
         random.setstate((meta["rng_python"][0], tuple(meta["rng_python"][1]), meta["rng_python"][2]))
         ns = meta["rng_numpy"]
         np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
         self.step_count, self.position = meta["step"], meta["position"]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; collective: every rank calls it), else t itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """full laid out as ref: sharded the same way when ref is a DTensor (FSDP2), else as it is."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(ref.dtype), ref.device_mesh, ref.placements)
+    return full
