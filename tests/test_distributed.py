@@ -32,6 +32,7 @@ def worker(rank, world, init_file, out, plan):
     losses, sd = run({"ddp": DataParallel, "fsdp": FullyShardedDataParallel}[plan](rank, world))
     if rank == 0:
         torch.save({"losses": losses, "head": sd["head.weight"], "w1": sd["layers.1.ffn.experts.w1"]}, out)
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
@@ -69,6 +70,7 @@ def resume_worker(rank, world, init_file, out, ckpt):
     got += [second.step()["loss"] for _ in range(2)]
     if rank == 0:
         torch.save({"want": want, "got": got}, out)
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 

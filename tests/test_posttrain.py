@@ -12,7 +12,7 @@ import dsv4
 from dsv4.server.devmodel import build_dev_model
 from dsv4.train.rl import GRPO, RLConfig, group_advantages, reply_logits, reverse_kl
 from dsv4.train.sft import ChatRenderer, build_sft_corpus
-from dsv4.train.tasks import MAKERS, generate, score
+from dsv4.train.tasks import MAKERS, generate, reward, score
 from dsv4.train.trainer import TrainConfig, Trainer
 
 from helpers import random_model
@@ -62,7 +62,7 @@ def test_mask_covers_exactly_the_assistant_turn(dev):
 
 def test_gold_replies_parse_and_score_one_and_wrong_ones_zero(dev):
     _, renderer = dev
-    exs = generate(80, seed=11)
+    exs = generate(80, seed=11, mix={kind: 1 for kind in MAKERS})
     assert {ex.kind for ex in exs} == set(MAKERS) | {"tool_result"}
     for ex in exs:
         conv = renderer.conversation(ex.body)
@@ -80,6 +80,10 @@ def test_gold_replies_parse_and_score_one_and_wrong_ones_zero(dev):
     assert score(tool, "", [wrong]) == (0.0 if "city" in tool.tool_call["arguments"] else 1.0)
     js = next(ex for ex in exs if ex.kind == "json")
     assert score(js, "{not json", []) == 0.0
+    echo = next(ex for ex in exs if ex.kind == "echo" and " " in ex.answer)
+    assert score(echo, echo.answer.rsplit(" ", 1)[0], []) == 0.0
+    assert reward(echo, echo.answer.rsplit(" ", 1)[0], []) == pytest.approx(0.9 * (len(echo.answer.split()) - 1)
+                                                                            / len(echo.answer.split()))
 
 
 def test_heldout_split_is_disjoint_from_training():
