@@ -132,7 +132,7 @@ class MoE(nn.Module):
         k = idx.shape[1]
         flat = idx.flatten()
         order = flat.argsort(stable=True)
-        load = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        load = flat.new_zeros(self.n_experts).scatter_add_(0, flat, torch.ones_like(flat))  # static shape
         if self.training:
             self.last_load = load
             if not self.gate.hash and len(shape) == 3:

@@ -6,6 +6,7 @@ exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -101,13 +102,13 @@ class Trainer:
 
     def loss(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         w = None if mask is None else mask[:, 1:]
+        scope = contextlib.nullcontext()
         if self.cfg.compile:  # the compiled graph skips the model's own input check; MoE counts stay symbolic
             from torch._dynamo import config as dynamo
 
             self.model._check_ids(ids)
-            with dynamo.patch(capture_scalar_outputs=True):
-                main, mtp_loss = self._compute(ids, w)
-        else:
+            scope = dynamo.patch(capture_scalar_outputs=True)
+        with scope:
             main, mtp_loss = self._compute(ids, w)
         stats = {"loss": main.item()}
         total = main
