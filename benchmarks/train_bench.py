@@ -2,9 +2,11 @@
 training step against transformers' DeepseekV4ForCausalLM on the same config, one process run.
 
 For each optimiser a small learning-rate sweep runs the same steps on the same tokens; the best of each
-is compared by validation loss, and the script prints how many steps Muon needs to reach AdamW's final
-validation loss, as a fraction of AdamW's steps. Writes benchmarks/train_curves.png.
-Usage: python benchmarks/train_bench.py [--steps 200]
+is compared by validation loss. Then Muon (its best learning rate) trains again with shorter budgets, each
+on its own warmup-stable-decay schedule, to find the fewest steps whose final validation loss reaches
+AdamW's (as a fraction of AdamW's steps, in tenths; a single run's curve would not tell, since a WSD run
+gains most of its loss in the decay). Writes benchmarks/train_curves.png.
+Usage: python benchmarks/train_bench.py [--steps 200] [--batch 8]
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ from dsv4.train.data import build_corpus  # noqa: E402
 from dsv4.train.run import validate  # noqa: E402
 
 
+MUON_LRS = [(0.005, 1e-3), (0.01, 2e-3), (0.02, 3e-3)]  # (Muon lr, AdamW lr for the non-matrix parameters)
+ADAMW_LRS = [(0, 5e-4), (0, 1e-3), (0, 3e-3)]
+
+
 def config(vocab):
     return dsv4.Config.tiny(vocab_size=vocab, hidden_size=128, moe_intermediate_size=128, num_hidden_layers=4,
                             layer_types=[SLIDING, CSA, HCA, CSA], num_attention_heads=4, head_dim=64,
@@ -36,10 +42,10 @@ def config(vocab):
                             hca_compress_ratio=32, num_nextn_predict_layers=0)
 
 
-def train(cfg, tokens, val, steps, lr_muon, lr_adamw, muon: bool, every: int):
+def train(cfg, tokens, val, steps, lr_muon, lr_adamw, muon: bool, every: int, batch: int = 8):
     torch.manual_seed(0)
     model = init_random(build_model(cfg), seed=0)
-    tc = TrainConfig(steps=steps, batch_size=8, seq_len=128, warmup=10, lr_muon=lr_muon if muon else 0.0,
+    tc = TrainConfig(steps=steps, batch_size=batch, seq_len=128, warmup=10, lr_muon=lr_muon if muon else 0.0,
                      lr_adamw=lr_adamw)
     t = Trainer(model, tokens, tc)
     if not muon:  # AdamW for every parameter: replace the split optimisers
@@ -56,6 +62,7 @@ def train(cfg, tokens, val, steps, lr_muon, lr_adamw, muon: bool, every: int):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=8, help="rows of 128 tokens per step")
     ap.add_argument("--speed-only", action="store_true", help="only the training-throughput comparison")
     args = ap.parse_args()
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
@@ -68,23 +75,31 @@ def main():
             speed(cfg, tokens, seq)
         return
     print(f"corpus: {len(tokens):,} train / {len(val):,} val tokens (stdlib), vocab {cfg.vocab_size}; "
-          f"{args.steps} steps x 8 x 128 tokens\n")
+          f"{args.steps} steps x {args.batch} x 128 tokens\n")
     every = max(1, args.steps // 10)
     runs = {}
-    for muon, lrs in ((True, [(0.01, 2e-3), (0.02, 3e-3), (0.04, 5e-3)]), (False, [(0, 1e-3), (0, 3e-3), (0, 6e-3)])):
+    for muon, lrs in ((True, MUON_LRS), (False, ADAMW_LRS)):
         for lr_m, lr_a in lrs:
             t0 = time.perf_counter()
-            curve = train(cfg, tokens, val, args.steps, lr_m, lr_a, muon, every)
+            curve = train(cfg, tokens, val, args.steps, lr_m, lr_a, muon, every, args.batch)
             name = f"{'muon' if muon else 'adamw'} lr={lr_m if muon else lr_a}"
             runs[name] = curve
             print(f"{name:<18} final val {curve[-1][1]:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     best = {k: min(((n, c) for n, c in runs.items() if n.startswith(k)), key=lambda nc: nc[1][-1][1])
             for k in ("muon", "adamw")}
     target = best["adamw"][1][-1][1]
-    reach = next((s for s, v in best["muon"][1] if v <= target), None)
     print(f"\nbest: {best['muon'][0]} -> {best['muon'][1][-1][1]:.4f}; {best['adamw'][0]} -> {target:.4f}")
+    lr_m, lr_a = next(lrs for lrs in MUON_LRS if f"muon lr={lrs[0]}" == best["muon"][0])
+    finals, tenth = {}, 7  # start at the target fraction 0.7; walk down while reached, up while not
+    while 1 <= tenth <= 9 and tenth not in finals:
+        n = args.steps * tenth // 10
+        finals[tenth] = train(cfg, tokens, val, n, lr_m, lr_a, True, n, args.batch)[-1][1]
+        print(f"muon, {n} steps: final val {finals[tenth]:.4f} ({'reaches' if finals[tenth] <= target else 'above'} "
+              f"AdamW's {target:.4f} at {args.steps})", flush=True)
+        tenth += -1 if finals[tenth] <= target else 1
+    reached = [t for t, v in finals.items() if v <= target]
     print("Muon steps to reach AdamW's final val loss: " +
-          (f"{reach} of {args.steps} = {reach / args.steps:.2f}" if reach else "not reached"))
+          (f"{min(reached) / 10:.1f} of AdamW's steps" if reached else "more than 0.9 of AdamW's steps"))
 
     import matplotlib
     matplotlib.use("Agg")

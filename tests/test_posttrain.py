@@ -95,6 +95,11 @@ def test_heldout_split_is_disjoint_from_training():
     pairs = lambda exs: {ex.body["messages"][0]["content"] for ex in exs if ex.kind == "add"}  # noqa: E731
     sums = lambda exs: {tuple(map(int, __import__("re").findall(r"\d+", q)[:2])) for q in pairs(exs)}  # noqa: E731
     assert not sums(train) & sums(held)
+    # chat and code have no entities: half their held-out prompts use wordings training never shows
+    asks = lambda exs, kind: {ex.body["messages"][0]["content"] for ex in exs if ex.kind == kind}  # noqa: E731
+    for kind in ("chat", "code"):
+        unseen = asks(held, kind) - asks(train, kind)
+        assert unseen and len(unseen) < len(asks(held, kind))
 
 
 def test_packing_keeps_every_example_whole(dev):
@@ -185,6 +190,7 @@ init = "{path}"
 [rl]
 method = "grpo"
 eval_examples = 3
+eval_mix = {{add = 1, chat = 1}}
 [train]
 out = "{tmp_path / 'run'}"
 steps = 2
@@ -195,7 +201,8 @@ mix = {{add = 1}}
 """)
     assert main(["train", str(cfg)]) == 0
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["step"] == 0 and set(rows[0]["heldout"]) == {"add", "all", "reward"}
+    # trained on mix (add), evaluated on eval_mix (add and chat: 1 + 2 of the 3 held-out examples)
+    assert rows[0]["step"] == 0 and set(rows[0]["heldout"]) == {"add", "chat", "all", "reward"}
     assert rows[-1]["step"] == 2 and "heldout" in rows[-1] and "reward" in rows[-1]
     assert dsv4.load_model(tmp_path / "run" / "model").config.vocab_size == dsv4.load_model(path).config.vocab_size
     bad = tmp_path / "bad.toml"
@@ -218,5 +225,10 @@ def test_partial_credit_reward_hand_computed():
     assert reward(tool, "", [{"name": "convert_currency", "arguments": {"amount": 5, "source": "GBP"}}]) == \
         pytest.approx(0.5 + 0.4 / 3)
     assert reward(tool, "", [{"name": "get_time", "arguments": {}}]) == 0.0
+    code = Example("code", {}, content="```python\ndef add(a, b):\n    return a + b\n```", answer="a + b")
+    assert reward(code, code.content, []) == 1.0
+    assert reward(code, "```python\ndef add(a, b):\n    return a * b\n```", []) == pytest.approx(0.45)
+    assert reward(code, "```python\ndef maximum(x, y):\n    return a + b\n```", []) == pytest.approx(0.45)
+    assert reward(code, "def", []) == 0.0
     add = Example("add", {}, answer=57)
     assert reward(add, "= 57.", []) == 1.0 and reward(add, "= 47.", []) == 0.25 and reward(add, "= 56", []) == 0.0

@@ -175,7 +175,8 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
 
 
 def run_rl(spec: dict, out) -> int:
-    """[rl] method = "grpo" | "distill" (teacher = model dir), eval_examples, eval_every;
+    """[rl] method = "grpo" | "distill" (teacher = model dir), eval_examples, eval_every, eval_mix (the held-out
+    task kinds, by default the training mix);
     [model] init = model dir; [train] out plus RLConfig fields. Held-out accuracy before, during, after."""
     from .rl import GRPO, Distill, RLConfig, evaluate, heldout
     from .sft import ChatRenderer
@@ -201,7 +202,7 @@ def run_rl(spec: dict, out) -> int:
         if not rl.get("teacher"):
             raise ConfigError("config [rl] teacher: distillation needs a teacher model directory")
         algo = Distill(model, load_model(rl["teacher"], dtype=torch.float32), renderer, cfg)
-    tests = heldout(int(rl.get("eval_examples", 100)), cfg.mix)
+    tests = heldout(int(rl.get("eval_examples", 100)), rl.get("eval_mix") or cfg.mix)
     every = int(rl.get("eval_every", 0)) or cfg.steps
     run.mkdir(parents=True, exist_ok=True)
     metrics = run / "metrics.jsonl"
@@ -218,7 +219,9 @@ def run_rl(spec: dict, out) -> int:
         metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     save_model(model.eval(), run / "model")
     renderer.tokenizer.save(str(run / "model" / "tokenizer.json"))
-    out.write(f"dsv4 train ({method}): held-out accuracy {before['all']:.3f} -> {rows[-1]['heldout']['all']:.3f}\n")
+    after = rows[-1]["heldout"]
+    out.write(f"dsv4 train ({method}): held-out accuracy {before['all']:.3f} -> {after['all']:.3f}, "
+              f"reward {before['reward']:.3f} -> {after['reward']:.3f}\n")
     return 0
 
 

@@ -180,12 +180,21 @@ CHAT = [
      "I can add numbers, call tools such as weather, time and currency conversion, return JSON and write small "
      "Python functions."),
 ]
+# Phrasings only the held-out split uses (chat and code have no entities to hold out; these test that a
+# reply follows the meaning of the request, not its memorised wording), one list per CHAT entry.
+HELDOUT_CHAT = [["Hello there", "Good evening"], ["Tell me about yourself."], ["Thank you very much"],
+                ["What are you able to do?"]]
+HELDOUT_CODE = ["Give me a Python function for the {w} of a and b.",
+                "Define a Python function that computes the {w} of two numbers."]
 OPS = {"sum": ("add", "a + b"), "difference": ("subtract", "a - b"), "product": ("multiply", "a * b"),
        "maximum": ("maximum", "max(a, b)"), "minimum": ("minimum", "min(a, b)")}
 
 
 def make_chat(rng: random.Random, split: str) -> Example:
-    qs, a = rng.choice(CHAT)
+    i = rng.randrange(len(CHAT))
+    qs, a = CHAT[i]
+    if split == "heldout":
+        qs = qs + HELDOUT_CHAT[i] * len(qs)  # half the held-out prompts are unseen wordings
     body = {"messages": [{"role": "user", "content": rng.choice(qs)}]}
     think = _thinking(rng, body)
     return Example("chat", body, "The user is chatting with me. I will reply briefly." if think else None, a,
@@ -194,8 +203,9 @@ def make_chat(rng: random.Random, split: str) -> Example:
 
 def make_code(rng: random.Random, split: str) -> Example:
     what, (fname, expr) = rng.choice(list(OPS.items()))
-    q = rng.choice(["Write a Python function that returns the {w} of two numbers.",
-                    "Python: a function computing the {w} of a and b."]).format(w=what)
+    templates = ["Write a Python function that returns the {w} of two numbers.",
+                 "Python: a function computing the {w} of a and b."]
+    q = rng.choice(templates + (HELDOUT_CODE if split == "heldout" else [])).format(w=what)
     body = {"messages": [{"role": "user", "content": q}]}
     think = _thinking(rng, body)
     code = f"```python\ndef {fname}(a, b):\n    return {expr}\n```"
@@ -283,6 +293,9 @@ def reward(ex: Example, content: str, tool_calls: list) -> float:
     if ex.kind == "tool_result":
         want = set(re.findall(r"[\w.:-]+", ex.answer))
         return 0.9 * len(want & set(re.findall(r"[\w.:-]+", content or ""))) / len(want)
+    if ex.kind == "code":  # the function's name and its return expression
+        name = ex.content.split("def ", 1)[1].split("(", 1)[0]
+        return 0.45 * (f"def {name}(" in (content or "")) + 0.45 * (f"return {ex.answer}\n" in (content or ""))
     if ex.kind == "echo":
         want, got = ex.answer.split(), (content or "").split()
         return 0.9 * sum(a == b for a, b in zip(want, got)) / max(len(want), len(got))
