@@ -194,7 +194,7 @@ def make_chat(rng: random.Random, split: str) -> Example:
     i = rng.randrange(len(CHAT))
     qs, a = CHAT[i]
     if split == "heldout":
-        qs = qs + HELDOUT_CHAT[i] * len(qs)  # half the held-out prompts are unseen wordings
+        qs = qs + HELDOUT_CHAT[i] * len(qs)  # unseen wordings: half the held-out prompts (greetings: 2 in 3)
     body = {"messages": [{"role": "user", "content": rng.choice(qs)}]}
     think = _thinking(rng, body)
     return Example("chat", body, "The user is chatting with me. I will reply briefly." if think else None, a,
