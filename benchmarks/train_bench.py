@@ -6,7 +6,7 @@ is compared by validation loss. Then Muon (its best learning rate) trains again 
 on its own warmup-stable-decay schedule, to find the fewest steps whose final validation loss reaches
 AdamW's (as a fraction of AdamW's steps, in tenths; a single run's curve would not tell, since a WSD run
 gains most of its loss in the decay). Writes benchmarks/train_curves.png.
-Usage: python benchmarks/train_bench.py [--steps 200] [--batch 8]
+Usage: python benchmarks/train_bench.py [--steps 200] [--batch 8] [--speed-only] [--seq 128,512,1024]
 """
 from __future__ import annotations
 
@@ -64,14 +64,16 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8, help="rows of 128 tokens per step")
     ap.add_argument("--speed-only", action="store_true", help="only the training-throughput comparison")
+    ap.add_argument("--seq", default="128,512,1024", help="sequence lengths of the throughput comparison")
     args = ap.parse_args()
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     tok = train_tokenizer(files[:150], 2048)
     tokens = build_corpus(files[:150], tok, 1)
     val = build_corpus(files[150:170], tok, 1)
     cfg = config(tok.get_vocab_size())
+    seqs = [int(x) for x in args.seq.split(",")]
     if args.speed_only:
-        for seq in (128, 512):
+        for seq in seqs:
             speed(cfg, tokens, seq)
         return
     print(f"corpus: {len(tokens):,} train / {len(val):,} val tokens (stdlib), vocab {cfg.vocab_size}; "
@@ -113,7 +115,7 @@ def main():
     fig.tight_layout()
     fig.savefig(Path(__file__).parent / "train_curves.png")
 
-    for seq in (128, 512):
+    for seq in seqs:
         speed(cfg, tokens, seq)
 
 
