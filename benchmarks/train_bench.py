@@ -79,19 +79,19 @@ def main():
     print(f"corpus: {len(tokens):,} train / {len(val):,} val tokens (stdlib), vocab {cfg.vocab_size}; "
           f"{args.steps} steps x {args.batch} x 128 tokens\n")
     every = max(1, args.steps // 10)
-    runs = {}
+    runs, lrs_of = {}, {}
     for muon, lrs in ((True, MUON_LRS), (False, ADAMW_LRS)):
         for lr_m, lr_a in lrs:
             t0 = time.perf_counter()
             curve = train(cfg, tokens, val, args.steps, lr_m, lr_a, muon, every, args.batch)
             name = f"{'muon' if muon else 'adamw'} lr={lr_m if muon else lr_a}"
-            runs[name] = curve
+            runs[name], lrs_of[name] = curve, (lr_m, lr_a)
             print(f"{name:<18} final val {curve[-1][1]:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     best = {k: min(((n, c) for n, c in runs.items() if n.startswith(k)), key=lambda nc: nc[1][-1][1])
             for k in ("muon", "adamw")}
     target = best["adamw"][1][-1][1]
     print(f"\nbest: {best['muon'][0]} -> {best['muon'][1][-1][1]:.4f}; {best['adamw'][0]} -> {target:.4f}")
-    lr_m, lr_a = next(lrs for lrs in MUON_LRS if f"muon lr={lrs[0]}" == best["muon"][0])
+    lr_m, lr_a = lrs_of[best["muon"][0]]
     finals, tenth = {}, 7  # start at the target fraction 0.7; walk down while reached, up while not
     while 1 <= tenth <= 9 and tenth not in finals:
         n = args.steps * tenth // 10

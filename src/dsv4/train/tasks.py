@@ -181,9 +181,11 @@ CHAT = [
      "Python functions."),
 ]
 # Phrasings only the held-out split uses (chat and code have no entities to hold out; these test that a
-# reply follows the meaning of the request, not its memorised wording), one list per CHAT entry.
+# reply follows the meaning of the request, not its memorised wording); HELDOUT_CHAT has one list per CHAT entry.
 HELDOUT_CHAT = [["Hello there", "Good evening"], ["Tell me about yourself."], ["Thank you very much"],
                 ["What are you able to do?"]]
+CODE_ASKS = ["Write a Python function that returns the {w} of two numbers.",
+             "Python: a function computing the {w} of a and b."]
 HELDOUT_CODE = ["Give me a Python function for the {w} of a and b.",
                 "Define a Python function that computes the {w} of two numbers."]
 OPS = {"sum": ("add", "a + b"), "difference": ("subtract", "a - b"), "product": ("multiply", "a * b"),
@@ -203,9 +205,7 @@ def make_chat(rng: random.Random, split: str) -> Example:
 
 def make_code(rng: random.Random, split: str) -> Example:
     what, (fname, expr) = rng.choice(list(OPS.items()))
-    templates = ["Write a Python function that returns the {w} of two numbers.",
-                 "Python: a function computing the {w} of a and b."]
-    q = rng.choice(templates + (HELDOUT_CODE if split == "heldout" else [])).format(w=what)
+    q = rng.choice(CODE_ASKS + (HELDOUT_CODE if split == "heldout" else [])).format(w=what)
     body = {"messages": [{"role": "user", "content": q}]}
     think = _thinking(rng, body)
     code = f"```python\ndef {fname}(a, b):\n    return {expr}\n```"
