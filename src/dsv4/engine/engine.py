@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.cache import new_cache
+from ..model.cache import StatePool, new_cache
+from ..model.decode import BatchDecoder, supports
 from ..model.transformer import Transformer
 from .prefix_cache import PrefixCache, layer_snapshot, restore
 from .sampling import RequestError, SamplingParams, draw, penalised, probs, sample
@@ -37,6 +38,7 @@ class EngineConfig:
     prefix_cache_dir: str | None = None  # persist prefix blocks on disk
     isolate_users: bool = False
     num_speculative_tokens: int = 0  # MTP drafts verified per decode step (0: off)
+    compile: bool = False  # torch.compile the batched decode step (minutes to compile; several x faster)
 
 
 def model_tag(model: Transformer) -> str:
@@ -65,6 +67,10 @@ class LLMEngine:
             self.prefix = PrefixCache(self.cfg.prefix_block, self.cfg.prefix_cache_bytes, self.cfg.prefix_cache_dir,
                                       self.cfg.isolate_users, model_tag(model))
         empty = new_cache(model, self.dtype, self.device, self.cfg.cache_layout)
+        self.pool = StatePool(model, self.cfg.max_num_seqs, self.dtype, self.device)
+        # steps where every scheduled sequence decodes one token go through one batched function
+        self.decoder = (BatchDecoder(model, self.pool, self.cfg.compile)
+                        if supports(model, self.cfg.cache_layout, self.dtype) else None)
         self.fixed_bytes, self.per_token = empty.nbytes(), empty.bytes_per_token()
         self.eos = self.mcfg.eos_token_id
         self.k = self.cfg.num_speculative_tokens
@@ -117,12 +123,18 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        seq.cache = None  # frees the decode state at once
+        self._free(seq)  # the decode state, at once
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
         self.requests.pop(seq.request_id, None)
+
+    def _free(self, seq: Sequence) -> None:
+        seq.cache = None
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None
 
     # ---- memory ----
     def used_bytes(self) -> int:
@@ -134,7 +146,8 @@ class LLMEngine:
 
     # ---- scheduling ----
     def _admit(self, seq: Sequence) -> None:
-        seq.cache = new_cache(self.model, self.dtype, self.device, self.cfg.cache_layout)
+        seq.slot = self.pool.acquire()
+        seq.cache = new_cache(self.model, self.dtype, self.device, self.cfg.cache_layout, self.pool, seq.slot)
         seq.num_computed, seq.block_hashes, seq.drafts, seq.draft_q = 0, [], [], []
         if self.prefix is not None:
             n, snaps, hashes = self.prefix.lookup(seq.tokens, seq.user)
@@ -151,7 +164,8 @@ class LLMEngine:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        seq.cache, seq.num_computed, seq.status = None, 0, Status.WAITING
+        self._free(seq)
+        seq.num_computed, seq.status = 0, Status.WAITING
         self.waiting.appendleft(seq)
         self.stats["preemptions"] += 1
 
@@ -206,14 +220,21 @@ class LLMEngine:
                 a = b
             work.append(w)
         with torch.no_grad():
-            X = self.model.step(ids, caches, hooks)
-            offsets = torch.tensor([0] + [len(t) for t in ids]).cumsum(0).tolist()
-            for w in work:
-                w.rows = list(range(offsets[w.first_segment], offsets[w.first_segment + len(w.cuts)]))
-            need = [w for w in work if w.drafts or w.start + len(w.rows) == len(w.seq.tokens)]
-            if need:
-                rows = [r for w in need for r in (w.rows if w.drafts else w.rows[-1:])]
-                logits = self.model.logits(X[torch.tensor(rows, device=self.device)][None])[0]
+            if self.decoder is not None and not self.k and all(n == 1 and s.pending == 1 for s, n in plan):
+                logits = self.decoder(caches, [w.seq.slot for w in work], [w.seq.tokens[w.start] for w in work],
+                                      hooks)
+                for j, w in enumerate(work):
+                    w.rows = [j]
+                need = work
+            else:
+                X = self.model.step(ids, caches, hooks)
+                offsets = torch.tensor([0] + [len(t) for t in ids]).cumsum(0).tolist()
+                for w in work:
+                    w.rows = list(range(offsets[w.first_segment], offsets[w.first_segment + len(w.cuts)]))
+                need = [w for w in work if w.drafts or w.start + len(w.rows) == len(w.seq.tokens)]
+                if need:
+                    rows = [r for w in need for r in (w.rows if w.drafts else w.rows[-1:])]
+                    logits = self.model.logits(X[torch.tensor(rows, device=self.device)][None])[0]
             plain, plain_rows, at = [], [], 0
             for w in need:
                 k = len(w.rows) if w.drafts else 1

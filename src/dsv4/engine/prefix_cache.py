@@ -67,8 +67,8 @@ def restore(template: SequenceCache, blocks: list, n: int) -> SequenceCache:
             st.buf_kv[:r] = last[f"{prefix}{name}.buf_kv"]
             st.buf_gate[:r] = last[f"{prefix}{name}.buf_gate"]
             if f"{prefix}{name}.prev_kv" in last:
-                st.prev_kv = last[f"{prefix}{name}.prev_kv"].clone()
-                st.prev_gate = last[f"{prefix}{name}.prev_gate"].clone()
+                st.prev_kv.copy_(last[f"{prefix}{name}.prev_kv"])
+                st.prev_gate.copy_(last[f"{prefix}{name}.prev_gate"])
             st.count = 0
             for b in blocks:
                 st.append(b[f"{prefix}{name}.entries"])

@@ -49,6 +49,7 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.cache = None  # SequenceCache once admitted
+        self.slot = None  # its row in the engine's StatePool
         self.num_computed = 0  # tokens already in the cache
         self.cached_tokens = 0
         self.admitted = False

@@ -19,9 +19,13 @@ def light_snapshot(lc: LayerCache) -> tuple:
     """Fixed-size part of a layer's state; entries are append-only, so their count suffices."""
     comp = []
     for st in (lc.comp, lc.index):
-        comp.append(None if st is None else (st.buf_kv.clone(), st.buf_gate.clone(), st.prev_kv, st.prev_gate,
-                                             st.count))
+        comp.append(None if st is None else (st.buf_kv.clone(), st.buf_gate.clone(), _clone(st.prev_kv),
+                                             _clone(st.prev_gate), st.count))
     return lc.window.clone(), comp
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
 
 
 def light_restore(lc: LayerCache, snap: tuple) -> None:
@@ -29,9 +33,11 @@ def light_restore(lc: LayerCache, snap: tuple) -> None:
     lc.window.copy_(window)
     for st, saved in zip((lc.comp, lc.index), comp):
         if st is not None:
-            buf_kv, buf_gate, st.prev_kv, st.prev_gate, st.count = saved
-            st.buf_kv.copy_(buf_kv)
-            st.buf_gate.copy_(buf_gate)
+            buf_kv, buf_gate, prev_kv, prev_gate, st.count = saved
+            for dst, src in ((st.buf_kv, buf_kv), (st.buf_gate, buf_gate), (st.prev_kv, prev_kv),
+                             (st.prev_gate, prev_gate)):
+                if dst is not None:
+                    dst.copy_(src)  # in place: the state may be a view into a StatePool
 
 
 class Rewind:

@@ -73,6 +73,11 @@ class EntryStore:
             return torch.cat([fp8_dequant(p[0], p[1], 64), p[2].float()], dim=-1)
         return fp4_dequant(unpack_fp4(p[0]), p[1].float(), 32)
 
+    def padded(self, rows: int) -> torch.Tensor:
+        """Dense layout: the storage as [rows, dim] (rows >= count), the rows past `count` arbitrary."""
+        self.parts[0] = _grow(self.parts[0], rows)
+        return self.parts[0][:rows]
+
     @property
     def bytes_per_entry(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.parts)
@@ -92,8 +97,8 @@ class CompressorState:
 
     buf_kv: torch.Tensor  # [ratio, coff*c] fp32 projected tokens of the open window
     buf_gate: torch.Tensor  # [ratio, coff*c] fp32
-    prev_kv: torch.Tensor | None = None  # [ratio, c] A halves of the last complete window (CSA)
-    prev_gate: torch.Tensor | None = None  # [ratio, c], ape included
+    prev_kv: torch.Tensor | None = None  # [ratio, c] A halves of the last complete window (CSA); zeros before one
+    prev_gate: torch.Tensor | None = None  # [ratio, c], ape included; -inf before the first complete window
     store: EntryStore | None = None  # emitted entries
 
     @property
@@ -150,28 +155,83 @@ class SequenceCache:
 
 
 
-def new_cache(model, dtype: torch.dtype | None = None, device=None, layout: str = "dense") -> SequenceCache:
+def _open_window(comp, rows: int, device) -> dict:
+    """Empty open-window tensors of `rows` sequences for one compressor (prev_* only with overlap)."""
+    m, c, D = comp.ratio, comp.head_dim, comp.wkv.weight.shape[0]
+    z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+    t = {"buf_kv": z(rows, m, D), "buf_gate": z(rows, m, D)}
+    if comp.overlap:
+        t |= {"prev_kv": z(rows, m, c), "prev_gate": z(rows, m, c).fill_(float("-inf"))}
+    return t
+
+
+class StatePool:
+    """The fixed-size decode state of up to `slots` sequences in shared tensors, one per layer and kind.
+
+    Per main layer: window [S, W, c] (storage dtype) and, per compressor, buf_kv / buf_gate [S, m, coff*c]
+    and (CSA) prev_kv / prev_gate [S, m, c], fp32. A SequenceCache made with a pool slot holds views
+    of its rows, so every path that updates a cache updates the pool, and a batched decode step can
+    gather and scatter the rows of many sequences in a few operations (`model/decode.py`).
+    Compressed entries (the part that grows) stay in each sequence's EntryStore."""
+
+    def __init__(self, model, slots: int, dtype: torch.dtype | None = None, device=None):
+        cfg = model.config
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.device = device or next(model.parameters()).device
+        self.window, self.comp, self.index = [], [], []
+        for block in model.layers:
+            a = block.attn
+            self.window.append(torch.zeros(slots, cfg.sliding_window, cfg.head_dim, dtype=self.dtype,
+                                           device=self.device))
+            for name, comp in (("comp", a.compressor), ("index", a.indexer.compressor if a.indexer else None)):
+                getattr(self, name).append(None if comp is None else _open_window(comp, slots, self.device))
+        self.free = list(range(slots - 1, -1, -1))
+
+    def acquire(self) -> int:
+        """A free slot, reset to the empty state. Raises if all are taken."""
+        if not self.free:
+            raise RuntimeError("decode-state pool exhausted (raise EngineConfig.max_num_seqs)")
+        s = self.free.pop()
+        for w in self.window:
+            w[s].zero_()
+        for t in self.comp + self.index:
+            if t is not None:
+                for k, v in t.items():
+                    v[s].fill_(float("-inf") if k == "prev_gate" else 0.0)
+        return s
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+def new_cache(model, dtype: torch.dtype | None = None, device=None, layout: str = "dense",
+              pool: StatePool | None = None, slot: int | None = None) -> SequenceCache:
     """An empty SequenceCache for `model` (a dsv4 Transformer).
 
     dtype: storage dtype of the window and dense entries (fp32/bf16). layout "fp8": compressed entries
-    in the production layout (FP8 nope + BF16 RoPE) and indexer keys in FP4."""
+    in the production layout (FP8 nope + BF16 RoPE) and indexer keys in FP4. With a pool and one of
+    its acquired slots, the main layers' fixed-size state are views of that slot's rows."""
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
     device = device or next(model.parameters()).device
     if layout not in ("dense", "fp8"):
         raise ValueError(f"cache layout must be 'dense' or 'fp8' (got {layout!r})")
 
-    def layer(block):
+    def layer(block, i=None):
         a = block.attn
-        lc = LayerCache(torch.zeros(cfg.sliding_window, cfg.head_dim, dtype=dtype, device=device))
+        pooled = pool is not None and i is not None
+        window = (pool.window[i][slot] if pooled
+                  else torch.zeros(cfg.sliding_window, cfg.head_dim, dtype=dtype, device=device))
+        lc = LayerCache(window)
         for name, comp in (("comp", a.compressor), ("index", a.indexer.compressor if a.indexer else None)):
             if comp is None:
                 continue
             fmt = "dense" if layout == "dense" else ("fp8" if name == "comp" else "fp4")
-            D = comp.wkv.weight.shape[0]
-            st = CompressorState(torch.zeros(comp.ratio, D, device=device), torch.zeros(comp.ratio, D, device=device),
-                                 store=EntryStore(comp.head_dim, fmt, dtype, device, cfg.qk_rope_head_dim))
+            rows = getattr(pool, name)[i] if pooled else _open_window(comp, 1, device)
+            t = {k: v[slot if pooled else 0] for k, v in rows.items()}
+            st = CompressorState(store=EntryStore(comp.head_dim, fmt, dtype, device, cfg.qk_rope_head_dim), **t)
             setattr(lc, name, st)
         return lc
 
-    return SequenceCache([layer(b) for b in model.layers], 0, [layer(b) for b in model.mtp])
+    return SequenceCache([layer(b, i) for i, b in enumerate(model.layers)], 0, [layer(b) for b in model.mtp])
+

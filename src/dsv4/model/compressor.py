@@ -72,7 +72,8 @@ class Compressor(nn.Module):
         """Feed the projections of tokens n..n+L-1 (kv, gate: [L, coff*c]) into a CompressorState.
 
         Pools every window this completes and returns the new entries [k, c] (not yet appended);
-        keeps the open window's tokens (and, with overlap, the last complete window's A half)."""
+        keeps the open window's tokens (and, with overlap, the last complete window's A half; before the
+        first complete window that half is zeros with gate -inf, which pooling weighs 0)."""
         m, c = self.ratio, self.head_dim
         r = n % m
         if r:
@@ -80,12 +81,12 @@ class Compressor(nn.Module):
         full = kv.shape[0] // m * m
         new = kv.new_zeros(0, c).to(dtype)
         if full:
-            prev = (st.prev_kv[None], st.prev_gate[None]) if st.prev_kv is not None else (None, None)
+            prev = (st.prev_kv[None], st.prev_gate[None]) if self.overlap else (None, None)
             pooled = pool_windows(kv[None, :full], gate[None, :full], self.ape, m, self.overlap, *prev)
             new = self.finish(pooled.to(dtype), st.count, rope)[0]
-            if self.overlap:
-                st.prev_kv = kv[full - m: full, :c].clone()
-                st.prev_gate = gate[full - m: full, :c] + self.ape[:, :c].float()
+            if self.overlap:  # in place: the state may be a view into a StatePool
+                st.prev_kv.copy_(kv[full - m: full, :c])
+                st.prev_gate.copy_(gate[full - m: full, :c] + self.ape[:, :c].float())
         rest = kv.shape[0] - full
         st.buf_kv[:rest], st.buf_gate[:rest] = kv[full:], gate[full:]
         return new

@@ -20,7 +20,8 @@ def hc_mix_inputs(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """[..., n, n] -> approximately doubly-stochastic (rows: source stream j, columns: destination k)."""
-    if logits.device.type == "cpu" and not (torch.is_grad_enabled() and logits.requires_grad):
+    if (logits.device.type == "cpu" and not (torch.is_grad_enabled() and logits.requires_grad)
+            and not torch.compiler.is_compiling()):
         return _sinkhorn_numpy(logits, iters, eps)
     c = logits.softmax(-1) + eps
     c = c / (c.sum(-2, keepdim=True) + eps)
