@@ -79,6 +79,16 @@ class LLMEngine:
         self.stats = {"steps": 0, "preemptions": 0, "prompt_tokens": 0, "cached_tokens": 0, "proposed": 0,
                       "accepted": 0}
 
+    def warmup(self) -> None:
+        """Run the decode step once at batch 1 and once at batch 2 (with `compile`, this compiles both graphs)."""
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        for n in (1, 2):
+            for _ in range(n):
+                self.add_request([self.mcfg.bos_token_id] * 2, params)
+            while self.has_unfinished():
+                self.step()
+        self.stats = dict.fromkeys(self.stats, 0)
+
     # ---- requests ----
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     user: str | None = None, constraint=None) -> Sequence:

@@ -12,7 +12,11 @@ Equal to `Transformer.step` up to float rounding (tests/test_decode.py).
 """
 from __future__ import annotations
 
+import types
+import weakref
+
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 
 from ..quant import rotate_fp4
@@ -38,13 +42,7 @@ class BatchDecoder:
 
     def __init__(self, model, pool: StatePool, compile: bool = False):
         self.model, self.pool, self.cfg = model, pool, model.config
-        self.core = self._core
-        if compile:
-            # matrix-vector products (one row) as fused multiply-reduce kernels, not BLAS calls
-            # and no guards on the model's parameters and settings (fixed for a decoder's lifetime)
-            self.core = torch.compile(self._core, dynamic=True, fullgraph=True, options={
-                "post_grad_fusion_options": {"decompose_mm_pass": {}},
-                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.core = _compiled(model) if compile else _core
 
     # ---- outside the graph ----
     def __call__(self, caches: list, slots: list, tokens: list, hooks: list | None = None) -> torch.Tensor:
@@ -63,9 +61,11 @@ class BatchDecoder:
             names = ("comp", "index") if a.indexer is not None else ("comp",)
             rows = [[getattr(c.layers[i], name).store.padded(T) for c in caches] for name in names]
             entries.append(tuple(r[0][None] if len(r) == 1 else torch.stack(r) for r in rows))
-        with torch.no_grad():
-            logits, emitted = self.core(torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev),
-                                        torch.tensor(slots, device=dev), entries)
+        # no duck sizing: the batch size would share a symbol with (and be specialised like) any
+        # constant dimension of equal value, e.g. N = 32 with an HCA ratio of 32
+        with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
+            logits, emitted = self.core(self.model, self.pool, torch.tensor(tokens, device=dev),
+                                        torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), entries)
         for i, block in enumerate(self.model.layers):
             m = block.attn.ratio
             if m:
@@ -80,102 +80,118 @@ class BatchDecoder:
                     hooks[j](f"L{i}.", lc)
         return logits
 
-    # ---- the graph ----
-    def _core(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, entries: list):
-        """ids, pos, slots: [N] -> (logits [N, vocab] fp32, per layer the entries each compressor pooled
-        this step ([N, c]; real only where (pos + 1) % ratio == 0), for the caller to append)."""
-        model = self.model
-        X = model.embed(ids)[None, :, None].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()  # [1, N, n, d]
-        emitted = []
-        for i, block in enumerate(model.layers):
-            h, post, C = block._pre(X, "attn")
-            o, new = self._attention(i, block.attn, block.attn_norm(h), ids, pos, slots, entries[i])
-            emitted.append(new)
-            X = hc_post(o, X, post, C)
-            h, post, C = block._pre(X, "ffn")
-            X = hc_post(self._moe(block.ffn, block.ffn_norm(h)[0], ids)[None], X, post, C)
-        c = self.cfg
-        y = model.norm(hc_head(X, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, c.rms_norm_eps,
-                               c.hc_eps))[0].float()  # [N, d]
-        return (y[:, None, :] * model.head.weight.float()).sum(-1), emitted  # as a fused reduction
 
-    def _attention(self, i, a, x, ids, pos, slots, entries):
-        """x: [1, N, d] -> ([1, N, d], entries pooled this step)."""
-        cfg, pool = self.cfg, self.pool
-        W, N, quant = cfg.sliding_window, x.shape[1], cfg.quant_simulation
-        cos, sin = a.rope.cos_sin(pos)
-        qr, q = a.project_q(x, cos, sin)
-        kv = a.project_kv(x, cos, sin)[0]  # [N, c]
-        # the window ring: write this token's entry at slot pos % W, attend to the filled slots
-        ring = pool.window[i]
-        ring.index_put_((slots, pos % W), kv.to(ring.dtype))
-        keys = [ring[slots].to(x.dtype)]  # [N, W, c]
-        masks = [torch.arange(W, device=x.device)[None, :] <= pos[:, None]]
-        new = ()
-        if a.compressor is not None:
-            m = a.ratio
-            count = pos // m  # entries emitted before this token
-            done = (pos + 1) % m == 0
-            entry = a.kv_quant(self._compress(a.compressor, pool.comp[i], x[0], pos, slots, a.rope))
-            comp = _place(entries[0], entry, count, done)
-            visible = torch.arange(comp.shape[1], device=x.device)[None, :] < (count + done.long())[:, None]
-            new = (entry,)
-            if a.indexer is not None:
-                key = self._compress(a.indexer.compressor, pool.index[i], x[0], pos, slots, a.rope)
-                key = rotate_fp4(key) if quant else key
-                ikeys = _place(entries[1], key, count, done)
-                qi, wi = a.indexer.queries(x, qr, pos, a.rope, quant)
-                picks = a.indexer.select_batch(qi[0], wi[0], ikeys, visible)  # [N, k], -1 = none
-                comp = comp[torch.arange(N, device=x.device)[:, None], picks.clamp(min=0)]
-                visible = picks >= 0
-                new = (entry, key)
-            keys.append(comp)
-            masks.append(visible)
-        K = torch.cat(keys, dim=1)  # [N, W + k, c]
-        logits = torch.einsum("nhc,nkc->nhk", q[0], K).mul(a.head_dim ** -0.5)
-        logits = logits.masked_fill(~torch.cat(masks, dim=1)[:, None, :], float("-inf"))
-        logits = torch.cat([logits.float(), a.attn_sink.float()[None, :, None].expand(N, -1, 1)], dim=-1)
-        p = logits.softmax(-1)[..., :-1].to(q.dtype)
-        o = torch.einsum("nhk,nkc->nhc", p, K)[None]
-        return a.output(o, cos, sin), new
 
-    @staticmethod
-    def _compress(comp, st: dict, x, pos, slots, rope: Rope):
-        """Feed one token per sequence into its open window (pool rows `slots`); -> the entry the window
-        would pool now [N, c] (x's dtype), meaningful where the token completes it."""
-        m, c = comp.ratio, comp.head_dim
-        kv, gate = comp.project(x)  # [N, coff*c] fp32
-        r = pos % m
-        st["buf_kv"].index_put_((slots, r), kv)
-        st["buf_gate"].index_put_((slots, r), gate)
-        win_kv, win_gate = st["buf_kv"][slots], st["buf_gate"][slots]  # [N, m, coff*c], this token included
-        prev = (st["prev_kv"][slots], st["prev_gate"][slots]) if comp.overlap else (None, None)
-        pooled = pool_windows(win_kv, win_gate, comp.ape, m, comp.overlap, *prev)[:, 0]  # [N, c]
-        if comp.overlap:  # a completed window's A half becomes the next one's `prev`
-            done = ((pos + 1) % m == 0)[:, None, None]
-            st["prev_kv"].index_put_((slots,), torch.where(done, win_kv[..., :c], prev[0]))
-            st["prev_gate"].index_put_((slots,), torch.where(done, win_gate[..., :c] + comp.ape[:, :c].float(),
-                                                             prev[1]))
-        cos, sin = rope.cos_sin(pos // m * m)
-        return Rope.rotate(comp.norm(pooled.to(x.dtype)), cos, sin)
+# ---- the function (compiled as one graph) ----
+def _core(model, pool: StatePool, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, entries: list):
+    """ids, pos, slots: [N] -> (logits [N, vocab] fp32, per layer the entries each compressor pooled
+    this step ([N, c]; real only where (pos + 1) % ratio == 0), for the caller to append)."""
+    c = model.config
+    X = model.embed(ids)[None, :, None].expand(-1, -1, c.hc_mult, -1).contiguous()  # [1, N, n, d]
+    emitted = []
+    for i, block in enumerate(model.layers):
+        h, post, C = block._pre(X, "attn")
+        o, new = _attention(c, pool, i, block.attn, block.attn_norm(h), pos, slots, entries[i])
+        emitted.append(new)
+        X = hc_post(o, X, post, C)
+        h, post, C = block._pre(X, "ffn")
+        X = hc_post(_moe(block.ffn, block.ffn_norm(h)[0], ids)[None], X, post, C)
+    y = model.norm(hc_head(X, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, c.rms_norm_eps,
+                           c.hc_eps))[0].float()  # [N, d]
+    return (y[:, None, :] * model.head.weight.float()).sum(-1), emitted  # as a fused reduction
 
-    @staticmethod
-    def _moe(moe, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x: [N, d] -> [N, d]: each token through its k experts (weights gathered by index) + the shared one.
 
-        Compiled, the gathers fuse into the reductions; eager, the grouped MoE forward is cheaper."""
-        if not torch.compiler.is_compiling():
-            return moe(x[None], ids[None])[0]
-        g, idx = moe.gate(x, ids)  # [N, k]
-        E, lim = moe.experts, moe.limit
-        xe = x[:, None, None, :]
-        gate = (xe * E.w1[idx]).sum(-1).float().clamp(max=lim)  # [N, k, I]
-        up = (xe * E.w3[idx]).sum(-1).float().clamp(-lim, lim)
-        h = (F.silu(gate) * up * g[..., None]).to(x.dtype)
-        y = (h[:, :, None, :] * E.w2[idx]).sum(-1).float().sum(1)  # [N, d]
-        if moe.shared_experts is not None:
-            y = y + moe.shared_experts(x).float()
-        return y.to(x.dtype)
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _compiled(model):
+    """`_core` compiled for this model. Each model gets its own copy of the function's code, so its own
+    compile cache: the graphs skip guards on the model's parameters and settings, which would otherwise
+    let a model of another shape reuse them; engines over the same model share them."""
+    if model not in _COMPILED:
+        own = types.FunctionType(_core.__code__.replace(), _core.__globals__, _core.__name__)
+        # one-row matrix products as fused multiply-reduce kernels rather than BLAS calls
+        _COMPILED[model] = torch.compile(own, dynamic=True, fullgraph=True, options={
+            "post_grad_fusion_options": {"decompose_mm_pass": {}},
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    return _COMPILED[model]
+
+
+def _attention(cfg, pool, i, a, x, pos, slots, entries):
+    """Layer i's attention for one token per sequence. x: [1, N, d] -> ([1, N, d], entries pooled this step)."""
+    W, N, quant = cfg.sliding_window, x.shape[1], cfg.quant_simulation
+    cos, sin = a.rope.cos_sin(pos)
+    qr, q = a.project_q(x, cos, sin)
+    kv = a.project_kv(x, cos, sin)[0]  # [N, c]
+    # the window ring: write this token's entry at slot pos % W, attend to the filled slots
+    ring = pool.window[i]
+    ring.index_put_((slots, pos % W), kv.to(ring.dtype))
+    keys = [ring[slots].to(x.dtype)]  # [N, W, c]
+    masks = [torch.arange(W, device=x.device)[None, :] <= pos[:, None]]
+    new = ()
+    if a.compressor is not None:
+        m = a.ratio
+        count = pos // m  # entries emitted before this token
+        done = (pos + 1) % m == 0
+        entry = a.kv_quant(_compress(a.compressor, pool.comp[i], x[0], pos, slots, a.rope))
+        comp = _place(entries[0], entry, count, done)
+        visible = torch.arange(comp.shape[1], device=x.device)[None, :] < (count + done.long())[:, None]
+        new = (entry,)
+        if a.indexer is not None:
+            key = _compress(a.indexer.compressor, pool.index[i], x[0], pos, slots, a.rope)
+            key = rotate_fp4(key) if quant else key
+            ikeys = _place(entries[1], key, count, done)
+            qi, wi = a.indexer.queries(x, qr, pos, a.rope, quant)
+            picks = a.indexer.select_batch(qi[0], wi[0], ikeys, visible)  # [N, k], -1 = none
+            comp = comp[torch.arange(N, device=x.device)[:, None], picks.clamp(min=0)]
+            visible = picks >= 0
+            new = (entry, key)
+        keys.append(comp)
+        masks.append(visible)
+    K = torch.cat(keys, dim=1)  # [N, W + k, c]
+    logits = torch.einsum("nhc,nkc->nhk", q[0], K).mul(a.head_dim ** -0.5)
+    logits = logits.masked_fill(~torch.cat(masks, dim=1)[:, None, :], float("-inf"))
+    logits = torch.cat([logits.float(), a.attn_sink.float()[None, :, None].expand(N, -1, 1)], dim=-1)
+    p = logits.softmax(-1)[..., :-1].to(q.dtype)
+    o = torch.einsum("nhk,nkc->nhc", p, K)[None]
+    return a.output(o, cos, sin), new
+
+def _compress(comp, st: dict, x, pos, slots, rope: Rope):
+    """Feed one token per sequence into its open window (pool rows `slots`); -> the entry the window
+    would pool now [N, c] (x's dtype), meaningful where the token completes it."""
+    m, c = comp.ratio, comp.head_dim
+    kv, gate = comp.project(x)  # [N, coff*c] fp32
+    r = pos % m
+    st["buf_kv"].index_put_((slots, r), kv)
+    st["buf_gate"].index_put_((slots, r), gate)
+    win_kv, win_gate = st["buf_kv"][slots], st["buf_gate"][slots]  # [N, m, coff*c], this token included
+    prev = (st["prev_kv"][slots], st["prev_gate"][slots]) if comp.overlap else (None, None)
+    pooled = pool_windows(win_kv, win_gate, comp.ape, m, comp.overlap, *prev)[:, 0]  # [N, c]
+    if comp.overlap:  # a completed window's A half becomes the next one's `prev`
+        done = ((pos + 1) % m == 0)[:, None, None]
+        st["prev_kv"].index_put_((slots,), torch.where(done, win_kv[..., :c], prev[0]))
+        st["prev_gate"].index_put_((slots,), torch.where(done, win_gate[..., :c] + comp.ape[:, :c].float(),
+                                                         prev[1]))
+    cos, sin = rope.cos_sin(pos // m * m)
+    return Rope.rotate(comp.norm(pooled.to(x.dtype)), cos, sin)
+
+
+def _moe(moe, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x: [N, d] -> [N, d]: each token through its k experts (weights gathered by index) + the shared one.
+
+    Compiled, the gathers fuse into the reductions; eager, the grouped MoE forward is cheaper."""
+    if not torch.compiler.is_compiling():
+        return moe(x[None], ids[None])[0]
+    g, idx = moe.gate(x, ids)  # [N, k]
+    E, lim = moe.experts, moe.limit
+    xe = x[:, None, None, :]
+    gate = (xe * E.w1[idx]).sum(-1).float().clamp(max=lim)  # [N, k, I]
+    up = (xe * E.w3[idx]).sum(-1).float().clamp(-lim, lim)
+    h = (F.silu(gate) * up * g[..., None]).to(x.dtype)
+    y = (h[:, :, None, :] * E.w2[idx]).sum(-1).float().sum(1)  # [N, d]
+    if moe.shared_experts is not None:
+        y = y + moe.shared_experts(x).float()
+    return y.to(x.dtype)
 
 
 def _place(entries: torch.Tensor, new: torch.Tensor, count: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
