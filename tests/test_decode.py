@@ -63,3 +63,10 @@ def test_pool_slots_are_reset_and_released(model):
     while eng.has_unfinished():
         eng.step()
     assert again.output_ids == first[0].output_ids == first[2].output_ids
+
+
+def test_warmup_leaves_no_trace(model):
+    eng = LLMEngine(model, config=dsv4.EngineConfig(max_num_seqs=2))
+    eng.warmup()
+    assert not eng.has_unfinished() and sorted(eng.pool.free) == [0, 1]
+    assert set(eng.stats.values()) == {0}

@@ -81,7 +81,6 @@ class BatchDecoder:
         return logits
 
 
-
 # ---- the function (compiled as one graph) ----
 def _core(model, pool: StatePool, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, entries: list):
     """ids, pos, slots: [N] -> (logits [N, vocab] fp32, per layer the entries each compressor pooled
