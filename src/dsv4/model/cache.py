@@ -179,12 +179,13 @@ class StatePool:
         self.dtype = dtype or next(model.parameters()).dtype
         self.device = device or next(model.parameters()).device
         self.window, self.comp, self.index = [], [], []
+        rows = max(slots, 2)  # a one-row pool would have a size-1 dimension, which compiled graphs specialise
         for block in model.layers:
             a = block.attn
-            self.window.append(torch.zeros(slots, cfg.sliding_window, cfg.head_dim, dtype=self.dtype,
+            self.window.append(torch.zeros(rows, cfg.sliding_window, cfg.head_dim, dtype=self.dtype,
                                            device=self.device))
             for name, comp in (("comp", a.compressor), ("index", a.indexer.compressor if a.indexer else None)):
-                getattr(self, name).append(None if comp is None else _open_window(comp, slots, self.device))
+                getattr(self, name).append(None if comp is None else _open_window(comp, rows, self.device))
         self.free = list(range(slots - 1, -1, -1))
 
     def acquire(self) -> int:
