@@ -46,6 +46,7 @@ def test_batched_decode_matches_full_forward(model):
     assert decode_vs_full(model, decoder, [0, 5, 23], 40) <= 1e-4  # empty cache, mid-window, several blocks in
 
 
+@pytest.mark.slow  # inductor compiles two graphs: minutes on a 2-core CPU with a cold cache
 def test_compiled_decode_matches_full_forward(model):
     decoder = BatchDecoder(model, StatePool(model, 4), compile=True)
     assert decode_vs_full(model, decoder, [17], 24, seed=1) <= 1e-4  # batch 1: its own graph
