@@ -237,16 +237,22 @@ class Attention(nn.Module):
                 visible = picks >= 0
             keys.append(comp)
             masks.append(visible)
-        K = torch.cat(keys, dim=1)  # [N, W + entries, c]
-        logits = torch.einsum("nhc,nkc->nhk", q[0], K).mul(self.head_dim ** -0.5)
-        logits = logits.masked_fill(~torch.cat(masks, dim=1)[:, None, :], float("-inf"))
-        logits = torch.cat([logits.float(), self.attn_sink.float()[None, :, None].expand(N, -1, 1)], dim=-1)
-        p = logits.softmax(-1)[..., :-1].to(q.dtype)
-        o = torch.einsum("nhk,nkc->nhc", p, K)[None]
+        o = attend_one(q[0], keys, masks, self.attn_sink, self.head_dim ** -0.5)[None]
         for cache, _, _, hook in segments:
             if hook is not None:
                 hook(cache)
         return self.output(o, cos, sin)
+
+
+def attend_one(q: torch.Tensor, keys: list, masks: list, sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over its keys (K = V) and a per-head sink logit without a value.
+    q [N, H, c]; keys: parts [N, k_i, c] joined along k, masks: matching [N, k_i] bool -> [N, H, c]."""
+    K = torch.cat(keys, dim=1)
+    logits = torch.einsum("nhc,nkc->nhk", q, K).mul(scale)
+    logits = logits.masked_fill(~torch.cat(masks, dim=1)[:, None, :], float("-inf"))
+    logits = torch.cat([logits.float(), sinks.float()[None, :, None].expand(q.shape[0], -1, 1)], dim=-1)
+    p = logits.softmax(-1)[..., :-1].to(q.dtype)
+    return torch.einsum("nhk,nkc->nhc", p, K)
 
 
 def _padded(states: list, dtype) -> tuple[torch.Tensor, torch.Tensor]:

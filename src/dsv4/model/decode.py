@@ -20,6 +20,7 @@ import torch.fx.experimental._config
 import torch.nn.functional as F
 
 from ..quant import rotate_fp4
+from .attention import attend_one
 from .cache import StatePool
 from .compressor import pool_windows
 from .mhc import hc_head, hc_post
@@ -147,13 +148,9 @@ def _attention(cfg, pool, i, a, x, pos, slots, entries):
             new = (entry, key)
         keys.append(comp)
         masks.append(visible)
-    K = torch.cat(keys, dim=1)  # [N, W + k, c]
-    logits = torch.einsum("nhc,nkc->nhk", q[0], K).mul(a.head_dim ** -0.5)
-    logits = logits.masked_fill(~torch.cat(masks, dim=1)[:, None, :], float("-inf"))
-    logits = torch.cat([logits.float(), a.attn_sink.float()[None, :, None].expand(N, -1, 1)], dim=-1)
-    p = logits.softmax(-1)[..., :-1].to(q.dtype)
-    o = torch.einsum("nhk,nkc->nhc", p, K)[None]
+    o = attend_one(q[0], keys, masks, a.attn_sink, a.head_dim ** -0.5)[None]
     return a.output(o, cos, sin), new
+
 
 def _compress(comp, st: dict, x, pos, slots, rope: Rope):
     """Feed one token per sequence into its open window (pool rows `slots`); -> the entry the window
