@@ -59,7 +59,13 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """X_k <- post_k * f + sum_j C[j,k] X_j, in fp32, cast to X's dtype. f: [B,S,d], X: [B,S,n,d]."""
-    out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.matmul(C.transpose(-1, -2), X.float())
+    Xf = X.float()
+    out = post.unsqueeze(-1) * f.float().unsqueeze(-2)
+    if torch.compiler.is_compiling():  # n multiply-adds fuse into one kernel; a batch of n x n matmuls does not
+        for j in range(X.shape[-2]):
+            out = out + C[..., j, :].unsqueeze(-1) * Xf[..., j, :].unsqueeze(-2)
+    else:
+        out = out + torch.matmul(C.transpose(-1, -2), Xf)
     return out.to(X.dtype)
 
 

@@ -18,7 +18,10 @@ def init(backend: str | None = None) -> tuple[int, int]:
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
             return 0, 1
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":  # one GPU per process
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 
 

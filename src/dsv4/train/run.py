@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import json
+import os
 import sys
 import sysconfig
 import tomllib
@@ -29,7 +30,7 @@ from .data import build_corpus
 from .sft import BOS, EOS
 from .hashing import install_tid2eid
 from .qat import enable_fp4_qat
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, autocast
 
 
 def _files(patterns, exclude=()) -> list:
@@ -54,6 +55,19 @@ def text_corpus(data: dict, tok, seed: int, starts: list | None = None) -> np.nd
     """The token stream `dsv4 train` builds from a [data] table (files, exclude, fim_rate)."""
     return build_corpus(_files(data.get("files"), data.get("exclude", ())), tok, tok.token_to_id(EOS),
                         data.get("fim_rate", 0.0), seed, bos=tok.token_to_id(BOS), starts=starts)
+
+
+def train_device(name: str) -> torch.device:
+    """[train] device: "auto" is this rank's GPU when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config [train] device: {name!r} is not a device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config [train] device: {name!r}, but this machine has no CUDA GPU")
+    return device
 
 
 def train_end(n_tokens: int, width: int, val_fraction: float) -> int:
@@ -121,6 +135,7 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         raise ConfigError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab_size {model.config.vocab_size}")
     if qat:
         enable_fp4_qat(model, fp8=qat == "fp4+fp8")
+    model.to(train_device(tcfg.device))
     trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None, train_mask)
     ckpt = run / "checkpoint"
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
@@ -299,11 +314,15 @@ def validate(model, tokens: np.ndarray, cfg: TrainConfig, mask: np.ndarray | Non
         return float("nan")
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0.0
     for i in range(min(batches, n)):
-        ids = torch.from_numpy(tokens[i * width:(i + 1) * width].astype(np.int64))[None]
-        ce = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="none")
-        w = torch.ones_like(ce) if mask is None else torch.from_numpy(mask[i * width + 1:(i + 1) * width].astype(np.float32))
+        ids = torch.from_numpy(tokens[i * width:(i + 1) * width].astype(np.int64))[None].to(device)
+        with autocast(device, cfg.bf16):
+            logits = model(ids[:, :-1])[0]
+        ce = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:], reduction="none")
+        w = torch.ones_like(ce) if mask is None else \
+            torch.from_numpy(mask[i * width + 1:(i + 1) * width].astype(np.float32)).to(device)
         total += float((ce * w).sum())
         count += float(w.sum())
     model.train(was)

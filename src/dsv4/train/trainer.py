@@ -42,6 +42,8 @@ class TrainConfig:
     seq_balance_coef: float = 1e-4  # small sequence-wise balance loss on the top-k layers
     seed: int = 0
     compile: bool = False  # torch.compile the forward and losses (minutes to compile, then faster steps)
+    device: str = "auto"  # `dsv4 train`'s device: "auto" (cuda when present, this rank's GPU under torchrun), "cpu", "cuda:N"
+    bf16: bool = True  # bf16 autocast for forward and losses on GPU (weights and optimiser state stay fp32)
 
     def lr_factor(self, step: int) -> float:
         """Warmup-stable-decay multiplier for step (0-based)."""
@@ -59,6 +61,7 @@ class Trainer:
         """parallel: a plan such as distributed.DataParallel (shard, sync_gradients, mean, sync_loads).
         mask: optional 0/1 array like tokens; only targets with mask 1 count (SFT: assistant turns)."""
         self.model, self.cfg = model.train(), cfg
+        self.device = next(model.parameters()).device
         self.parallel = parallel
         self.tokens, self.mask = tokens, mask
         if mask is not None and len(mask) != len(tokens):
@@ -78,8 +81,9 @@ class Trainer:
         self.position = int((self.position + n) % len(self.tokens))
         ids = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64)).view(self.cfg.batch_size, -1)
         if self.mask is None:
-            return ids, None
-        return ids, torch.from_numpy(np.asarray(self.mask[idx], dtype=np.float32)).view(self.cfg.batch_size, -1)
+            return ids.to(self.device), None
+        mask = torch.from_numpy(np.asarray(self.mask[idx], dtype=np.float32)).view(self.cfg.batch_size, -1)
+        return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
     def _ce(logits: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -108,7 +112,7 @@ class Trainer:
 
             self.model._check_ids(ids)
             scope = dynamo.patch(capture_scalar_outputs=True)
-        with scope:
+        with scope, autocast(self.device, self.cfg.bf16):
             main, mtp_loss = self._compute(ids, w)
         stats = {"loss": main.item()}
         total = main
@@ -192,6 +196,8 @@ class Trainer:
         try:
             save_file(model_sd, str(tmp / "model.safetensors"))
             opt_tensors["rng.torch"] = torch.get_rng_state()
+            if self.device.type == "cuda":
+                opt_tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             np_state = np.random.get_state()
             meta = {"step": self.step_count, "position": self.position, "config": asdict(self.cfg),
@@ -233,6 +239,8 @@ class Trainer:
                     state.setdefault(int(parts[1]), {})[parts[2]] = _like(v, p) if v.shape == p.shape else v
             opt.load_state_dict({"state": state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         random.setstate((meta["rng_python"][0], tuple(meta["rng_python"][1]), meta["rng_python"][2]))
         ns = meta["rng_numpy"]
         np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
@@ -242,6 +250,13 @@ class Trainer:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2 shard (a DTensor; collective: every rank calls it), else t itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on a GPU when asked; a no-op on the CPU (fp32 training there)."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
