@@ -46,7 +46,7 @@ def model_tag(model: Transformer) -> str:
     h = hashlib.sha256(json.dumps(model.config.to_hf_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
-        h.update(name.encode() + flat[:: max(1, flat.numel() // 64)].float().numpy().tobytes())
+        h.update(name.encode() + flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -65,7 +65,7 @@ class LLMEngine:
         self.prefix = None
         if self.cfg.prefix_block:
             self.prefix = PrefixCache(self.cfg.prefix_block, self.cfg.prefix_cache_bytes, self.cfg.prefix_cache_dir,
-                                      self.cfg.isolate_users, model_tag(model))
+                                      self.cfg.isolate_users, model_tag(model), self.device)
         empty = new_cache(model, self.dtype, self.device, self.cfg.cache_layout)
         self.pool = StatePool(model, self.cfg.max_num_seqs, self.dtype, self.device)
         # steps where every scheduled sequence decodes one token go through one batched function

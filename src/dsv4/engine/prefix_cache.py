@@ -28,7 +28,7 @@ def _digest(tensors: dict) -> str:
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h.update(k.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -79,11 +79,11 @@ def restore(template: SequenceCache, blocks: list, n: int) -> SequenceCache:
 
 class PrefixCache:
     def __init__(self, block_size: int = 64, max_bytes: int = 1 << 30, disk_dir: str | None = None,
-                 isolate_users: bool = False, model_tag: str = ""):
+                 isolate_users: bool = False, model_tag: str = "", device: torch.device | str = "cpu"):
         if block_size < 1:
             raise ValueError("prefix cache block_size must be >= 1")
         self.block_size, self.max_bytes, self.isolate = block_size, max_bytes, isolate_users
-        self.model_tag = model_tag
+        self.model_tag, self.device = model_tag, torch.device(device)
         self.disk = Path(disk_dir) if disk_dir else None
         if self.disk:
             self.disk.mkdir(parents=True, exist_ok=True)
@@ -143,6 +143,7 @@ class PrefixCache:
         if not ok:  # corrupt or tampered: drop it and recompute
             f.unlink(missing_ok=True)
             return None
+        snap = {k: v.to(self.device) for k, v in snap.items()}
         self._put_memory(key, snap)
         return snap
 
