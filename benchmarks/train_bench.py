@@ -150,7 +150,8 @@ def speed(cfg, tokens, seq: int, batch: int = 8):
     def loss_fn(x):
         return F.cross_entropy(model(x[:, :-1]).reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
 
-    compiled = torch.compile(loss_fn)
+    compiled = torch.compile(loss_fn, dynamic=False)  # each length its own static graph (a second length would
+    # otherwise recompile one dynamic-shape graph: slower to build and to run)
 
     def ours(fn=loss_fn):
         with torch._dynamo.config.patch(capture_scalar_outputs=True):

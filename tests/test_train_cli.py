@@ -104,3 +104,22 @@ def test_sft_replay_mixes_in_pretraining_rows_and_needs_its_source(tmp_path, cap
     bad.write_text(cfg.read_text().replace(f'replay_from = "{tmp_path / "base.toml"}"', ""))
     assert main(["train", str(bad)]) == 2
     assert "replay_from" in capsys.readouterr().err
+
+
+def test_train_device_is_checked_and_auto_picks_the_cpu_here(tmp_path, capsys):
+    import pytest
+    import torch
+
+    from dsv4.config import ConfigError
+    from dsv4.train.run import train_device
+
+    assert train_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not a device"):
+        train_device("gpu0")
+    if not torch.cuda.is_available():
+        assert train_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            train_device("cuda:0")
+        cfg = write_config(tmp_path, "dev")
+        cfg.write_text(cfg.read_text().replace("[train]", '[train]\ndevice = "cuda"'))
+        assert main(["train", str(cfg)]) == 2 and "no CUDA GPU" in capsys.readouterr().err

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 
 
 def hc_mix_inputs(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """mu = (fn @ flatten(X)) * rho, rho = 1/sqrt(mean(flatten(X)^2) + eps). X: [B,S,n,d] -> [B,S,fn.shape[0]] fp32."""
+    """mu = (fn @ flatten(X)) * rho, rho = 1/sqrt(mean(flatten(X)^2) + eps). X: [B,S,n,d] -> [B,S,fn.shape[0]] fp32.
+
+    In that order: the product first, then the [B,S,1] scale (no scaled copy of X), and the mean square
+    as one norm reduction (no squared copy)."""
     x = X.flatten(-2).float()
-    x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return F.linear(x, fn.float())
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
+    return F.linear(x, fn.float()) * torch.rsqrt(ms + eps)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -53,19 +56,30 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     post = 2 * torch.sigmoid(mu[..., n:2 * n] * scale[1] + base[n:2 * n])
     comb = mu[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)
     C = sinkhorn(comb, iters, hc_eps)
-    h = (pre.unsqueeze(-1) * X.float()).sum(-2).to(X.dtype)
+    h = collapse(pre, X)
     return h, post, C
+
+
+def collapse(pre: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """sum_j pre_j X_j in fp32, cast to X's dtype. pre: [B,S,n], X: [B,S,n,d] -> [B,S,d].
+    As n multiply-adds into one [B,S,d] result, not a [B,S,n,d] product reduced afterwards."""
+    Xf = X.float()
+    h = Xf[..., 0, :] * pre[..., 0:1]
+    grad = torch.is_grad_enabled() and (h.requires_grad or pre.requires_grad)
+    for j in range(1, X.shape[-2]):
+        h = torch.addcmul(h, Xf[..., j, :], pre[..., j:j + 1]) if grad else h.addcmul_(Xf[..., j, :], pre[..., j:j + 1])
+    return h.to(X.dtype)
 
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """X_k <- post_k * f + sum_j C[j,k] X_j, in fp32, cast to X's dtype. f: [B,S,d], X: [B,S,n,d]."""
     Xf = X.float()
     out = post.unsqueeze(-1) * f.float().unsqueeze(-2)
-    if torch.compiler.is_compiling():  # n multiply-adds fuse into one kernel; a batch of n x n matmuls does not
-        for j in range(X.shape[-2]):
-            out = out + C[..., j, :].unsqueeze(-1) * Xf[..., j, :].unsqueeze(-2)
-    else:
-        out = out + torch.matmul(C.transpose(-1, -2), Xf)
+    # n multiply-adds: one pass each, and one fused kernel when compiled (a batch of n x n matmuls is neither)
+    grad = torch.is_grad_enabled() and (out.requires_grad or X.requires_grad or C.requires_grad)
+    for j in range(X.shape[-2]):
+        cj, xj = C[..., j, :].unsqueeze(-1), Xf[..., j, :].unsqueeze(-2)
+        out = torch.addcmul(out, cj, xj) if grad else out.addcmul_(cj, xj)
     return out.to(X.dtype)
 
 
@@ -74,4 +88,4 @@ def hc_head(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
     """Final collapse: pre = sigmoid(mu * scale + base) + eps, y = sum_j pre_j X_j. [B,S,n,d] -> [B,S,d]."""
     mu = hc_mix_inputs(X, fn, norm_eps)
     pre = torch.sigmoid(mu * scale.float() + base.float()) + hc_eps
-    return (pre.unsqueeze(-1) * X.float()).sum(-2).to(X.dtype)
+    return collapse(pre, X)
