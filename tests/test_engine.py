@@ -326,8 +326,10 @@ def test_async_streams_equal_offline_and_cancel_frees_state(model):
     async def main():
         results = await asyncio.gather(*(collect(p) for p in ps))
         # cancel mid-prefill: start a long request, then abort it while it is being computed
-        seq, queue = allm.submit(prompts(300, seed=19)[0], dsv4.SamplingParams(max_tokens=50))
-        await asyncio.sleep(0.05)
+        # (as many new tokens as the context allows: it cannot finish before the abort, however fast)
+        seq, queue = allm.submit(prompts(300, seed=19)[0], dsv4.SamplingParams(max_tokens=7000, ignore_eos=True))
+        while seq.num_computed == 0:  # its first prefill chunk (32 of 300 tokens) is in
+            await asyncio.sleep(0.001)
         allm.abort(seq.request_id)
         return results, seq
 

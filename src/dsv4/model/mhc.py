@@ -67,7 +67,8 @@ def collapse(pre: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     h = Xf[..., 0, :] * pre[..., 0:1]
     grad = torch.is_grad_enabled() and (h.requires_grad or pre.requires_grad)
     for j in range(1, X.shape[-2]):
-        h = torch.addcmul(h, Xf[..., j, :], pre[..., j:j + 1]) if grad else h.addcmul_(Xf[..., j, :], pre[..., j:j + 1])
+        xj, pj = Xf[..., j, :], pre[..., j:j + 1]
+        h = torch.addcmul(h, xj, pj) if grad else h.addcmul_(xj, pj)
     return h.to(X.dtype)
 
 
