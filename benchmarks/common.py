@@ -14,6 +14,11 @@ import dsv4
 from dsv4.config import CSA, HCA, SLIDING
 
 
+def GREEDY(n: int) -> dsv4.SamplingParams:
+    """n new tokens, greedy, past any end-of-sequence token."""
+    return dsv4.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
 def bench_config(**kw) -> dsv4.Config:
     """hidden 256, 6 layers, 4 heads x 128, q_lora 128, 8 experts top-2, window 64, CSA m=4 top-64, HCA m'=32."""
     base = dict(vocab_size=4096, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=6,

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import dsv4  # noqa: E402
-from common import bench_config, model_pair  # noqa: E402
+from common import GREEDY, bench_config, model_pair  # noqa: E402
 from dsv4.engine.engine import LLMEngine  # noqa: E402
 from dsv4.train import TrainConfig, Trainer  # noqa: E402
 from helpers import random_model  # noqa: E402
 
-GREEDY = lambda n: dsv4.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
 FAILED = []
 
 

@@ -19,11 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import dsv4  # noqa: E402
-from common import PeakRSS, bench_config, model_pair  # noqa: E402
+from common import GREEDY, PeakRSS, bench_config, model_pair  # noqa: E402
 from dsv4.engine.engine import LLMEngine  # noqa: E402
 from dsv4.footprint import param_counts, prefill_flops  # noqa: E402
 
-GREEDY = lambda n: dsv4.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
 
 
 def tokens(n, seed=0):

@@ -60,28 +60,29 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     return h, post, C
 
 
+def _multiply_adds(acc: torch.Tensor, terms: list) -> torch.Tensor:
+    """acc + sum of a * b over terms [(a, b)], one pass each (one fused kernel when compiled); in place
+    when no gradient flows through them (inference), out of place otherwise."""
+    grad = torch.is_grad_enabled() and (acc.requires_grad or any(a.requires_grad or b.requires_grad for a, b in terms))
+    for a, b in terms:
+        acc = torch.addcmul(acc, a, b) if grad else acc.addcmul_(a, b)
+    return acc
+
+
 def collapse(pre: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """sum_j pre_j X_j in fp32, cast to X's dtype. pre: [B,S,n], X: [B,S,n,d] -> [B,S,d].
     As n multiply-adds into one [B,S,d] result, not a [B,S,n,d] product reduced afterwards."""
     Xf = X.float()
-    h = Xf[..., 0, :] * pre[..., 0:1]
-    grad = torch.is_grad_enabled() and (h.requires_grad or pre.requires_grad)
-    for j in range(1, X.shape[-2]):
-        xj, pj = Xf[..., j, :], pre[..., j:j + 1]
-        h = torch.addcmul(h, xj, pj) if grad else h.addcmul_(xj, pj)
-    return h.to(X.dtype)
+    terms = [(Xf[..., j, :], pre[..., j:j + 1]) for j in range(1, X.shape[-2])]
+    return _multiply_adds(Xf[..., 0, :] * pre[..., 0:1], terms).to(X.dtype)
 
 
 def hc_post(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """X_k <- post_k * f + sum_j C[j,k] X_j, in fp32, cast to X's dtype. f: [B,S,d], X: [B,S,n,d]."""
+    """X_k <- post_k * f + sum_j C[j,k] X_j, in fp32, cast to X's dtype. f: [B,S,d], X: [B,S,n,d].
+    The sum as n multiply-adds (a batch of n x n matmuls is slow on the CPU and does not fuse)."""
     Xf = X.float()
-    out = post.unsqueeze(-1) * f.float().unsqueeze(-2)
-    # n multiply-adds: one pass each, and one fused kernel when compiled (a batch of n x n matmuls is neither)
-    grad = torch.is_grad_enabled() and (out.requires_grad or X.requires_grad or C.requires_grad)
-    for j in range(X.shape[-2]):
-        cj, xj = C[..., j, :].unsqueeze(-1), Xf[..., j, :].unsqueeze(-2)
-        out = torch.addcmul(out, cj, xj) if grad else out.addcmul_(cj, xj)
-    return out.to(X.dtype)
+    terms = [(C[..., j, :].unsqueeze(-1), Xf[..., j, :].unsqueeze(-2)) for j in range(X.shape[-2])]
+    return _multiply_adds(post.unsqueeze(-1) * f.float().unsqueeze(-2), terms).to(X.dtype)
 
 
 def hc_head(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
