@@ -54,10 +54,11 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
             qc = torch.cat([qc, qc.new_zeros(B, n * W - (s1 - s0), H, c)], dim=1)
         T0 = q_start + s0  # first query position of the chunk; block b starts at T0 + b*W
         r0 = T0 - kv_start
-        keys = kvp[:, r0:r0 + (n + 1) * W].unfold(1, 2 * W, W)  # [B, n, c, 2W]; key k of block b at T0+bW-W+k
+        blocks = kvp[:, r0:r0 + (n + 1) * W].reshape(B, n + 1, W, c)
+        keys = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)  # [B, n, 2W, c]; key k of block b at T0+bW-W+k
         first = T0 - W + torch.arange(n, device=q.device)[:, None, None] * W + k_idx[None]  # [n, 1, 2W] positions
         mask = band[None] & (first >= kv_start)  # [n, W, 2W]
-        lw = torch.einsum("bnwhc,bnck->bhnwk", qc.view(B, n, W, H, c), keys).mul(scale)
+        lw = torch.einsum("bnwhc,bnkc->bhnwk", qc.view(B, n, W, H, c), keys).mul(scale)
         lw = lw.masked_fill(~mask, float("-inf")).reshape(B, H, n * W, 2 * W)
         logits = [lw]
         t = torch.arange(T0, T0 + n * W, device=q.device)  # query positions (padded rows included)
@@ -76,7 +77,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
             logits.append(lc)
         logits.append(sinks.float().view(1, H, 1, 1).expand(B, H, n * W, 1))  # the sink: a logit without a value
         p = torch.cat([x.float() for x in logits], dim=-1).softmax(-1).to(q.dtype)
-        o = torch.einsum("bhnwk,bnck->bnwhc", p[..., :2 * W].reshape(B, H, n, W, 2 * W), keys).reshape(B, n * W, H, c)
+        o = torch.einsum("bhnwk,bnkc->bnwhc", p[..., :2 * W].reshape(B, H, n, W, 2 * W), keys).reshape(B, n * W, H, c)
         if has_comp:
             pc = p[..., 2 * W:-1]
             o = o + (torch.einsum("bhlt,btc->blhc", pc, seen) if index is None
