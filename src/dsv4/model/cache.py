@@ -33,6 +33,7 @@ class EntryStore:
 
     def __init__(self, dim: int, fmt: str = "dense", dtype=torch.float32, device=None, rope_dim: int = 0):
         self.dim, self.fmt, self.dtype, self.rope_dim, self.count = dim, fmt, dtype, rope_dim, 0
+        self.version = 0  # bumped by every change of the entries (copies elsewhere can tell they are stale)
         nope = dim - rope_dim
         z = lambda n, dt: torch.zeros(64, n, dtype=dt, device=device)  # noqa: E731
         if fmt == "dense":
@@ -62,6 +63,7 @@ class EntryStore:
             self.parts[i] = _grow(self.parts[i], self.count + k)
             self.parts[i][self.count:self.count + k] = part
         self.count += k
+        self.version += 1
 
     def read(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Entries [start, end) decoded to [n, dim] (storage dtype for dense, fp32 otherwise)."""
@@ -84,6 +86,7 @@ class EntryStore:
 
     def truncate(self, count: int) -> None:
         self.count = count
+        self.version += 1
 
     def nbytes(self, allocated: bool = False) -> int:
         rows = lambda t: t.shape[0] if allocated else self.count  # noqa: E731

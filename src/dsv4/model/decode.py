@@ -44,24 +44,13 @@ class BatchDecoder:
     def __init__(self, model, pool: StatePool, compile: bool = False):
         self.model, self.pool, self.cfg = model, pool, model.config
         self.core = _compiled(model) if compile else _core
+        self._batch = None  # the last step's sequences and their entries as padded batch tensors
 
     # ---- outside the graph ----
     def __call__(self, caches: list, slots: list, tokens: list, hooks: list | None = None) -> torch.Tensor:
         dev = self.pool.device
         pos = [c.n for c in caches]
-        entries = []
-        for i, block in enumerate(self.model.layers):
-            a = block.attn
-            if a.compressor is None:
-                entries.append(None)
-                continue
-            T = max(p // a.ratio for p in pos) + 1  # room for the entry this step may emit
-            if a.indexer is not None:
-                T = max(T, a.indexer.topk)  # a static top-k
-            T = max(T, 2)  # sizes 0 and 1 would be specialised by the compiler
-            names = ("comp", "index") if a.indexer is not None else ("comp",)
-            rows = [[getattr(c.layers[i], name).store.padded(T) for c in caches] for name in names]
-            entries.append(tuple(r[0][None] if len(r) == 1 else torch.stack(r) for r in rows))
+        entries = self._entries(caches, pos)
         # no duck sizing: the batch size would share a symbol with (and be specialised like) any
         # constant dimension of equal value, e.g. N = 32 with an HCA ratio of 32
         with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
@@ -69,17 +58,53 @@ class BatchDecoder:
                                         torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), entries)
         for i, block in enumerate(self.model.layers):
             m = block.attn.ratio
-            if m:
-                done = [j for j, p in enumerate(pos) if (p + 1) % m == 0]
-                for name, new in zip(("comp", "index"), emitted[i]):
-                    for j in done:
-                        getattr(caches[j].layers[i], name).append(new[j:j + 1])
+            done = [j for j, p in enumerate(pos) if m and (p + 1) % m == 0]
+            if not done:
+                continue
+            rows = torch.tensor(done, device=dev)
+            at = torch.tensor([pos[j] // m for j in done], device=dev)
+            for name, new, buf in zip(("comp", "index"), emitted[i], entries[i]):
+                buf.index_put_((rows, at), new[rows].to(buf.dtype))  # keep the batch copy current
+                for j in done:
+                    getattr(caches[j].layers[i], name).append(new[j:j + 1])
+        self._batch[1] = self._versions(caches)
         for j, c in enumerate(caches):
             c.n += 1
             if hooks and hooks[j] is not None:
                 for i, lc in enumerate(c.layers):
                     hooks[j](f"L{i}.", lc)
         return logits
+
+    def _versions(self, caches: list) -> list:
+        return [st.store.version for c in caches for lc in c.layers for st in (lc.comp, lc.index) if st is not None]
+
+    def _entries(self, caches: list, pos: list) -> list:
+        """Per layer, each compressor's entries of all sequences as [N, T, c] (rows past a sequence's
+        count arbitrary; T a multiple of 64 with room for this step's entry). Kept between steps: a step
+        with the same sequences, whose entries changed only by that step's own appends, reuses them."""
+        need = []
+        for block in self.model.layers:
+            a = block.attn
+            T = 0 if a.compressor is None else max(p // a.ratio for p in pos) + 1
+            if a.indexer is not None:
+                T = max(T, a.indexer.topk)  # a static top-k
+            need.append(T)
+        if (self._batch is not None and len(self._batch[0]) == len(caches)
+                and all(a is b for a, b in zip(self._batch[0], caches)) and self._batch[1] == self._versions(caches)
+                and all(t is None or t[0].shape[1] >= T for t, T in zip(self._batch[2], need))):
+            return self._batch[2]
+        entries = []
+        for i, block in enumerate(self.model.layers):
+            a = block.attn
+            if a.compressor is None:
+                entries.append(None)
+                continue
+            T = -(-need[i] // 64) * 64  # grows in steps, so the compiled graph sees few distinct sizes
+            names = ("comp", "index") if a.indexer is not None else ("comp",)
+            rows = [[getattr(c.layers[i], name).store.padded(T) for c in caches] for name in names]
+            entries.append(tuple(torch.stack(r) for r in rows))
+        self._batch = [list(caches), self._versions(caches), entries]
+        return entries
 
 
 # ---- the function (compiled as one graph) ----
@@ -98,7 +123,9 @@ def _core(model, pool: StatePool, ids: torch.Tensor, pos: torch.Tensor, slots: t
         X = hc_post(_moe(block.ffn, block.ffn_norm(h)[0], ids)[None], X, post, C)
     y = model.norm(hc_head(X, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, c.rms_norm_eps,
                            c.hc_eps))[0].float()  # [N, d]
-    return (y[:, None, :] * model.head.weight.float()).sum(-1), emitted  # as a fused reduction
+    if ids.shape[0] == 1:  # one row: a fused reduction streams the head's weights faster than BLAS
+        return (y[:, None, :] * model.head.weight.float()).sum(-1), emitted
+    return F.linear(y, model.head.weight.float()), emitted
 
 
 _COMPILED = weakref.WeakKeyDictionary()
@@ -179,12 +206,12 @@ def _moe(moe, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling():
         return moe(x[None], ids[None])[0]
     g, idx = moe.gate(x, ids)  # [N, k]
-    E, lim = moe.experts, moe.limit
+    (w1, w2, w3), lim = moe.experts.stacked(x.dtype), moe.limit
     xe = x[:, None, None, :]
-    gate = (xe * E.w1[idx]).sum(-1).float().clamp(max=lim)  # [N, k, I]
-    up = (xe * E.w3[idx]).sum(-1).float().clamp(-lim, lim)
+    gate = (xe * w1[idx]).sum(-1).float().clamp(max=lim)  # [N, k, I]
+    up = (xe * w3[idx]).sum(-1).float().clamp(-lim, lim)
     h = (F.silu(gate) * up * g[..., None]).to(x.dtype)
-    y = (h[:, :, None, :] * E.w2[idx]).sum(-1).float().sum(1)  # [N, d]
+    y = (h[:, :, None, :] * w2[idx]).sum(-1).float().sum(1)  # [N, d]
     if moe.shared_experts is not None:
         y = y + moe.shared_experts(x).float()
     return y.to(x.dtype)

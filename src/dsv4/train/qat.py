@@ -40,6 +40,9 @@ class QATExperts(Experts):
     def weights(self, e: int, dtype: torch.dtype):
         return fake_fp4(self.w1[e]), fake_fp4(self.w2[e]), fake_fp4(self.w3[e])
 
+    def stacked(self, dtype: torch.dtype):
+        return fake_fp4(self.w1).to(dtype), fake_fp4(self.w2).to(dtype), fake_fp4(self.w3).to(dtype)
+
 
 def enable_fp4_qat(model: torch.nn.Module, fp8: bool = False) -> torch.nn.Module:
     """Switch every routed-expert module of `model` to FP4 fake quantisation, and with fp8 the official
