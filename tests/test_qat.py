@@ -83,3 +83,13 @@ def test_fp4_fp8_qat_export_reproduces_the_trained_logits(tmp_path):
         plain = dsv4.load_model(tmp_path, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
         assert (plain(ids) - model(ids)).abs().max().item() > 1e-4
+
+
+def test_qat_experts_stacked_weights_are_the_per_expert_fp4_values():
+    """The compiled decode step reads all experts at once (`stacked`): under QAT those are the FP4 values too."""
+    model = enable_fp4_qat(random_model(dsv4.Config.tiny(vocab_size=128), seed=5))
+    E = model.layers[1].ffn.experts
+    for i, w in enumerate(E.stacked(torch.float32)):
+        want = torch.stack([E.weights(e, torch.float32)[i] for e in range(E.w1.shape[0])])
+        assert torch.equal(w, want)
+        assert not torch.equal(w, (E.w1, E.w2, E.w3)[i])  # quantised, not the raw weights

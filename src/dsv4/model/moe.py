@@ -3,9 +3,7 @@
 Affinity s = sqrt(softplus(x W_g^T)) (fp32). Hash layers pick experts by tid2eid[token];
 others by topk(s + bias) (the bias steers selection only). Weights g = s[idx] / sum s[idx]
 * route_scale. Each expert is a clamped SwiGLU; a shared expert is always added.
-Routed experts run on tokens grouped per expert: each expert's weights are read once per forward. On
-the CPU as one grouped matrix product per projection (`grouped_linear`, static shapes, so a compiled
-graph needs no data-dependent sizes); elsewhere as one matmul per active expert.
+Routed experts run on tokens grouped per expert: one matmul per active expert, no loop over tokens.
 """
 from __future__ import annotations
 
@@ -22,62 +20,6 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float) ->
     gate = F.linear(x, w1).float().clamp(max=limit)
     up = F.linear(x, w3).float().clamp(-limit, limit)
     return F.silu(gate) * up
-
-
-def _native_grouped(*ts: torch.Tensor) -> bool:
-    """torch._grouped_mm needs row strides that are multiples of 16 bytes (else: one matmul per group)."""
-    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in ts)
-
-
-def _groups(offs: torch.Tensor):
-    ends = offs.tolist()
-    return zip([0] + ends[:-1], ends)
-
-
-@torch.library.custom_op("dsv4::grouped_linear", mutates_args=())
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows offs[g-1]:offs[g] of x [M, K] (offs[-1] = 0) times w[g]^T; w [G, N, K] (nn.Linear layout),
-    offs [G] int32 cumulative row counts -> [M, N]. Rows past offs[G-1] are zero. CPU tensors."""
-    if _native_grouped(x, w):
-        if not (w.is_contiguous() or w.transpose(1, 2).is_contiguous()):
-            w = w.contiguous()
-        return torch._grouped_mm(x.contiguous(), w.transpose(1, 2), offs=offs)
-    y = x.new_zeros(x.shape[0], w.shape[1])
-    for g, (a, b) in enumerate(_groups(offs)):
-        y[a:b] = x[a:b] @ w[g].T
-    return y
-
-
-@torch.library.custom_op("dsv4::grouped_linear_weight_grad", mutates_args=())
-def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """grad [M, N], x [M, K] -> per group grad_g^T x_g [G, N, K]."""
-    if _native_grouped(grad, x):
-        return torch._grouped_mm(grad.contiguous().t(), x.contiguous(), offs=offs)
-    return torch.stack([grad[a:b].T @ x[a:b] for a, b in _groups(offs)])
-
-
-@grouped_linear.register_fake
-def _(x, w, offs):
-    return x.new_empty(x.shape[0], w.shape[1])
-
-
-@_grouped_weight_grad.register_fake
-def _(grad, x, offs):
-    return x.new_empty(offs.shape[0], grad.shape[1], x.shape[1])
-
-
-def _grouped_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _grouped_backward(ctx, grad):
-    x, w, offs = ctx.saved_tensors
-    gx = grouped_linear(grad, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    gw = _grouped_weight_grad(grad, x, offs) if ctx.needs_input_grad[1] else None
-    return gx, gw, None
-
-
-grouped_linear.register_autograd(_grouped_backward, setup_context=_grouped_setup)
 
 
 class Gate(nn.Module):
@@ -200,31 +142,12 @@ class MoE(nn.Module):
             if not self.gate.hash and len(shape) == 3:
                 self.balance_loss = sequence_balance_loss(self.gate.scores.view(shape[0], shape[1], -1),
                                                           idx.view(shape[0], shape[1], -1))
+        counts = load.tolist()
         tok = order // k
         gw = g.flatten()[order]
-        if x.device.type == "cpu" and isinstance(self.experts, Experts):
-            y = self._grouped(x, tok, gw, load)
-        else:
-            y = self._per_expert(x, tok, gw, load)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x).float()
-        return y.to(x.dtype).view(shape)
-
-    def _grouped(self, x: torch.Tensor, tok: torch.Tensor, gw: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
-        """x [N, d]; the N*k assignments sorted by expert: token tok, weight gw; load [E] -> fp32 [N, d]."""
-        (w1, w2, w3), offs = self.experts.stacked(x.dtype), load.cumsum(0).to(torch.int32)
-        xs = x[tok]
-        gate = grouped_linear(xs, w1, offs).float().clamp(max=self.limit)
-        up = grouped_linear(xs, w3, offs).float().clamp(-self.limit, self.limit)
-        h = (F.silu(gate) * up * gw[:, None]).to(x.dtype)
-        out = grouped_linear(h, w2, offs).float()
-        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, out)
-
-    def _per_expert(self, x: torch.Tensor, tok: torch.Tensor, gw: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
-        """The same, one matmul per active expert (packed FP4 experts, other devices)."""
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         start = 0
-        for e, n in enumerate(load.tolist()):
+        for e, n in enumerate(counts):
             if torch.compiler.is_compiling():  # sizes are symbolic there: state what holds
                 torch._check(n >= 0)
                 torch._check(start + n <= tok.shape[0])
@@ -235,4 +158,6 @@ class MoE(nn.Module):
             w1, w2, w3 = self.experts.weights(e, x.dtype)
             h = swiglu(x[t], w1, w3, self.limit) * w[:, None]
             y.index_add_(0, t, F.linear(h.to(x.dtype), w2).float())
-        return y
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x).float()
+        return y.to(x.dtype).view(shape)
