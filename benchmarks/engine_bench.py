@@ -138,6 +138,10 @@ def ttft(model, ctx):
     return times
 
 
+def best(run, n: int = 3) -> float:
+    return max(run() for _ in range(n))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller lengths (smoke run)")
@@ -150,11 +154,12 @@ def main():
           f"4x128 heads, 8 experts top-2, window 64, CSA m=4 top-64, HCA m'=32, vocab 4096\n")
     rows = []
 
-    theirs, eager = hf_decode(ref, 1024, 32), dsv4_decode(model, 1024, 32)
+    # decode rates: the best of 3 runs each (a short timed loop; this machine's speed varies run to run)
+    theirs, eager = best(lambda: hf_decode(ref, 1024, 32)), best(lambda: dsv4_decode(model, 1024, 32))
     t = time.perf_counter()
     dsv4_decode(model, 64, 1, compile=True)  # compiles the batch-1 graph (inductor caches it for the run below)
     compile_s = time.perf_counter() - t
-    ours = dsv4_decode(model, 1024, 64, compile=True)
+    ours = best(lambda: dsv4_decode(model, 1024, 64, compile=True))
     rows.append(("batch-1 decode tok/s at 1K context, eager", f"{eager:.1f}", f"{theirs:.1f}",
                  f"{eager / theirs:.2f}x", ""))
     rows.append((f"batch-1 decode tok/s at 1K, compiled ({compile_s:.0f} s compile)", f"{ours:.1f}", f"{theirs:.1f}",
@@ -177,7 +182,8 @@ def main():
                  f"t ratio {t64 / t16:.2f} vs FLOP ratio {flop_ratio:.2f} ({t64 / t16 / flop_ratio:.2f}x)",
                  "within 1.25x"))
 
-    agg = dsv4_decode(model, 1024 if not args.quick else 256, 16, batch=32, compile=True)
+    dsv4_decode(model, 256, 2, batch=32, compile=True)  # compiles the graph for larger batches
+    agg = best(lambda: dsv4_decode(model, 1024 if not args.quick else 256, 16, batch=32, compile=True))
     rows.append(("aggregate decode tok/s, 32 concurrent, compiled", f"{agg:.1f}", "-", f"{agg / ours:.2f}x of batch-1",
                  ">= 8x"))
 
