@@ -14,9 +14,10 @@ CFG = dsv4.Config.tiny(layer_types=[HCA, CSA, SLIDING, CSA], num_hidden_layers=4
                        sliding_window=8, num_hash_layers=1, index_n_heads=8, index_topk=4)
 
 
-def decode_vs_full(model, decoder, starts, steps, seed=0):
+def decode_vs_full(model, decoder, starts, steps, seed=0, general_every=0):
     """Prefill each sequence to starts[j] tokens (general path), then decode `steps` tokens for all at once
-    with `decoder`; -> max |logit difference| against the full forward at every decoded position."""
+    with `decoder` (every `general_every`-th step through the general path instead, as the engine does
+    when a step mixes in prefill); -> max |logit difference| against the full forward at every decoded position."""
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, 512, (n + steps,), generator=g) for n in starts]
     slots = [decoder.pool.acquire() for _ in starts]
@@ -27,7 +28,11 @@ def decode_vs_full(model, decoder, starts, steps, seed=0):
             if n:
                 model.step([row[:n]], [c])
         for t in range(steps):
-            logits = decoder(caches, slots, [int(row[n + t]) for row, n in zip(ids, starts)])
+            new = [row[n + t:n + t + 1] for row, n in zip(ids, starts)]
+            if general_every and t % general_every == general_every - 1:
+                logits = model.logits(model.step(new, caches)[None])[0]
+            else:
+                logits = decoder(caches, slots, [int(x) for x in new])
             for j, (row, n) in enumerate(zip(ids, starts)):
                 full = model(row[None, :n + t + 1])[0, -1]
                 worst = max(worst, (logits[j] - full).abs().max().item())
@@ -44,6 +49,8 @@ def model():
 def test_batched_decode_matches_full_forward(model):
     decoder = BatchDecoder(model, StatePool(model, 4))
     assert decode_vs_full(model, decoder, [0, 5, 23], 40) <= 1e-4  # empty cache, mid-window, several blocks in
+    # entries appended by general steps in between: the decoder's batch copy of them must not go stale
+    assert decode_vs_full(model, decoder, [2, 9], 40, seed=3, general_every=3) <= 1e-4
 
 
 @pytest.mark.slow  # inductor compiles two graphs: minutes on a 2-core CPU with a cold cache
@@ -59,7 +66,7 @@ def test_pool_slots_are_reset_and_released(model):
     first = [eng.add_request(list(range(3, 40)), params) for _ in range(3)]  # the third waits for a free slot
     while eng.has_unfinished():
         eng.step()
-    assert sorted(eng.pool.free) == [0, 1]
+    assert sorted(eng.pool.free) == [0, 1] and eng.decoder._batch is None  # nothing held for finished sequences
     again = eng.add_request(list(range(3, 40)), params)  # a reused slot starts from an empty state
     while eng.has_unfinished():
         eng.step()

@@ -145,6 +145,8 @@ class LLMEngine:
         if seq.slot is not None:
             self.pool.release(seq.slot)
             seq.slot = None
+        if self.decoder is not None:
+            self.decoder.drop()  # its batch copy of the entries included this sequence's
 
     # ---- memory ----
     def used_bytes(self) -> int:

@@ -75,6 +75,10 @@ class BatchDecoder:
                     hooks[j](f"L{i}.", lc)
         return logits
 
+    def drop(self) -> None:
+        """Forget the batch copy of the entries (its memory), e.g. when a sequence leaves."""
+        self._batch = None
+
     def _versions(self, caches: list) -> list:
         return [st.store.version for c in caches for lc in c.layers for st in (lc.comp, lc.index) if st is not None]
 
