@@ -19,15 +19,18 @@ stream = beta.completions.create(model="deepseek-v4-flash", prompt="def fib(n):\
                                  suffix="\n\nprint(fib(10))\n", max_tokens=32, temperature=0, stream=True)
 print("FIM:", repr("".join(chunk.choices[0].text for chunk in stream)))
 
-# 2. a tool call
+# 2. a tool call (without thinking, so temperature 0 is greedy and the call repeats exactly)
 weather = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
                    "required": ["city"]}}}
-r = client.chat.completions.create(model="deepseek-v4-flash", tools=[weather], temperature=0,
+r = client.chat.completions.create(model="deepseek-chat", tools=[weather], temperature=0,
                                    messages=[{"role": "user", "content": "How is the weather in Vienna today?"}])
-call = r.choices[0].message.tool_calls[0]
-print("tool call:", call.function.name, json.loads(call.function.arguments))
+msg = r.choices[0].message
+if msg.tool_calls:
+    print("tool call:", msg.tool_calls[0].function.name, json.loads(msg.tool_calls[0].function.arguments))
+else:  # the model may also answer in text
+    print("reply:", msg.content)
 
 # 3. JSON mode (dsv4-tiny learnt JSON answers without thinking)
 r = client.chat.completions.create(
@@ -36,8 +39,8 @@ r = client.chat.completions.create(
                                           "Nina lives in Quito, works as a chef and is 41 years old."}])
 print("JSON:", json.loads(r.choices[0].message.content))
 
-# 4. thinking
-r = client.chat.completions.create(model="deepseek-reasoner", temperature=0,
+# 4. thinking (sampled: in thinking mode DeepSeek's API ignores temperature, and so does dsv4)
+r = client.chat.completions.create(model="deepseek-reasoner",
                                    messages=[{"role": "user", "content": "Who are you?"}])
 print("reasoning:", r.choices[0].message.reasoning_content)
 print("answer:", r.choices[0].message.content)
