@@ -537,3 +537,19 @@ def test_request_beyond_the_decode_state_budget_is_503(server, client):
         assert e.value.status_code == 503 and "overloaded" in str(e.value).lower()
     finally:
         eng.cfg.kv_budget_bytes = budget
+
+
+def test_thinking_mode_ignores_temperature(server, client, monkeypatch):
+    """As DeepSeek's API: in thinking mode `temperature` has no effect (sampling at 1.0); without, it applies."""
+    _, llm, _, _ = server
+    seen, submit = [], llm.submit
+
+    def recording(ids, params, **kw):
+        seen.append(params.temperature)
+        return submit(ids, params, **kw)
+
+    monkeypatch.setattr(llm, "submit", recording)
+    for model in ("deepseek-reasoner", "deepseek-chat"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                       max_tokens=8)
+    assert seen == [1.0, 0.0]
