@@ -66,7 +66,7 @@ def test_pool_slots_are_reset_and_released(model):
     first = [eng.add_request(list(range(3, 40)), params) for _ in range(3)]  # the third waits for a free slot
     while eng.has_unfinished():
         eng.step()
-    assert sorted(eng.pool.free) == [0, 1] and eng.decoder._batch is None  # nothing held for finished sequences
+    assert sorted(eng.pool.free) == [0, 1] and eng.decoder._batched is None  # nothing held for finished sequences
     again = eng.add_request(list(range(3, 40)), params)  # a reused slot starts from an empty state
     while eng.has_unfinished():
         eng.step()

@@ -44,7 +44,8 @@ class BatchDecoder:
     def __init__(self, model, pool: StatePool, compile: bool = False):
         self.model, self.pool, self.cfg = model, pool, model.config
         self.core = _compiled(model) if compile else _core
-        self._batch = None  # the last step's sequences and their entries as padded batch tensors
+        # the last step's sequences, their entry stores' versions after it, their entries as padded batch tensors
+        self._caches, self._versions_seen, self._batched = [], None, None
 
     # ---- outside the graph ----
     def __call__(self, caches: list, slots: list, tokens: list, hooks: list | None = None) -> torch.Tensor:
@@ -67,7 +68,7 @@ class BatchDecoder:
                 buf.index_put_((rows, at), new[rows].to(buf.dtype))  # keep the batch copy current
                 for j in done:
                     getattr(caches[j].layers[i], name).append(new[j:j + 1])
-        self._batch[1] = self._versions(caches)
+        self._versions_seen = self._versions(caches)
         for j, c in enumerate(caches):
             c.n += 1
             if hooks and hooks[j] is not None:
@@ -77,7 +78,7 @@ class BatchDecoder:
 
     def drop(self) -> None:
         """Forget the batch copy of the entries (its memory), e.g. when a sequence leaves."""
-        self._batch = None
+        self._caches, self._versions_seen, self._batched = [], None, None
 
     def _versions(self, caches: list) -> list:
         return [st.store.version for c in caches for lc in c.layers for st in (lc.comp, lc.index) if st is not None]
@@ -93,10 +94,10 @@ class BatchDecoder:
             if a.indexer is not None:
                 T = max(T, a.indexer.topk)  # a static top-k
             need.append(T)
-        if (self._batch is not None and len(self._batch[0]) == len(caches)
-                and all(a is b for a, b in zip(self._batch[0], caches)) and self._batch[1] == self._versions(caches)
-                and all(t is None or t[0].shape[1] >= T for t, T in zip(self._batch[2], need))):
-            return self._batch[2]
+        if (self._batched is not None and len(self._caches) == len(caches)
+                and all(a is b for a, b in zip(self._caches, caches)) and self._versions_seen == self._versions(caches)
+                and all(t is None or t[0].shape[1] >= T for t, T in zip(self._batched, need))):
+            return self._batched
         entries = []
         for i, block in enumerate(self.model.layers):
             a = block.attn
@@ -107,7 +108,7 @@ class BatchDecoder:
             names = ("comp", "index") if a.indexer is not None else ("comp",)
             rows = [[getattr(c.layers[i], name).store.padded(T) for c in caches] for name in names]
             entries.append(tuple(torch.stack(r) for r in rows))
-        self._batch = [list(caches), self._versions(caches), entries]
+        self._caches, self._batched = list(caches), entries
         return entries
 
 
