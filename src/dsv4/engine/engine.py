@@ -215,6 +215,8 @@ class LLMEngine:
             return []
         ids, caches, hooks, work = [], [], [], []
         B = self.prefix.block_size if self.prefix else 0
+        # one token for every sequence and no drafts: the batched decode function (no token tensors needed)
+        batched = self.decoder is not None and not self.k and all(n == 1 and s.pending == 1 for s, n in plan)
         for seq, n in plan:
             start = seq.num_computed
             drafts = seq.drafts[: n - 1] if seq.pending == 1 else []
@@ -223,16 +225,17 @@ class LLMEngine:
                 cuts = list(range(start + 1, start + n + 1))
             else:  # split at block boundaries so each completed block can be snapshotted
                 cuts = sorted(set(range((start // B + 1) * B, start + n, B)) | {start + n}) if B else [start + n]
-            w = _Work(seq, start, len(ids), drafts, cuts)
+            w = _Work(seq, start, len(caches), drafts, cuts)
             a = start
             for b in cuts:
-                ids.append(torch.tensor(feed[a - start:b - start], dtype=torch.long, device=self.device))
+                if not batched:
+                    ids.append(torch.tensor(feed[a - start:b - start], dtype=torch.long, device=self.device))
                 caches.append(seq.cache)
                 hooks.append(w.hook(self, b))
                 a = b
             work.append(w)
         with torch.no_grad():
-            if self.decoder is not None and not self.k and all(n == 1 and s.pending == 1 for s, n in plan):
+            if batched:
                 logits = self.decoder(caches, [w.seq.slot for w in work], [w.seq.tokens[w.start] for w in work],
                                       hooks)
                 for j, w in enumerate(work):

@@ -44,6 +44,7 @@ class EntryStore:
             self.parts = [z(dim // 2, torch.int8), z(dim // 32, torch.float8_e8m0fnu)]
         else:
             raise ValueError(f"unknown entry layout {fmt!r} (dense, fp8, fp4)")
+        self.bytes_per_entry = sum(t[0].numel() * t.element_size() for t in self.parts)
 
     def _encode(self, x: torch.Tensor) -> list:
         if self.fmt == "dense":
@@ -80,17 +81,14 @@ class EntryStore:
         self.parts[0] = _grow(self.parts[0], rows)
         return self.parts[0][:rows]
 
-    @property
-    def bytes_per_entry(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.parts)
-
     def truncate(self, count: int) -> None:
         self.count = count
         self.version += 1
 
     def nbytes(self, allocated: bool = False) -> int:
-        rows = lambda t: t.shape[0] if allocated else self.count  # noqa: E731
-        return sum(rows(t) * t[0].numel() * t.element_size() for t in self.parts)
+        if not allocated:  # read every engine step for every sequence: kept cheap
+            return self.count * self.bytes_per_entry
+        return sum(t.shape[0] * t[0].numel() * t.element_size() for t in self.parts)
 
 
 

@@ -4,7 +4,7 @@ The general incremental path (`Transformer.step`) walks Python objects per seque
 which costs thousands of small operations per token. Here the fixed-size state lives in a
 `StatePool` (gathered and scattered by slot index inside the function), the compressed entries come
 in as one padded tensor per compressor, and the only per-sequence work left outside is appending the
-entries a step emits. With `compile=True` the whole step is one torch.compile graph (inductor):
+entries a step emits. With `compile=True` the whole step is compiled ahead of time (model/aot.py):
 batch-1 matrix-vector products become fused reductions, which stream weights about 3x faster than
 the BLAS matrix-vector call on CPUs where that call is slow.
 
@@ -12,14 +12,11 @@ Equal to `Transformer.step` up to float rounding (tests/test_decode.py).
 """
 from __future__ import annotations
 
-import types
-import weakref
-
 import torch
-import torch.fx.experimental._config
 import torch.nn.functional as F
 
 from ..quant import rotate_fp4
+from . import aot
 from .attention import attend_one
 from .cache import StatePool
 from .compressor import pool_windows
@@ -43,7 +40,7 @@ class BatchDecoder:
 
     def __init__(self, model, pool: StatePool, compile: bool = False):
         self.model, self.pool, self.cfg = model, pool, model.config
-        self.core = _compiled(model) if compile else _core
+        self.core = aot.compiled(model, _core) if compile else _core
         # the last step's sequences, their entry stores' versions after it, their entries as padded batch tensors
         self._caches, self._versions_seen, self._batched = [], None, None
 
@@ -52,9 +49,7 @@ class BatchDecoder:
         dev = self.pool.device
         pos = [c.n for c in caches]
         entries = self._entries(caches, pos)
-        # no duck sizing: the batch size would share a symbol with (and be specialised like) any
-        # constant dimension of equal value, e.g. N = 32 with an HCA ratio of 32
-        with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
+        with torch.no_grad():
             logits, emitted = self.core(self.model, self.pool, torch.tensor(tokens, device=dev),
                                         torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), entries)
         for i, block in enumerate(self.model.layers):
@@ -131,22 +126,6 @@ def _core(model, pool: StatePool, ids: torch.Tensor, pos: torch.Tensor, slots: t
     if ids.shape[0] == 1:  # one row: a fused reduction streams the head's weights faster than BLAS
         return (y[:, None, :] * model.head.weight.float()).sum(-1), emitted
     return F.linear(y, model.head.weight.float()), emitted
-
-
-_COMPILED = weakref.WeakKeyDictionary()
-
-
-def _compiled(model):
-    """`_core` compiled for this model. Each model gets its own copy of the function's code, so its own
-    compile cache: the graphs skip guards on the model's parameters and settings, which would otherwise
-    let a model of another shape reuse them; engines over the same model share them."""
-    if model not in _COMPILED:
-        own = types.FunctionType(_core.__code__.replace(), _core.__globals__, _core.__name__)
-        # one-row matrix products as fused multiply-reduce kernels rather than BLAS calls
-        _COMPILED[model] = torch.compile(own, dynamic=True, fullgraph=True, options={
-            "post_grad_fusion_options": {"decompose_mm_pass": {}},
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    return _COMPILED[model]
 
 
 def _attention(cfg, pool, i, a, x, pos, slots, entries):
