@@ -1,4 +1,4 @@
-"""The batched decode function (eager and torch.compiled) against the full forward."""
+"""The batched decode function (eager and compiled ahead of time) against the full forward."""
 import pytest
 import torch
 
@@ -6,6 +6,7 @@ import dsv4
 from dsv4.config import CSA, HCA, SLIDING
 from dsv4.engine.engine import LLMEngine
 from dsv4.model.cache import StatePool, new_cache
+from dsv4.model import aot, decode
 from dsv4.model.decode import BatchDecoder
 from helpers import random_model
 
@@ -53,7 +54,26 @@ def test_batched_decode_matches_full_forward(model):
     assert decode_vs_full(model, decoder, [2, 9], 40, seed=3, general_every=3) <= 1e-4
 
 
-@pytest.mark.slow  # inductor compiles two graphs: minutes on a 2-core CPU with a cold cache
+def test_compiled_decode_small_model_and_its_disk_cache(monkeypatch):
+    """Two layers (CSA with its indexer, HCA): both artifacts (batch 1, larger batches) equal the full
+    forward; a fresh AOTStep (as in a later process) loads them from disk without compiling."""
+    small = random_model(dsv4.Config.tiny(layer_types=[CSA, HCA], num_hidden_layers=2, hca_compress_ratio=8,
+                                          sliding_window=8, num_hash_layers=1, index_n_heads=8, index_topk=4),
+                         seed=4)
+    decoder = BatchDecoder(small, StatePool(small, 4), compile=True)
+    assert decode_vs_full(small, decoder, [13], 12, seed=1) <= 1e-4
+    assert decode_vs_full(small, decoder, [2, 21], 12, seed=2) <= 1e-4
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again: the artifact was not found on disk")
+    monkeypatch.setattr(aot.torch._inductor, "aoti_compile_and_package", no_compile)
+    again = BatchDecoder(small, StatePool(small, 3))
+    again.core = aot.AOTStep(decode._core)
+    assert decode_vs_full(small, again, [30], 4, seed=3) <= 1e-4
+    assert decode_vs_full(small, again, [1, 6, 9], 4, seed=4) <= 1e-4
+
+
+@pytest.mark.slow  # four layers: a few minutes of compilation on a 2-core CPU with a cold cache
 def test_compiled_decode_matches_full_forward(model):
     decoder = BatchDecoder(model, StatePool(model, 4), compile=True)
     assert decode_vs_full(model, decoder, [17], 24, seed=1) <= 1e-4  # batch 1: its own graph

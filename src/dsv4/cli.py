@@ -99,7 +99,7 @@ def serve(args) -> int:
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=args.max_concurrency, compile=args.compile,
                                                       kv_budget_bytes=int(args.kv_budget_gib * 2**30)))
     if args.compile:
-        print("dsv4: compiling the decode step (minutes the first time; inductor caches it on disk)", file=sys.stderr)
+        print("dsv4: compiling the decode step (minutes the first time; cached on disk)", file=sys.stderr)
         engine.warmup()
     app = create_app(AsyncLLM(engine), str(path / "tokenizer.json"), config)
     print(f"dsv4: serving {path} as {args.served_model_name} on http://{args.host}:{args.port}", file=sys.stderr)
@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     srv.add_argument("--prices", help='JSON file: {"model": [hit, miss, output] USD per 1M tokens} (default: '
                                       "DeepSeek's published V4 prices)")
     srv.add_argument("--compile", action="store_true",
-                     help="torch.compile the batched decode step: several times faster decoding after compilation")
+                     help="compile the batched decode step ahead of time (AOTInductor; minutes the first time, "
+                          "then cached on disk): several times faster decoding")
     srv.add_argument("--kv-budget-gib", type=float, default=8.0, help="decode-state memory budget (GiB)")
     ch = sub.add_parser("chat", help="terminal chat against a running server (or --model PATH, started locally)")
     ch.add_argument("--url", default="http://127.0.0.1:8000")

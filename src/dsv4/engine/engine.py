@@ -38,7 +38,7 @@ class EngineConfig:
     prefix_cache_dir: str | None = None  # persist prefix blocks on disk
     isolate_users: bool = False
     num_speculative_tokens: int = 0  # MTP drafts verified per decode step (0: off)
-    compile: bool = False  # torch.compile the batched decode step (minutes to compile; several x faster)
+    compile: bool = False  # compile the batched decode step ahead of time (minutes, once; several x faster)
 
 
 def model_tag(model: Transformer) -> str:

@@ -21,6 +21,7 @@ import weakref
 
 import torch
 import torch.utils._pytree as pytree
+from torch._inductor.cpu_vec_isa import pick_vec_isa
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 OPTIONS = {"aot_inductor.package_constants_in_so": False,  # constants: the model's own tensors, bound at load
@@ -90,14 +91,20 @@ class AOTStep:
         finally:
             for r, f in zip(ropes, freqs):
                 r.inv_freq = f
-        key = hashlib.sha256("\n".join((torch.__version__, repr(OPTIONS), str(ep))).encode()).hexdigest()[:40]
+        # the generated code also depends on the thread count and the processor it was compiled for
+        dev = args[0].device
+        target = (str(pick_vec_isa()) if dev.type == "cpu" else
+                  torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev))
+        key = "\n".join((torch.__version__, repr(OPTIONS), str(torch.get_num_threads()), target, str(ep)))
+        key = hashlib.sha256(key.encode()).hexdigest()[:40]
         path = os.path.join(cache_dir(), "dsv4-decode", key + ".pt2")
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path[:-4]}.{os.getpid()}.tmp.pt2"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=OPTIONS)
+                # a copy: the call adds its own settings to the dict (which would change later keys)
+                torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=dict(OPTIONS))
             os.replace(tmp, path)  # whole or absent: a crash mid-compile leaves no half-written artifact
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, on load
