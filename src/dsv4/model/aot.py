@@ -2,14 +2,14 @@
 
 Under torch.compile the step spent more time around its kernels than in them: at batch 1, ~0.9 ms of
 kernels against ~0.4 ms of dynamo guards and argument gathering (the model's ~300 parameters are graph
-inputs) and ~1.1 ms in inductor's Python wrapper (~400 buffer allocations and ~300 size checks per
-call). Exported once and compiled by AOTInductor, the same kernels run from a C++ wrapper, and the
+inputs) and ~1.1 ms in inductor's Python wrapper (~380 buffer allocations, ~290 size checks and ~270
+tensor views per call). Exported once and compiled by AOTInductor, the same kernels run from a C++ wrapper, and the
 model's weights are bound once as the artifact's constants (shared with the model, not copied).
 
 One artifact for batch 1 and one for every larger batch, each built on first use from that call's
 inputs (batch size, pool rows and each layer's entry count are dynamic dimensions), shared by all
 engines over the same model, and kept in inductor's cache directory under a hash of the exported
-program, so a later process only re-exports (seconds) and loads it.
+program, thread count and processor, so a later process only re-exports (seconds) and loads it.
 """
 from __future__ import annotations
 
