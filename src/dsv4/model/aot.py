@@ -9,7 +9,8 @@ model's weights are bound once as the artifact's constants (shared with the mode
 One artifact for batch 1 and one for every larger batch, each built on first use from that call's
 inputs (batch size, pool rows and each layer's entry count are dynamic dimensions), shared by all
 engines over the same model, and kept in inductor's cache directory under a hash of the exported
-program, thread count and processor, so a later process only re-exports (seconds) and loads it.
+program (less its source locations), thread count and processor, so a later process only re-exports
+(seconds) and loads it.
 """
 from __future__ import annotations
 
@@ -95,7 +96,10 @@ class AOTStep:
         dev = args[0].device
         target = (str(pick_vec_isa()) if dev.type == "cpu" else
                   torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev))
-        key = "\n".join((torch.__version__, repr(OPTIONS), str(torch.get_num_threads()), target, str(ep)))
+        # the program without its source-location comments: the same graph from another checkout or after
+        # an unrelated edit shares the artifact
+        program = "\n".join(line for line in str(ep).splitlines() if not line.lstrip().startswith("#"))
+        key = "\n".join((torch.__version__, repr(OPTIONS), str(torch.get_num_threads()), target, program))
         key = hashlib.sha256(key.encode()).hexdigest()[:40]
         path = os.path.join(cache_dir(), "dsv4-decode", key + ".pt2")
         if not os.path.exists(path):
