@@ -82,7 +82,8 @@ def sample(logits: torch.Tensor, params: list, generators: list, counts: list) -
 
     counts[i]: [V] float counts of the tokens sequence i generated so far (for penalties), or None."""
     rows = torch.stack([penalised(logits[i], p, c) for i, (p, c) in enumerate(zip(params, counts))])
-    out = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+    out = rows.argmax(-1)  # greedy rows, all at once
     for i, p in enumerate(params):
-        out[i] = int(rows[i].argmax()) if p.temperature == 0 else draw(probs(rows[i], p), generators[i])
+        if p.temperature != 0:
+            out[i] = draw(probs(rows[i], p), generators[i])
     return out, torch.log_softmax(rows, -1)
