@@ -3,8 +3,8 @@
 Under torch.compile the step spent more time around its kernels than in them: at batch 1, ~0.9 ms of
 kernels against ~0.4 ms of dynamo guards and argument gathering (the model's ~300 parameters are graph
 inputs) and ~1.1 ms in inductor's Python wrapper (~380 buffer allocations, ~290 size checks and ~270
-tensor views per call). Exported once and compiled by AOTInductor, the same kernels run from a C++ wrapper, and the
-model's weights are bound once as the artifact's constants (shared with the model, not copied).
+tensor views per call). Exported once and compiled by AOTInductor, the same kernels run from a C++
+wrapper, and the model's weights are bound once as the artifact's constants (shared, not copied).
 
 One artifact for batch 1 and one for every larger batch, each built on first use from that call's
 inputs (batch size, pool rows and each layer's entry count are dynamic dimensions), shared by all
@@ -46,7 +46,9 @@ class AOTStep:
 
     def __init__(self, fn):
         self.fn = fn
-        self.layout = None  # per compressor: (layer, "comp" | "index", its open-window tensors' names)
+        # per compressor, in the order its tensors are passed: (layer, "comp" | "index", its open-window
+        # tensors' names); each also has one entries tensor (compressed entries, or the indexer's keys)
+        self.layout = None
         self.runners = {}  # batched (N > 1) -> (artifact's loader, its output structure, the tensors it reads)
 
     def __call__(self, model, pool, ids, pos, slots, entries):
@@ -72,13 +74,11 @@ class AOTStep:
         N = torch.export.Dim("batch", min=2) if batched else None
         S = torch.export.Dim("rows", min=2)
         row = {0: N} if batched else None
-        entries = []
-        for i, block in enumerate(model.layers):
-            a = block.attn
-            if a.compressor is None:
-                continue
-            T = torch.export.Dim(f"entries{i}", min=a.indexer.topk if a.indexer is not None else 1)
-            entries += [{0: N, 1: T} if batched else {1: T}] * (2 if a.indexer is not None else 1)
+        entries, T = [], {}  # a layer's entries and indexer keys share their row count
+        for i, _, _ in self.layout:
+            a = model.layers[i].attn
+            T.setdefault(i, torch.export.Dim(f"entries{i}", min=a.indexer.topk if a.indexer is not None else 1))
+            entries.append({0: N, 1: T[i]} if batched else {1: T[i]})
         shapes = (row, row, row, [{0: S}] * len(args[3]), [{0: S}] * len(args[4]), entries)
         module = _Step(model, self.fn, self.layout)
         ropes = [block.attn.rope for block in model.layers]
@@ -135,13 +135,11 @@ class _Step(torch.nn.Module):
     def forward(self, ids, pos, slots, windows, states, entries):
         L = len(self.model.layers)
         pool = types.SimpleNamespace(window=list(windows), comp=[None] * L, index=[None] * L)
-        it = iter(states)
+        per_layer = [None] * L  # None, (entries,) or (entries, indexer keys)
+        states, entries = iter(states), iter(entries)
         for i, name, keys in self.layout:
-            getattr(pool, name)[i] = {k: next(it) for k in keys}
-        per_layer, it = [], iter(entries)
+            getattr(pool, name)[i] = {k: next(states) for k in keys}
+            per_layer[i] = (per_layer[i] or ()) + (next(entries),)
         for i, block in enumerate(self.model.layers):
-            a = block.attn
             block.attn.rope.inv_freq = getattr(self, f"inv_freq{i}")  # the traced buffer (restored by the caller)
-            per_layer.append(None if a.compressor is None else
-                             tuple(next(it) for _ in range(2 if a.indexer is not None else 1)))
         return self.fn(self.model, pool, ids, pos, slots, per_layer)
