@@ -1,4 +1,6 @@
 """Engine exactness and behaviour: incremental state, batching, prefix cache, sampling, faults."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ import dsv4
 from dsv4.config import CSA, HCA, SLIDING
 from dsv4.engine.engine import LLMEngine
 from dsv4.model.cache import new_cache
+from dsv4.tokenizer import load_tokenizer
 from helpers import random_model
 
 # >= 8 indexer heads: exact zero-score ties (all heads ReLU-zero) are then vanishingly rare, and
@@ -237,6 +240,23 @@ def test_stop_string_split_across_tokens(model):
     assert seq.text == text[:text.find(stop)] == streamed
 
 
+def test_streamed_text_equals_decoding_the_whole_output(model):
+    """Text is detokenized incrementally: the deltas join to the final text, which equals the whole output
+    decoded at once. Sampled byte-level tokens split UTF-8 characters (mid-text and at the end)."""
+    tok = load_tokenizer(Path(__file__).parent.parent / "models" / "dsv4-tiny")
+    eng = dsv4.LLM(model, tokenizer=tok).engine
+    seqs = [eng.add_request(p, dsv4.SamplingParams(max_tokens=40, temperature=1.0, seed=i, ignore_eos=True))
+            for i, p in enumerate(prompts(6, 9, 12, 7, 10, 11, seed=4))]
+    streamed = [""] * len(seqs)
+    while eng.has_unfinished():
+        eng.step()
+        for i, s in enumerate(seqs):
+            streamed[i] += s.output(delta=True).text
+    assert any("\ufffd" in s.text for s in seqs)  # the split characters this test is about
+    for s, text in zip(seqs, streamed):
+        assert s.text == tok.decode(s.output_ids) == text
+
+
 # ---- faults ----
 
 def test_empty_and_over_long_prompts_are_clear_errors(model):
@@ -265,6 +285,7 @@ def test_memory_budget_exhausted_requests_wait_or_are_preempted_and_finish_exact
         eng.step()
         most_running = max(most_running, len(eng.running))
         waited |= bool(eng.waiting)
+        assert eng.used_bytes() == sum(s.cache.nbytes() for s in eng.running)  # what the caches hold
         assert eng.used_bytes() <= budget + probe.estimate_bytes(132)
     assert waited and most_running < len(ps)
     for p, s in zip(ps, seqs):

@@ -63,6 +63,7 @@ class Sequence:
         self.counts = None  # generated-token counts for penalties
         self.logprobs: list = [] if params.logprobs is not None else None
         self.text = ""
+        self.detok = None  # the engine's incremental detokenizer for this output (tokenizers.DecodeStream)
         self.sent_tokens = 0  # for streaming deltas
         self.sent_text = 0
 
