@@ -49,7 +49,7 @@ class AOTStep:
         # per compressor, in the order its tensors are passed: (layer, "comp" | "index", its open-window
         # tensors' names); each also has one entries tensor (compressed entries, or the indexer's keys)
         self.layout = None
-        self.runners = {}  # batched (N > 1) -> (artifact's loader, its output structure, the tensors it reads)
+        self.runners = {}  # batched (N > 1) -> (artifact's loader, its outputs' places, the tensors it reads)
 
     def __call__(self, model, pool, ids, pos, slots, entries):
         if self.layout is None:
@@ -60,9 +60,10 @@ class AOTStep:
         batched = ids.shape[0] > 1
         if batched not in self.runners:
             self.runners[batched] = self._build(model, args, batched)
-        loader, out_spec, _ = self.runners[batched]
+        loader, (at, per_layer), _ = self.runners[batched]
         # the loader directly: the packaged model's __call__ re-parses its input and output specs every call
-        return pytree.tree_unflatten(loader.boxed_run([ids, pos, slots, *args[3], *args[4], *args[5]]), out_spec)
+        out = loader.boxed_run([ids, pos, slots, *args[3], *args[4], *args[5]])
+        return out[at], [tuple(out[j] for j in js) for js in per_layer]
 
     def _flat(self, pool, entries) -> tuple:
         """The pool and the entries as flat tensor lists: (window rings, open-window states, entries)."""
@@ -116,7 +117,10 @@ class AOTStep:
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         tensors = {k: tensors[k] for k in runner.get_constant_fqns()}
         runner.load_constants(tensors, check_full_update=True, user_managed=True)
-        return runner.loader, pytree.treespec_loads(runner.loader.get_call_spec()[1]), tensors
+        # where each result sits in the flat outputs: (logits, [per layer a tuple of emitted tensors])
+        spec = pytree.treespec_loads(runner.loader.get_call_spec()[1])
+        at, per_layer = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+        return runner.loader, (at, per_layer), tensors
 
 
 class _Step(torch.nn.Module):

@@ -41,6 +41,10 @@ class BatchDecoder:
     def __init__(self, model, pool: StatePool, compile: bool = False):
         self.model, self.pool, self.cfg = model, pool, model.config
         self.core = aot.compiled(model, _core) if compile else _core
+        # per layer with a compressor: (layer, ratio, least entry count (the indexer's static top-k), stores)
+        self._layers = [(i, a.ratio, a.indexer.topk if a.indexer is not None else 0,
+                         ("comp", "index") if a.indexer is not None else ("comp",))
+                        for i, a in enumerate(block.attn for block in model.layers) if a.compressor is not None]
         # the last step's sequences, their entry stores' versions after it, their entries as padded batch tensors
         self._caches, self._versions_seen, self._batched = [], None, None
 
@@ -52,9 +56,8 @@ class BatchDecoder:
         with torch.no_grad():
             logits, emitted = self.core(self.model, self.pool, torch.tensor(tokens, device=dev),
                                         torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), entries)
-        for i, block in enumerate(self.model.layers):
-            m = block.attn.ratio
-            done = [j for j, p in enumerate(pos) if m and (p + 1) % m == 0]
+        for i, m, _, _ in self._layers:
+            done = [j for j, p in enumerate(pos) if (p + 1) % m == 0]
             if not done:
                 continue
             rows = torch.tensor(done, device=dev)
@@ -82,27 +85,17 @@ class BatchDecoder:
         """Per layer, each compressor's entries of all sequences as [N, T, c] (rows past a sequence's
         count arbitrary; T a multiple of 64 with room for this step's entry). Kept between steps: a step
         with the same sequences, whose entries changed only by that step's own appends, reuses them."""
-        need = []
-        for block in self.model.layers:
-            a = block.attn
-            T = 0 if a.compressor is None else max(p // a.ratio for p in pos) + 1
-            if a.indexer is not None:
-                T = max(T, a.indexer.topk)  # a static top-k
-            need.append(T)
+        last = max(pos)
+        need = [(i, max(last // m + 1, topk), names) for i, m, topk, names in self._layers]
         if (self._batched is not None and len(self._caches) == len(caches)
                 and all(a is b for a, b in zip(self._caches, caches)) and self._versions_seen == self._versions(caches)
-                and all(t is None or t[0].shape[1] >= T for t, T in zip(self._batched, need))):
+                and all(self._batched[i][0].shape[1] >= T for i, T, _ in need)):
             return self._batched
-        entries = []
-        for i, block in enumerate(self.model.layers):
-            a = block.attn
-            if a.compressor is None:
-                entries.append(None)
-                continue
-            T = -(-need[i] // 64) * 64  # grows in steps, so the compiled graph sees few distinct sizes
-            names = ("comp", "index") if a.indexer is not None else ("comp",)
+        entries = [None] * len(self.model.layers)
+        for i, T, names in need:
+            T = -(-T // 64) * 64  # grows in steps, so the compiled graph sees few distinct sizes
             rows = [[getattr(c.layers[i], name).store.padded(T) for c in caches] for name in names]
-            entries.append(tuple(torch.stack(r) for r in rows))
+            entries[i] = tuple(torch.stack(r) for r in rows)
         self._caches, self._batched = list(caches), entries
         return entries
 
