@@ -165,7 +165,7 @@ def main():
     dsv4_decode(model, 64, 1, compile=True)  # builds the batch-1 artifact (export + AOTInductor, or the disk cache)
     compile_s = time.perf_counter() - t
     # the roofline's copy bandwidth is measured around this timing, not minutes later: this machine's memory
-    # bandwidth drifts between 30 and 51 GB/s over a run; the higher of the two readings is the denominator
+    # bandwidth drifted between 30 and 58 GB/s within runs; the higher of the two readings is the denominator
     bw = copy_bandwidth()
     ours = best(lambda: dsv4_decode(model, 1024, 64, compile=True))
     bw = max(bw, copy_bandwidth())
