@@ -149,14 +149,17 @@ class SequenceCache:
         """Bytes of decode state held (allocated=True: including the entry stores' spare capacity)."""
         return sum(c.nbytes(allocated) for c in self.layers + self.mtp)
 
+    def compressors(self) -> list:
+        """Every compressor state of its layers (MTP layers included)."""
+        return [st for c in self.layers + self.mtp for st in (c.comp, c.index) if st is not None]
+
     def entry_bytes(self) -> int:
         """Bytes of its compressed entries: the part of `nbytes()` that grows with the context."""
-        return sum(st.store.nbytes() for c in self.layers + self.mtp for st in (c.comp, c.index) if st is not None)
+        return sum(st.store.nbytes() for st in self.compressors())
 
     def bytes_per_token(self) -> float:
         """Growth of the state per context token: each compressor's entry bytes / its ratio."""
-        return sum(st.store.bytes_per_entry / st.buf_kv.shape[0]
-                   for c in self.layers + self.mtp for st in (c.comp, c.index) if st is not None)
+        return sum(st.store.bytes_per_entry / st.buf_kv.shape[0] for st in self.compressors())
 
 
 
