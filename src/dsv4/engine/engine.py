@@ -342,9 +342,10 @@ class LLMEngine:
                 logits[i] = s.constraint.mask(logits[i], s.params.max_tokens - len(s.output_ids))
         toks, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs])
         for i, (s, t) in enumerate(zip(seqs, toks.tolist())):
-            self._append(s, t, lps[i])
+            self._append(s, t, lps[i] if lps is not None else None)
 
-    def _append(self, s: Sequence, t: int, logprobs: torch.Tensor) -> None:
+    def _append(self, s: Sequence, t: int, logprobs: torch.Tensor | None) -> None:
+        """Record token t; logprobs [V] (None unless s asks for logprobs)."""
         s.tokens.append(t)
         if s.constraint is not None:
             s.constraint.accept(t)

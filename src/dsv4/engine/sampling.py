@@ -77,13 +77,19 @@ def draw(pr: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(pr, 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, params: list, generators: list, counts: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (tokens [B], logprobs [B, V] of the penalised distribution before truncation).
+def sample(logits: torch.Tensor, params: list, generators: list,
+           counts: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] -> (tokens [B], logprobs [B, V] of the penalised distribution before truncation,
+    or None when no request asks for logprobs).
 
     counts[i]: [V] float counts of the tokens sequence i generated so far (for penalties), or None."""
-    rows = torch.stack([penalised(logits[i], p, c) for i, (p, c) in enumerate(zip(params, counts))])
+    if any(c is not None for c in counts):
+        rows = torch.stack([penalised(logits[i], p, c) for i, (p, c) in enumerate(zip(params, counts))])
+    else:
+        rows = logits.float()
     out = rows.argmax(-1)  # greedy rows, all at once
     for i, p in enumerate(params):
         if p.temperature != 0:
             out[i] = draw(probs(rows[i], p), generators[i])
-    return out, torch.log_softmax(rows, -1)
+    wanted = any(p.logprobs is not None for p in params)
+    return out, torch.log_softmax(rows, -1) if wanted else None
