@@ -188,6 +188,21 @@ def test_logprobs_with_top_alternatives(model):
     assert [a for _, a in first.top] == sorted([a for _, a in first.top], reverse=True)
 
 
+
+def test_logprobs_for_one_request_of_a_batch(model):
+    """The sampler computes logprobs only when a request asks: in a batch where one does, it gets them
+    (equal to the full forward's), the other none, and both tokens are the plain greedy ones."""
+    a, b = prompts(10, 12, seed=15)
+    want = dsv4.SamplingParams(max_tokens=2, temperature=0, logprobs=2, ignore_eos=True)
+    out = dsv4.LLM(model).generate([a, b], [want, dsv4.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([a]))[0, -1], -1)
+    assert out[1].logprobs is None and len(out[0].logprobs) == 2
+    first = out[0].logprobs[0]
+    assert first.token_id == out[0].token_ids[0] == ref.argmax().item()
+    assert abs(first.logprob - ref[first.token_id].item()) < 1e-5
+    assert out[1].token_ids == dsv4.LLM(model).generate(b, GREEDY).token_ids[:2]
+
 def test_stop_token_ids_and_max_tokens_1(model):
     p = prompts(12, seed=14)[0]
     g = dsv4.LLM(model).generate(p, GREEDY).token_ids
