@@ -54,6 +54,23 @@ def test_batched_decode_matches_full_forward(model):
     assert decode_vs_full(model, decoder, [2, 9], 40, seed=3, general_every=3) <= 1e-4
 
 
+
+def test_bf16_checkpoint_decodes_in_bf16(model, tmp_path):
+    """A bf16 model keeps its mHC, norm, sink and ape parameters in fp32 (load_model, as the reference):
+    the engine's storage dtype and the batched decoder follow the activations' dtype, not the first
+    parameter's (an fp32 store beside bf16 activations crashed the first decode step)."""
+    dsv4.save_model(model, tmp_path)
+    bf = dsv4.load_model(tmp_path, dtype=torch.bfloat16)
+    assert bf.dtype == torch.bfloat16 and bf.hc_head_fn.dtype == torch.float32
+    engine = LLMEngine(bf)
+    assert engine.dtype == torch.bfloat16 and engine.decoder is not None
+    # bf16 rounding only: the bf16 full forward of these weights is itself 0.21 from the fp32 one
+    # (logits up to ~1.6); a missed entry or window slot moves logits by their whole scale
+    assert decode_vs_full(bf, BatchDecoder(bf, StatePool(bf, 4)), [0, 5, 23], 40) <= 0.35
+    outs = dsv4.LLM(bf).generate([[5, 6, 7, 8, 9], [9, 8, 7]],
+                                 dsv4.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [6, 6]
+
 def test_compiled_decode_small_model_and_its_disk_cache(monkeypatch):
     """Two layers (CSA with its indexer, HCA): both artifacts (batch 1, larger batches) equal the full
     forward; a fresh AOTStep (as in a later process) loads them from disk without compiling."""

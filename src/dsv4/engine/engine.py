@@ -58,7 +58,7 @@ class LLMEngine:
         self.cfg = config or EngineConfig()
         self.mcfg = model.config
         self.max_len = self.cfg.max_model_len or self.mcfg.max_position_embeddings
-        self.dtype = self.cfg.cache_dtype or next(model.parameters()).dtype
+        self.dtype = self.cfg.cache_dtype or model.dtype
         self.device = next(model.parameters()).device
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -184,7 +184,7 @@ class StatePool:
 
     def __init__(self, model, slots: int, dtype: torch.dtype | None = None, device=None):
         cfg = model.config
-        self.dtype = dtype or next(model.parameters()).dtype
+        self.dtype = dtype or model.dtype
         self.device = device or next(model.parameters()).device
         self.window, self.comp, self.index = [], [], []
         rows = max(slots, 2)  # a one-row pool would have a size-1 dimension, which compiled graphs specialise
@@ -221,7 +221,7 @@ def new_cache(model, dtype: torch.dtype | None = None, device=None, layout: str 
     in the production layout (FP8 nope + BF16 RoPE) and indexer keys in FP4. With a pool and one of
     its acquired slots, the main layers' fixed-size state are views of that slot's rows."""
     cfg = model.config
-    dtype = dtype or next(model.parameters()).dtype
+    dtype = dtype or model.dtype
     device = device or next(model.parameters()).device
     if layout not in ("dense", "fp8"):
         raise ValueError(f"cache layout must be 'dense' or 'fp8' (got {layout!r})")

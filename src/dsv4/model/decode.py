@@ -28,7 +28,7 @@ from .rope import Rope
 def supports(model, layout: str, dtype: torch.dtype) -> bool:
     """Whether `BatchDecoder` can run this model and cache format (dense entries in the model's dtype,
     unpacked experts)."""
-    return (layout == "dense" and dtype == next(model.parameters()).dtype
+    return (layout == "dense" and dtype == model.dtype
             and not any(isinstance(b.ffn.experts, PackedExperts) for b in model.layers))
 
 

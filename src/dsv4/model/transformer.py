@@ -92,6 +92,12 @@ class Transformer(nn.Module):
         _hc_params(self, "hc_head", cfg.hc_mult, d, cfg.hc_mult, 1)
         self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.num_nextn_predict_layers))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the embedding's). Not the first parameter's: a bf16 model keeps its
+        mHC, norm, sink and ape parameters in fp32, as the reference does."""
+        return self.embed.weight.dtype
+
     def _check_ids(self, ids: torch.Tensor) -> None:
         if torch.compiler.is_compiling():
             return
