@@ -35,6 +35,12 @@ class EntryStore:
         self.dim, self.fmt, self.dtype, self.rope_dim, self.count = dim, fmt, dtype, rope_dim, 0
         self.version = 0  # bumped by every change of the entries (copies elsewhere can tell they are stale)
         nope = dim - rope_dim
+        if fmt == "fp8" and nope % 64:
+            raise ValueError(f"cache layout 'fp8' keeps an entry's {nope} non-RoPE dims in FP8 blocks of 64: "
+                             f"head_dim - qk_rope_head_dim must be a multiple of 64 (V4: 448); use 'dense'")
+        if fmt == "fp4" and dim % 32:
+            raise ValueError(f"cache layout 'fp8' keeps indexer keys in FP4 blocks of 32: index_head_dim ({dim}) "
+                             f"must be a multiple of 32; use 'dense'")
         z = lambda n, dt: torch.zeros(64, n, dtype=dt, device=device)  # noqa: E731
         if fmt == "dense":
             self.parts = [z(dim, dtype)]
