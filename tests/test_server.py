@@ -170,6 +170,36 @@ def test_anthropic_cache_read_tokens_on_repeat(claude):
     assert r.usage.cache_read_input_tokens and r.usage.cache_read_input_tokens % 64 == 0
 
 
+
+def test_user_id_scopes_cache_hits_when_users_are_isolated(server):
+    """`user_id` (chat, FIM) and `metadata.user_id` (Messages), DeepSeek's end-user field, reach the engine:
+    with per-user isolation a prompt cached for one user is a miss for another; a malformed id is a 400."""
+    path = server[3]
+    llm = AsyncLLM(LLMEngine(dsv4.load_model(path, dtype=torch.float32), load_tokenizer(path),
+                             EngineConfig(max_num_seqs=4, isolate_users=True)))
+    with serving(create_app(llm, str(path / "tokenizer.json"), ServerConfig())) as url:
+        chat = dict(model="deepseek-chat", max_tokens=1, messages=[{"role": "system", "content": "z " * 150},
+                                                                   {"role": "user", "content": "hi"}])
+        hits = lambda r: r[1]["usage"]["prompt_cache_hit_tokens"]  # noqa: E731
+        assert hits(post(f"{url}/chat/completions", chat | {"user_id": "alice"})) == 0
+        assert hits(post(f"{url}/chat/completions", chat | {"user_id": "alice"})) >= 64
+        assert hits(post(f"{url}/chat/completions", chat | {"user_id": "bob-2"})) == 0
+        assert hits(post(f"{url}/chat/completions", chat)) == 0  # no user: its own scope
+        fim = dict(model="deepseek-v4-flash", prompt="w " * 150, max_tokens=1)
+        assert hits(post(f"{url}/completions", fim | {"user_id": "alice"})) == 0
+        assert hits(post(f"{url}/completions", fim | {"user_id": "alice"})) >= 64
+        assert hits(post(f"{url}/completions", fim | {"user_id": "carol"})) == 0
+        msg = dict(model="deepseek-v4-flash", max_tokens=1, system="q " * 150, thinking={"type": "disabled"},
+                   messages=[{"role": "user", "content": "hi"}])
+        read = lambda r: r[1]["usage"].get("cache_read_input_tokens") or 0  # noqa: E731
+        assert read(post(f"{url}/v1/messages", msg | {"metadata": {"user_id": "alice"}})) == 0
+        assert read(post(f"{url}/v1/messages", msg | {"metadata": {"user_id": "alice"}})) >= 64
+        assert read(post(f"{url}/v1/messages", msg | {"metadata": {"user_id": "dave"}})) == 0
+        for bad in ("a b", "x" * 513, 7, ""):
+            status, body = post(f"{url}/chat/completions", chat | {"user_id": bad})
+            assert status == 400 and "user_id" in body["error"]["message"]
+    llm.close()
+
 # ---- FIM / completions / metrics ----
 
 def test_fim_completion_stream_and_cap(client, server):

@@ -59,12 +59,27 @@ def inspect(target: str, context: int, out=None) -> None:
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "dsv4-tiny"  # in the repository (editable install)
 
 
+def engine_config(args):
+    """`dsv4 serve`'s options -> the engine's configuration."""
+    from .engine import EngineConfig
+
+    for name in ("kv_budget_gib", "cache_gib"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if args.speculative_tokens < 0:
+        raise ConfigError("--speculative-tokens must be >= 0")
+    return EngineConfig(max_num_seqs=args.max_concurrency, compile=args.compile,
+                        kv_budget_bytes=int(args.kv_budget_gib * 2**30), cache_layout=args.cache_layout,
+                        prefix_cache_bytes=int(args.cache_gib * 2**30), prefix_cache_dir=args.cache_dir,
+                        isolate_users=args.isolate_users, num_speculative_tokens=args.speculative_tokens)
+
+
 def serve(args) -> int:
     import torch
     import uvicorn
 
     from .checkpoint import load_model
-    from .engine import AsyncLLM, EngineConfig, LLMEngine
+    from .engine import AsyncLLM, LLMEngine
     from .server import ServerConfig, create_app
     from .tokenizer import load_tokenizer
 
@@ -96,8 +111,10 @@ def serve(args) -> int:
             config.prices.update({m: tuple(float(x) for x in v) for m, v in table.items()})
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"{args.prices}: not a price table ({e})") from None
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=args.max_concurrency, compile=args.compile,
-                                                      kv_budget_bytes=int(args.kv_budget_gib * 2**30)))
+    try:
+        engine = LLMEngine(model, tokenizer, engine_config(args))
+    except ValueError as e:  # an option this model cannot take (speculation without MTP, fp8 layout dims)
+        raise ConfigError(str(e)) from None
     if args.compile:
         print("dsv4: compiling the decode step (minutes the first time; cached on disk)", file=sys.stderr)
         engine.warmup()
@@ -157,6 +174,16 @@ def main(argv=None) -> int:
                      help="compile the batched decode step ahead of time (AOTInductor; minutes the first time, "
                           "then cached on disk): several times faster decoding")
     srv.add_argument("--kv-budget-gib", type=float, default=8.0, help="decode-state memory budget (GiB)")
+    srv.add_argument("--cache-layout", default="dense", choices=["dense", "fp8"],
+                     help="compressed entries as stored: the model's dtype, or V4's production layout (FP8 nope "
+                          "+ BF16 RoPE dims, FP4 indexer keys)")
+    srv.add_argument("--cache-gib", type=float, default=1.0, help="context (prefix) cache memory cap (GiB)")
+    srv.add_argument("--cache-dir", help="also keep the context cache on disk here (checksummed): hits survive "
+                                         "restarts, as DeepSeek's context caching on disk")
+    srv.add_argument("--isolate-users", action="store_true",
+                     help="context-cache hits only within one end user (the request's user_id)")
+    srv.add_argument("--speculative-tokens", type=int, default=0,
+                     help="MTP draft tokens verified per decode step (needs the model's MTP module; 0: off)")
     ch = sub.add_parser("chat", help="terminal chat against a running server (or --model PATH, started locally)")
     ch.add_argument("--url", default="http://127.0.0.1:8000")
     ch.add_argument("--model", help="checkpoint directory: start a local server on it first")

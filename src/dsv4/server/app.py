@@ -11,6 +11,7 @@ import functools
 import hashlib
 import hmac
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                                                                       cfg.served_model_name)
         except RequestError as e:
             return error(422 if "parameter" in str(e) else 400, str(e))
-        return await run_text(request, prompt_ids, params, model, stream, usage_on, account)
+        return await run_text(_user_id(body.get("user_id")), prompt_ids, params, model, stream, usage_on, account)
 
     @app.get("/metrics")
     async def metrics():
@@ -175,12 +176,12 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         ] + [f'dsv4_cost_usd_total{{account="{a}"}} {v["cost_usd"]:.9f}' for a, v in accounts.items()]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    def admit(ids, params, request, constraint=None):
+    def admit(ids, params, user, constraint=None):
         if state["active"] >= cfg.max_concurrency:
             raise _Reject(error(429, "Rate limit reached: too many concurrent requests", "rate_limit_error",
                                 "rate_limit_exceeded"))
         try:
-            seq, queue = llm.submit(ids, params, user=request.headers.get("x-user-id"), constraint=constraint)
+            seq, queue = llm.submit(ids, params, user=user, constraint=constraint)
         except RequestError as e:
             raise _Reject(error(400, str(e))) from None
         state["active"] += 1
@@ -191,7 +192,9 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         account = authorize(request)
         body = await read_body(request)
         try:
-            req = proto.request(proto.prepare(body, cfg.served_model_name))
+            d = proto.prepare(body, cfg.served_model_name)
+            user = _user_id(d.get("user_id") if proto is CHAT else (d.get("metadata") or {}).get("user_id"))
+            req = proto.request(d)
             model = req.model
             conv = req.convert(options)
         except dr.ConversionError as e:
@@ -213,7 +216,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         except RequestError as e:
             return error(422, str(e))
         constraint = _constraint(io.output_constraint, conv, po, engine)
-        seq, queue = admit(ids, params, request, constraint)
+        seq, queue = admit(ids, params, user, constraint)
         rid = proto.new_id()
         processor = dr.StreamProcessor(proto.generator(conv, rid, model), po, recipe_tok)
         chunks = _chunks(llm, seq, queue, processor, len(ids), cfg.keepalive_seconds)
@@ -232,8 +235,8 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
             done()
         return Response(response.to_json(), media_type="application/json")
 
-    async def run_text(request, ids, params, model, stream, usage_on, account):
-        seq, queue = admit(ids, params, request)
+    async def run_text(user, ids, params, model, stream, usage_on, account):
+        seq, queue = admit(ids, params, user)
         done = functools.partial(release, seq, model, account, len(ids))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -388,6 +391,16 @@ def _json(body: bytes) -> dict:
     if not isinstance(d, dict):
         raise _Reject(error(400, "Invalid request: body must be a JSON object"))
     return d
+
+
+def _user_id(user):
+    """The request's end-user id (chat and FIM: `user_id`; Messages: `metadata.user_id`), which scopes
+    context-cache hits when the engine isolates users; None when absent."""
+    if user is None:
+        return None
+    if not (isinstance(user, str) and len(user) <= 512 and re.fullmatch(r"[A-Za-z0-9_-]+", user)):
+        raise _Reject(error(400, "Invalid request: user_id must be 1-512 characters of [a-zA-Z0-9_-]"))
+    return user
 
 
 def _claude_names(body: bytes, served: str):
