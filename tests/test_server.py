@@ -220,6 +220,25 @@ def test_metrics_are_prometheus_text(server, client):
         text = r.read().decode()
     values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
     assert int(values["dsv4_requests_total"]) >= 1 and "dsv4_prompt_cache_hit_tokens_total" in values
+    assert values["dsv4_draft_tokens_proposed_total"] == "0"  # no speculation in this server
+
+
+def test_speculative_server_reports_draft_acceptance(server):
+    """With MTP speculation on, /metrics counts the drafts proposed and accepted, as the engine does,
+    and greedy answers are the plain engine's (speculative greedy = greedy)."""
+    path = server[3]
+    engine = LLMEngine(dsv4.load_model(path, dtype=torch.float32), load_tokenizer(path),
+                       EngineConfig(num_speculative_tokens=2))
+    llm = AsyncLLM(engine)
+    chat = dict(model="deepseek-chat", max_tokens=12, temperature=0, messages=[{"role": "user", "content": "go"}])
+    with serving(create_app(llm, str(path / "tokenizer.json"), ServerConfig())) as url:
+        spec = post(f"{url}/chat/completions", chat)[1]["choices"][0]["message"]["content"]
+        with urllib.request.urlopen(url + "/metrics") as r:
+            values = dict(line.split() for line in r.read().decode().splitlines() if not line.startswith("#"))
+    llm.close()
+    proposed, accepted = int(values["dsv4_draft_tokens_proposed_total"]), int(values["dsv4_draft_tokens_accepted_total"])
+    assert proposed > 0 and (proposed, accepted) == (engine.stats["proposed"], engine.stats["accepted"])
+    assert spec == post(f"{server[0]}/chat/completions", chat)[1]["choices"][0]["message"]["content"]
 
 
 def test_dsv4_chat_streams_thinking_apart_from_the_answer(server):

@@ -172,6 +172,10 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
             "# TYPE dsv4_prompt_cache_hit_tokens_total counter",
             f"dsv4_prompt_cache_hit_tokens_total {engine.stats['cached_tokens']}",
             "# TYPE dsv4_engine_steps_total counter", f"dsv4_engine_steps_total {engine.stats['steps']}",
+            "# TYPE dsv4_draft_tokens_proposed_total counter",  # MTP speculation: acceptance = accepted / proposed
+            f"dsv4_draft_tokens_proposed_total {engine.stats['proposed']}",
+            "# TYPE dsv4_draft_tokens_accepted_total counter",
+            f"dsv4_draft_tokens_accepted_total {engine.stats['accepted']}",
             "# TYPE dsv4_cost_usd_total counter",
         ] + [f'dsv4_cost_usd_total{{account="{a}"}} {v["cost_usd"]:.9f}' for a, v in accounts.items()]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
