@@ -200,6 +200,31 @@ def test_user_id_scopes_cache_hits_when_users_are_isolated(server):
             assert status == 400 and "user_id" in body["error"]["message"]
     llm.close()
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_forced_tool_use_round_trip(claude, stream):
+    """tool_choice {"type": "tool"} on Messages: a tool_use block whose input follows the input_schema
+    (constrained decoding, even from the random dev model), streamed or not; its tool_result goes back."""
+    tool = {"name": "set_light", "description": "Switch a light",
+            "input_schema": {"type": "object", "properties": {"on": {"type": "boolean"},
+                                                              "room": {"type": "string", "enum": ["kitchen", "hall"]}},
+                             "required": ["on", "room"], "additionalProperties": False}}
+    ask = [{"role": "user", "content": "Turn on the kitchen light."}]
+    kw = dict(model="deepseek-v4-flash", max_tokens=120, tools=[tool], thinking={"type": "disabled"})
+    if stream:
+        with claude.messages.stream(tool_choice={"type": "tool", "name": "set_light"}, messages=ask, **kw) as s:
+            r = s.get_final_message()
+    else:
+        r = claude.messages.create(tool_choice={"type": "tool", "name": "set_light"}, messages=ask, **kw)
+    uses = [b for b in r.content if b.type == "tool_use"]
+    assert r.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "set_light"
+    assert set(uses[0].input) == {"on", "room"} and isinstance(uses[0].input["on"], bool)
+    assert uses[0].input["room"] in ("kitchen", "hall")
+    back = ask + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "done"}]}]
+    after = claude.messages.create(messages=back, **kw | {"max_tokens": 4})
+    assert after.type == "message" and after.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
 # ---- FIM / completions / metrics ----
 
 def test_fim_completion_stream_and_cap(client, server):
