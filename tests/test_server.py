@@ -198,6 +198,7 @@ def test_user_id_scopes_cache_hits_when_users_are_isolated(server):
         for bad in ("a b", "x" * 513, 7, ""):
             status, body = post(f"{url}/chat/completions", chat | {"user_id": bad})
             assert status == 400 and "user_id" in body["error"]["message"]
+        assert post(f"{url}/v1/messages", msg | {"metadata": "alice"})[0] == 400  # not an object
     llm.close()
 
 

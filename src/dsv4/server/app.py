@@ -197,8 +197,10 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         body = await read_body(request)
         try:
             d = proto.prepare(body, cfg.served_model_name)
-            user = _user_id(d.get("user_id") if proto is CHAT else (d.get("metadata") or {}).get("user_id"))
             req = proto.request(d)
+            meta = d.get("metadata")
+            user = _user_id(d.get("user_id") if proto is CHAT else meta.get("user_id") if isinstance(meta, dict)
+                            else None)
             model = req.model
             conv = req.convert(options)
         except dr.ConversionError as e:
