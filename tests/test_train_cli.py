@@ -3,7 +3,11 @@ import json
 import sysconfig
 from pathlib import Path
 
+import pytest
+
+import dsv4
 from dsv4.cli import main
+from dsv4.train import TrainConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -107,7 +111,6 @@ def test_sft_replay_mixes_in_pretraining_rows_and_needs_its_source(tmp_path, cap
 
 
 def test_train_device_is_checked_and_auto_picks_the_cpu_here(tmp_path, capsys):
-    import pytest
     import torch
 
     from dsv4.config import ConfigError
@@ -123,3 +126,22 @@ def test_train_device_is_checked_and_auto_picks_the_cpu_here(tmp_path, capsys):
         cfg = write_config(tmp_path, "dev")
         cfg.write_text(cfg.read_text().replace("[train]", '[train]\ndevice = "cuda"'))
         assert main(["train", str(cfg)]) == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_bad_train_values_are_clear_errors_before_training(tmp_path, capsys):
+    """A wrong value in [train] names its field (rc 2) instead of a traceback or a run that does nothing;
+    a corpus shorter than one row is refused (the trainer would wrap it around inside every row)."""
+    base = write_config(tmp_path, "checks").read_text()
+    cases = [("steps = 6", "steps = 0", "steps"), ("batch_size = 2", 'batch_size = "two"', "batch_size"),
+             ("warmup = 1", "warmup = -1", "warmup"), ("warmup = 1", "warmup = 1\ndecay_frac = 1.5", "decay_frac"),
+             ("checkpoint_every = 2", "checkpoint_every = 0", "checkpoint_every"),
+             ("seq_len = 32", "seq_len = 100000", "fewer than one row")]
+    for old, new, named in cases:
+        cfg = tmp_path / "bad.toml"
+        cfg.write_text(base.replace(old, new))
+        assert main(["train", str(cfg)]) == 2, new
+        assert named in capsys.readouterr().err
+    with pytest.raises(dsv4.ConfigError, match="lr_muon"):
+        TrainConfig(lr_muon=-1.0)
+    assert main(["train", str(write_config(tmp_path, "fresh")), "--resume", "--stop-after", "1"]) == 0
+    assert "no checkpoint" in capsys.readouterr().err

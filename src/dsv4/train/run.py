@@ -85,7 +85,9 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         return run_rl(spec, out)
     data, mspec, tspec = spec.get("data", {}), dict(spec.get("model", {})), dict(spec.get("train", {}))
     run = Path(tspec.pop("out", "runs/dsv4"))
-    every = int(tspec.pop("checkpoint_every", 50))
+    every = tspec.pop("checkpoint_every", 50)
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ConfigError(f"config [train] checkpoint_every: must be an integer >= 1 (got {every!r})")
     tensorboard = bool(tspec.pop("tensorboard", False))
     qat = tspec.pop("qat", None)  # "fp4" (routed experts) or "fp4+fp8" (and the official FP8 linears)
     if qat not in (None, "fp4", "fp4+fp8"):
@@ -112,6 +114,9 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     else:
         raise ConfigError(f"config [data] kind: expected 'text' or 'chat' (got {data['kind']!r})")
     cut = train_end(len(tokens), tcfg.seq_len + 1, data.get("val_fraction", 0.02))
+    if cut < tcfg.seq_len + 1:  # the trainer would wrap the corpus around inside every row
+        raise ConfigError(f"config [data]: {cut:,} training tokens, fewer than one row of [train] seq_len + 1 = "
+                          f"{tcfg.seq_len + 1:,}; add files or lower seq_len")
     train_tokens, val_tokens = tokens[:cut], tokens[cut:]
     train_mask = None if mask is None else mask[:cut]
     val_mask = None if mask is None else mask[cut:]
@@ -141,6 +146,8 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         trainer.resume(ckpt)
         out.write(f"dsv4 train: resumed at step {trainer.step_count}\n")
+    elif resume:  # e.g. killed before its first checkpoint: nothing is lost by starting over
+        out.write(f"dsv4 train: no checkpoint in {run} yet: starting at step 0\n")
     metrics = run / "metrics.jsonl"
     board = _board(run / "tensorboard") if tensorboard and lead else None
     if not lead:

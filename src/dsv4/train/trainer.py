@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..config import ConfigError
 from ..model.moe import MoE
 from ..model.transformer import Transformer
 from .muon import optimizers
@@ -44,6 +45,27 @@ class TrainConfig:
     compile: bool = False  # torch.compile the forward and losses (minutes to compile, then faster steps)
     device: str = "auto"  # `dsv4 train`'s device: "auto" (cuda when present, this rank's GPU under torchrun), "cpu", "cuda:N"
     bf16: bool = True  # bf16 autocast for forward and losses on GPU (weights and optimiser state stay fp32)
+
+    def __post_init__(self):
+        """Every field checked here, so a bad value names itself rather than failing mid-run."""
+        def integer(v, least):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+        checks = [(name, integer(getattr(self, name), least), f"an integer >= {least}")
+                  for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("seed", 0))]
+        checks += [(name, number(getattr(self, name)), "a number >= 0")
+                   for name in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip", "mtp_weight", "mtp_weight_decay",
+                                "bias_update_speed", "seq_balance_coef")]
+        checks += [("decay_frac", number(self.decay_frac) and self.decay_frac <= 1, "a number in [0, 1]"),
+                   ("compile", isinstance(self.compile, bool), "true or false"),
+                   ("bf16", isinstance(self.bf16, bool), "true or false"),
+                   ("device", isinstance(self.device, str), "a string: auto, cpu or cuda:N")]
+        for name, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"config [train] {name}: must be {what} (got {getattr(self, name)!r})")
 
     def lr_factor(self, step: int) -> float:
         """Warmup-stable-decay multiplier for step (0-based)."""
