@@ -75,6 +75,27 @@ def train_end(n_tokens: int, width: int, val_fraction: float) -> int:
     return n_tokens - int(n_tokens // width * val_fraction) * width
 
 
+def _check_data(data: dict) -> None:
+    """[data]'s numbers, each named when wrong (before a tokenizer or corpus is built)."""
+    from ..tokenizer import special_tokens
+
+    def integer(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    def fraction(v, top_open=False):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v and (v < 1 if top_open else v <= 1)
+
+    least_vocab = 256 + len(special_tokens())  # the byte alphabet and V4's special tokens
+    checks = {"vocab_size": (lambda v: integer(v, least_vocab), f"an integer >= {least_vocab} (bytes + special tokens)"),
+              "tokenizer_files": (lambda v: integer(v, 1), "an integer >= 1"),
+              "examples": (lambda v: integer(v, 1), "an integer >= 1"),
+              "fim_rate": (fraction, "a number in [0, 1]"),
+              "val_fraction": (lambda v: fraction(v, top_open=True), "a number in [0, 1)")}
+    for name, (ok, what) in checks.items():
+        if name in data and not ok(data[name]):
+            raise ConfigError(f"config [data] {name}: must be {what} (got {data[name]!r})")
+
+
 def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=None) -> int:
     out = out or sys.stderr
     try:
@@ -84,6 +105,9 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     if "rl" in spec:
         return run_rl(spec, out)
     data, mspec, tspec = spec.get("data", {}), dict(spec.get("model", {})), dict(spec.get("train", {}))
+    _check_data(data)
+    if mspec.get("preset", "tiny") not in ("tiny", "flash", "pro"):
+        raise ConfigError(f"config [model] preset: expected 'tiny', 'flash' or 'pro' (got {mspec['preset']!r})")
     run = Path(tspec.pop("out", "runs/dsv4"))
     every = tspec.pop("checkpoint_every", 50)
     if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
