@@ -209,6 +209,16 @@ mix = {{add = 1}}
     bad.write_text(cfg.read_text().replace('method = "grpo"', 'method = "ppo"'))
     assert main(["train", str(bad)]) == 2
     assert "[rl] method" in capsys.readouterr().err
+    # wrong values name their field before the held-out evaluation starts (not mid-run)
+    for old, new, named in (("max_tokens = 6", "max_tokens = 0", "max_tokens"),
+                            ("group_size = 2", "group_size = 2\ntemperature = -1", "temperature"),
+                            ("mix = {add = 1}", "mix = {sum = 1}", "[train] mix"),
+                            ("eval_mix = {add = 1, chat = 1}", "eval_mix = {add = 0}", "[rl] eval_mix"),
+                            ("eval_examples = 3", 'eval_examples = "3"', "eval_examples")):
+        bad.write_text(cfg.read_text().replace(old, new))
+        assert main(["train", str(bad)]) == 2, new
+        err = capsys.readouterr().err
+        assert named in err and "held-out accuracy before" not in err
 
 
 def test_partial_credit_reward_hand_computed():

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from ..engine.engine import LLMEngine, EngineConfig
 from ..engine.sampling import SamplingParams
+from ..config import ConfigError
 from .muon import optimizers
 from .sft import ChatRenderer
-from .tasks import generate, reward, score
+from .tasks import check_mix, generate, reward, score
 
 
 @dataclass
@@ -39,6 +40,25 @@ class RLConfig:
     grad_clip: float = 1.0
     seed: int = 0
     mix: dict = field(default_factory=lambda: {"add": 1})
+
+    def __post_init__(self):
+        """Every field checked here, so a bad value names itself rather than failing mid-run."""
+        def integer(v, least):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+        checks = [(name, integer(getattr(self, name), least), f"an integer >= {least}")
+                  for name, least in (("steps", 1), ("prompts_per_step", 1), ("group_size", 1), ("max_tokens", 1),
+                                      ("seed", 0))]
+        checks += [(name, number(getattr(self, name)), "a number >= 0")
+                   for name in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip")]
+        checks.append(("temperature", number(self.temperature) and self.temperature <= 100, "in [0, 100]"))
+        for name, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"config [train] {name}: must be {what} (got {getattr(self, name)!r})")
+        check_mix(self.mix, "[train] mix")
 
 
 def rollout(model, renderer: ChatRenderer, examples: list, params: SamplingParams, n: int = 1,

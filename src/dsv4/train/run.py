@@ -106,6 +106,10 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         return run_rl(spec, out)
     data, mspec, tspec = spec.get("data", {}), dict(spec.get("model", {})), dict(spec.get("train", {}))
     _check_data(data)
+    if data.get("mix") is not None:
+        from .tasks import check_mix
+
+        check_mix(data["mix"], "[data] mix")
     if mspec.get("preset", "tiny") not in ("tiny", "flash", "pro"):
         raise ConfigError(f"config [model] preset: expected 'tiny', 'flash' or 'pro' (got {mspec['preset']!r})")
     run = Path(tspec.pop("out", "runs/dsv4"))
@@ -226,6 +230,7 @@ def run_rl(spec: dict, out) -> int:
     [model] init = model dir; [train] out plus RLConfig fields. Held-out accuracy before, during, after."""
     from .rl import GRPO, Distill, RLConfig, evaluate, heldout
     from .sft import ChatRenderer
+    from .tasks import check_mix
 
     rl, tspec = dict(spec["rl"]), dict(spec.get("train", {}))
     init_from = spec.get("model", {}).get("init")
@@ -248,8 +253,15 @@ def run_rl(spec: dict, out) -> int:
         if not rl.get("teacher"):
             raise ConfigError("config [rl] teacher: distillation needs a teacher model directory")
         algo = Distill(model, load_model(rl["teacher"], dtype=torch.float32), renderer, cfg)
-    tests = heldout(int(rl.get("eval_examples", 100)), rl.get("eval_mix") or cfg.mix)
-    every = int(rl.get("eval_every", 0)) or cfg.steps
+    for name in ("eval_examples", "eval_every"):
+        v = rl.get(name, 100 if name == "eval_examples" else 0)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= (1 if name == "eval_examples" else 0)):
+            raise ConfigError(f"config [rl] {name}: must be an integer >= {1 if name == 'eval_examples' else 0} "
+                              f"(got {v!r})")
+    if rl.get("eval_mix") is not None:
+        check_mix(rl["eval_mix"], "[rl] eval_mix")
+    tests = heldout(rl.get("eval_examples", 100), rl.get("eval_mix") or cfg.mix)
+    every = rl.get("eval_every", 0) or cfg.steps
     run.mkdir(parents=True, exist_ok=True)
     metrics = run / "metrics.jsonl"
     before = evaluate(model, renderer, tests, cfg.max_tokens)
@@ -294,7 +306,7 @@ def _chat_data(data: dict, tok, tcfg: TrainConfig, out) -> tuple[np.ndarray, np.
     with tempfile.TemporaryDirectory() as d:  # the renderer reads a tokenizer file
         tok.save(str(Path(d) / "tokenizer.json"))
         renderer = ChatRenderer(Path(d) / "tokenizer.json")
-    examples = generate(int(data.get("examples", 2000)), tcfg.seed, "train", data.get("mix"))
+    examples = generate(data.get("examples", 2000), tcfg.seed, "train", data.get("mix"))
     tokens, mask, dropped = build_sft_corpus(examples, renderer, tcfg.seq_len, tok.token_to_id(EOS), tcfg.seed)
     out.write(f"dsv4 train: {len(examples)} chat examples, {int(mask.sum())} target tokens in "
               f"{len(tokens) // (tcfg.seq_len + 1)} rows ({dropped} too long, dropped)\n")

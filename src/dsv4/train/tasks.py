@@ -14,6 +14,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from ..config import ConfigError
+
 CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Delhi",
           "Dublin", "Lisbon", "Vienna", "Prague", "Warsaw", "Athens", "Bangkok", "Nairobi", "Toronto", "Sydney",
           "Boston", "Denver", "Chicago", "Austin", "Munich", "Milan", "Zurich", "Geneva", "Quito", "Bogota",
@@ -231,6 +233,16 @@ def make_echo(rng: random.Random, split: str) -> Example:
 
 MAKERS = {"add": make_add, "tool": make_tool, "json": make_json, "chat": make_chat, "code": make_code,
           "echo": make_echo}
+
+
+def check_mix(mix, where: str) -> None:
+    """A task mix (kind -> weight) is a non-empty table of known kinds with weights >= 0, not all zero."""
+    ok = (isinstance(mix, dict) and mix and set(mix) <= set(MAKERS)
+          and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in mix.values())
+          and sum(mix.values()) > 0)
+    if not ok:
+        raise ConfigError(f"config {where}: expected a table of task kinds ({', '.join(MAKERS)}) to weights >= 0, "
+                          f"not all zero (got {mix!r})")
 
 
 def generate(n: int, seed: int = 0, split: str = "train", mix: dict | None = None) -> list:
