@@ -22,6 +22,17 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the field."""
 
 
+def is_int(v, least: int) -> bool:
+    """An integer (not a bool) >= least."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def is_number(v, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> bool:
+    """A finite int or float (not a bool) in [low, high], or [low, high) when high_open."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v
+            and (v < high if high_open else v <= high))
+
+
 @dataclass
 class Config:
     vocab_size: int = 129280

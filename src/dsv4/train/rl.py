@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError, is_int, is_number
 from ..engine.engine import LLMEngine, EngineConfig
 from ..engine.sampling import SamplingParams
-from ..config import ConfigError
 from .muon import optimizers
 from .sft import ChatRenderer
 from .tasks import check_mix, generate, reward, score
@@ -43,18 +43,12 @@ class RLConfig:
 
     def __post_init__(self):
         """Every field checked here, so a bad value names itself rather than failing mid-run."""
-        def integer(v, least):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-        def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-
-        checks = [(name, integer(getattr(self, name), least), f"an integer >= {least}")
+        checks = [(name, is_int(getattr(self, name), least), f"an integer >= {least}")
                   for name, least in (("steps", 1), ("prompts_per_step", 1), ("group_size", 1), ("max_tokens", 1),
                                       ("seed", 0))]
-        checks += [(name, number(getattr(self, name)), "a number >= 0")
+        checks += [(name, is_number(getattr(self, name)), "a number >= 0")
                    for name in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip")]
-        checks.append(("temperature", number(self.temperature) and self.temperature <= 100, "in [0, 100]"))
+        checks.append(("temperature", is_number(self.temperature, 0, 100), "in [0, 100]"))
         for name, ok, what in checks:
             if not ok:
                 raise ConfigError(f"config [train] {name}: must be {what} (got {getattr(self, name)!r})")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import build_model, init_random, load_model, save_model, save_official
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, is_int, is_number
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .data import build_corpus
 from .sft import BOS, EOS
@@ -79,18 +79,12 @@ def _check_data(data: dict) -> None:
     """[data]'s numbers, each named when wrong (before a tokenizer or corpus is built)."""
     from ..tokenizer import special_tokens
 
-    def integer(v, least):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-    def fraction(v, top_open=False):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v and (v < 1 if top_open else v <= 1)
-
     least_vocab = 256 + len(special_tokens())  # the byte alphabet and V4's special tokens
-    checks = {"vocab_size": (lambda v: integer(v, least_vocab), f"an integer >= {least_vocab} (bytes + special tokens)"),
-              "tokenizer_files": (lambda v: integer(v, 1), "an integer >= 1"),
-              "examples": (lambda v: integer(v, 1), "an integer >= 1"),
-              "fim_rate": (fraction, "a number in [0, 1]"),
-              "val_fraction": (lambda v: fraction(v, top_open=True), "a number in [0, 1)")}
+    checks = {"vocab_size": (lambda v: is_int(v, least_vocab), f"an integer >= {least_vocab} (bytes + special tokens)"),
+              "tokenizer_files": (lambda v: is_int(v, 1), "an integer >= 1"),
+              "examples": (lambda v: is_int(v, 1), "an integer >= 1"),
+              "fim_rate": (lambda v: is_number(v, 0, 1), "a number in [0, 1]"),
+              "val_fraction": (lambda v: is_number(v, 0, 1, high_open=True), "a number in [0, 1)")}
     for name, (ok, what) in checks.items():
         if name in data and not ok(data[name]):
             raise ConfigError(f"config [data] {name}: must be {what} (got {data[name]!r})")
@@ -114,7 +108,7 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         raise ConfigError(f"config [model] preset: expected 'tiny', 'flash' or 'pro' (got {mspec['preset']!r})")
     run = Path(tspec.pop("out", "runs/dsv4"))
     every = tspec.pop("checkpoint_every", 50)
-    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+    if not is_int(every, 1):
         raise ConfigError(f"config [train] checkpoint_every: must be an integer >= 1 (got {every!r})")
     tensorboard = bool(tspec.pop("tensorboard", False))
     qat = tspec.pop("qat", None)  # "fp4" (routed experts) or "fp4+fp8" (and the official FP8 linears)
@@ -253,11 +247,9 @@ def run_rl(spec: dict, out) -> int:
         if not rl.get("teacher"):
             raise ConfigError("config [rl] teacher: distillation needs a teacher model directory")
         algo = Distill(model, load_model(rl["teacher"], dtype=torch.float32), renderer, cfg)
-    for name in ("eval_examples", "eval_every"):
-        v = rl.get(name, 100 if name == "eval_examples" else 0)
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= (1 if name == "eval_examples" else 0)):
-            raise ConfigError(f"config [rl] {name}: must be an integer >= {1 if name == 'eval_examples' else 0} "
-                              f"(got {v!r})")
+    for name, default, least in (("eval_examples", 100, 1), ("eval_every", 0, 0)):
+        if not is_int(rl.get(name, default), least):
+            raise ConfigError(f"config [rl] {name}: must be an integer >= {least} (got {rl[name]!r})")
     if rl.get("eval_mix") is not None:
         check_mix(rl["eval_mix"], "[rl] eval_mix")
     tests = heldout(rl.get("eval_examples", 100), rl.get("eval_mix") or cfg.mix)

@@ -14,7 +14,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from ..config import ConfigError
+from ..config import ConfigError, is_number
 
 CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Delhi",
           "Dublin", "Lisbon", "Vienna", "Prague", "Warsaw", "Athens", "Bangkok", "Nairobi", "Toronto", "Sydney",
@@ -237,8 +237,7 @@ MAKERS = {"add": make_add, "tool": make_tool, "json": make_json, "chat": make_ch
 
 def check_mix(mix, where: str) -> None:
     """A task mix (kind -> weight) is a non-empty table of known kinds with weights >= 0, not all zero."""
-    ok = (isinstance(mix, dict) and mix and set(mix) <= set(MAKERS)
-          and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in mix.values())
+    ok = (isinstance(mix, dict) and mix and set(mix) <= set(MAKERS) and all(is_number(w) for w in mix.values())
           and sum(mix.values()) > 0)
     if not ok:
         raise ConfigError(f"config {where}: expected a table of task kinds ({', '.join(MAKERS)}) to weights >= 0, "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError
+from ..config import ConfigError, is_int, is_number
 from ..model.moe import MoE
 from ..model.transformer import Transformer
 from .muon import optimizers
@@ -48,18 +48,12 @@ class TrainConfig:
 
     def __post_init__(self):
         """Every field checked here, so a bad value names itself rather than failing mid-run."""
-        def integer(v, least):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-        def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-
-        checks = [(name, integer(getattr(self, name), least), f"an integer >= {least}")
+        checks = [(name, is_int(getattr(self, name), least), f"an integer >= {least}")
                   for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("seed", 0))]
-        checks += [(name, number(getattr(self, name)), "a number >= 0")
+        checks += [(name, is_number(getattr(self, name)), "a number >= 0")
                    for name in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip", "mtp_weight", "mtp_weight_decay",
                                 "bias_update_speed", "seq_balance_coef")]
-        checks += [("decay_frac", number(self.decay_frac) and self.decay_frac <= 1, "a number in [0, 1]"),
+        checks += [("decay_frac", is_number(self.decay_frac, 0, 1), "a number in [0, 1]"),
                    ("compile", isinstance(self.compile, bool), "true or false"),
                    ("bf16", isinstance(self.bf16, bool), "true or false"),
                    ("device", isinstance(self.device, str), "a string: auto, cpu or cuda:N")]
