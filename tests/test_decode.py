@@ -54,7 +54,6 @@ def test_batched_decode_matches_full_forward(model):
     assert decode_vs_full(model, decoder, [2, 9], 40, seed=3, general_every=3) <= 1e-4
 
 
-
 def test_bf16_checkpoint_decodes_in_bf16(model, tmp_path):
     """A bf16 model keeps its mHC, norm, sink and ape parameters in fp32 (load_model, as the reference):
     the engine's storage dtype and the batched decoder follow the activations' dtype, not the first
@@ -70,6 +69,7 @@ def test_bf16_checkpoint_decodes_in_bf16(model, tmp_path):
     outs = dsv4.LLM(bf).generate([[5, 6, 7, 8, 9], [9, 8, 7]],
                                  dsv4.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [6, 6]
+
 
 def test_compiled_decode_small_model_and_its_disk_cache(monkeypatch):
     """Two layers (CSA with its indexer, HCA): both artifacts (batch 1, larger batches) equal the full

@@ -262,7 +262,8 @@ def test_speculative_server_reports_draft_acceptance(server):
         with urllib.request.urlopen(url + "/metrics") as r:
             values = dict(line.split() for line in r.read().decode().splitlines() if not line.startswith("#"))
     llm.close()
-    proposed, accepted = int(values["dsv4_draft_tokens_proposed_total"]), int(values["dsv4_draft_tokens_accepted_total"])
+    proposed = int(values["dsv4_draft_tokens_proposed_total"])
+    accepted = int(values["dsv4_draft_tokens_accepted_total"])
     assert proposed > 0 and (proposed, accepted) == (engine.stats["proposed"], engine.stats["accepted"])
     assert spec == post(f"{server[0]}/chat/completions", chat)[1]["choices"][0]["message"]["content"]
 

@@ -129,15 +129,17 @@ def test_train_device_is_checked_and_auto_picks_the_cpu_here(tmp_path, capsys):
 
 
 def test_bad_train_values_are_clear_errors_before_training(tmp_path, capsys):
-    """A wrong value in [train], [data] or the [model] preset names its field (rc 2) instead of a traceback or a run that does nothing;
-    a corpus shorter than one row is refused (the trainer would wrap it around inside every row)."""
+    """A wrong value in [train], [data] or the [model] preset names its field (rc 2) instead of a traceback
+    or a run that does nothing; a corpus shorter than one row is refused (the trainer would wrap it around
+    inside every row)."""
     base = write_config(tmp_path, "checks").read_text()
     cases = [("steps = 6", "steps = 0", "steps"), ("batch_size = 2", 'batch_size = "two"', "batch_size"),
              ("warmup = 1", "warmup = -1", "warmup"), ("warmup = 1", "warmup = 1\ndecay_frac = 1.5", "decay_frac"),
              ("checkpoint_every = 2", "checkpoint_every = 0", "checkpoint_every"),
              ("seq_len = 32", "seq_len = 100000", "fewer than one row"),
              ("vocab_size = 400", 'vocab_size = "big"', "vocab_size"), ("vocab_size = 400", "vocab_size = 3", "277"),
-             ("fim_rate = 0.5", "fim_rate = 2.0", "fim_rate"), ("val_fraction = 0.1", "val_fraction = 1", "val_fraction"),
+             ("fim_rate = 0.5", "fim_rate = 2.0", "fim_rate"),
+             ("val_fraction = 0.1", "val_fraction = 1", "val_fraction"),
              ('preset = "tiny"', 'preset = "huge"', "preset")]
     for old, new, named in cases:
         cfg = tmp_path / "bad.toml"
