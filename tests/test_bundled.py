@@ -102,6 +102,12 @@ def test_serve_options_reach_the_engine(monkeypatch, tmp_path, capsys):
     # the bundled model's entries have 32 non-RoPE dims: not the FP8 layout's blocks of 64
     assert main(["serve", "--cache-layout", "fp8"]) == 2
     assert "'fp8'" in capsys.readouterr().err and "app" not in served
-    for bad in (["--speculative-tokens", "-1"], ["--cache-gib", "0"]):
+    for bad, named in ((["--speculative-tokens", "-1"], "--speculative-tokens"), (["--cache-gib", "0"], "--cache-gib"),
+                       (["--api-key-file", str(tmp_path / "none")], "--api-key-file"),
+                       (["--model", str(tmp_path / "none")], "not a checkpoint directory")):
         assert main(["serve", *bad]) == 2
-        assert bad[0] in capsys.readouterr().err
+        assert named in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: usage and the reason, rc 2
+        main(["serve", "--port", "99999"])
+    assert "port number 0-65535" in capsys.readouterr().err
+    assert "app" not in served

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .config import CSA, HCA, SLIDING, Config, ConfigError
 from .footprint import CONVENTIONS, kv_bytes_at, kv_bytes_per_token, param_counts, v32_bytes_per_token
 
@@ -97,7 +98,10 @@ def serve(args) -> int:
     path = Path(path)
     keys = []
     if args.api_key_file:
-        keys = [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
+        try:
+            keys = [k.strip() for k in Path(args.api_key_file).read_text().splitlines() if k.strip()]
+        except OSError as e:
+            raise ConfigError(f"--api-key-file: {e}") from None
         if not keys:
             raise ConfigError(f"{args.api_key_file}: no API keys in the file")
     model = load_model(path, dtype=getattr(torch, args.dtype))
@@ -154,6 +158,12 @@ def chat(args) -> int:
     return chat_loop(url, args.api_key, args.served_model_name, not args.no_thinking, args.max_tokens)
 
 
+def _port(text: str) -> int:
+    if not (text.isdigit() and 0 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535 (got {text!r})")
+    return int(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in PyTorch")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -163,7 +173,7 @@ def main(argv=None) -> int:
     srv = sub.add_parser("serve", help="DeepSeek-compatible API server")
     srv.add_argument("--model", help="checkpoint directory with tokenizer.json (default: the bundled model)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--api-key-file", help="file with one accepted API key per line (default: no auth)")
     srv.add_argument("--served-model-name", default="deepseek-v4-flash")
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -209,7 +219,7 @@ def main(argv=None) -> int:
             if args.context <= 0:
                 raise ConfigError("--context must be a positive number of tokens")
             inspect(args.target, args.context)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:  # CheckpointError names the file and tensor
         print(f"dsv4: error: {e}", file=sys.stderr)
         return 2
     return 0
