@@ -324,6 +324,9 @@ def test_empty_and_over_long_prompts_are_clear_errors(model):
         llm.generate("hello", GREEDY)
     with pytest.raises(dsv4.RequestError, match="temperature"):
         dsv4.SamplingParams(temperature=-1)
+    with pytest.raises(dsv4.RequestError, match="1 SamplingParams for 2 prompts"):  # was: the second prompt dropped
+        llm.generate(prompts(5, 6), [GREEDY])
+    assert not llm.engine.has_unfinished()
 
 
 def test_memory_budget_exhausted_requests_wait_or_are_preempted_and_finish_exactly(model):

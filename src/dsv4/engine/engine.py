@@ -453,6 +453,8 @@ class LLM:
         if single:
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise RequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt")
         seqs = [self.engine.add_request(p, sp, user=user) for p, sp in zip(prompts, plist)]
         while self.engine.has_unfinished():
             self.engine.step()
