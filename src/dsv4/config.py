@@ -33,6 +33,13 @@ def is_number(v, low: float = 0.0, high: float = math.inf, high_open: bool = Fal
             and (v < high if high_open else v <= high))
 
 
+def check_fields(section: str, checks) -> None:
+    """checks: (field, value, ok, what it must be). The first failing one -> ConfigError naming it."""
+    for name, value, ok, what in checks:
+        if not ok:
+            raise ConfigError(f"config {section} {name}: must be {what} (got {value!r})")
+
+
 @dataclass
 class Config:
     vocab_size: int = 129280
@@ -120,12 +127,11 @@ class Config:
                      "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
                      "n_routed_experts", "num_experts_per_tok", "hc_mult", "hc_sinkhorn_iters",
                      "csa_compress_ratio", "hca_compress_ratio", "max_position_embeddings"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
+            need(is_int(getattr(self, name), 1), name, "must be a positive integer")
         for name in ("rms_norm_eps", "hc_eps", "rope_theta", "compress_rope_theta", "rope_factor",
                      "routed_scaling_factor", "swiglu_limit"):
             v = getattr(self, name)
-            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, "must be a positive number")
+            need(is_number(v) and v > 0, name, "must be a positive number")
         need(isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0
              and self.qk_rope_head_dim % 2 == 0 and self.qk_rope_head_dim <= self.head_dim,
              "qk_rope_head_dim", f"must be a positive even integer <= head_dim ({self.head_dim})")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, is_int, is_number
+from ..config import check_fields, is_int, is_number
 from ..engine.engine import LLMEngine, EngineConfig
 from ..engine.sampling import SamplingParams
 from .muon import optimizers
@@ -43,15 +43,13 @@ class RLConfig:
 
     def __post_init__(self):
         """Every field checked here, so a bad value names itself rather than failing mid-run."""
-        checks = [(name, is_int(getattr(self, name), least), f"an integer >= {least}")
-                  for name, least in (("steps", 1), ("prompts_per_step", 1), ("group_size", 1), ("max_tokens", 1),
-                                      ("seed", 0))]
-        checks += [(name, is_number(getattr(self, name)), "a number >= 0")
-                   for name in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip")]
-        checks.append(("temperature", is_number(self.temperature, 0, 100), "in [0, 100]"))
-        for name, ok, what in checks:
-            if not ok:
-                raise ConfigError(f"config [train] {name}: must be {what} (got {getattr(self, name)!r})")
+        v = vars(self)
+        check_fields("[train]", [(n, v[n], is_int(v[n], least), f"an integer >= {least}")
+                                 for n, least in (("steps", 1), ("prompts_per_step", 1), ("group_size", 1),
+                                                  ("max_tokens", 1), ("seed", 0))]
+                     + [(n, v[n], is_number(v[n]), "a number >= 0")
+                        for n in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip")]
+                     + [("temperature", self.temperature, is_number(self.temperature, 0, 100), "in [0, 100]")])
         check_mix(self.mix, "[train] mix")
 
 

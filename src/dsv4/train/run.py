@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import build_model, init_random, load_model, save_model, save_official
-from ..config import Config, ConfigError, is_int, is_number
+from ..config import Config, ConfigError, check_fields, is_int, is_number
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .data import build_corpus
 from .sft import BOS, EOS
@@ -80,14 +80,12 @@ def _check_data(data: dict) -> None:
     from ..tokenizer import special_tokens
 
     least_vocab = 256 + len(special_tokens())  # the byte alphabet and V4's special tokens
-    checks = {"vocab_size": (lambda v: is_int(v, least_vocab), f"an integer >= {least_vocab} (bytes + special tokens)"),
-              "tokenizer_files": (lambda v: is_int(v, 1), "an integer >= 1"),
-              "examples": (lambda v: is_int(v, 1), "an integer >= 1"),
-              "fim_rate": (lambda v: is_number(v, 0, 1), "a number in [0, 1]"),
-              "val_fraction": (lambda v: is_number(v, 0, 1, high_open=True), "a number in [0, 1)")}
-    for name, (ok, what) in checks.items():
-        if name in data and not ok(data[name]):
-            raise ConfigError(f"config [data] {name}: must be {what} (got {data[name]!r})")
+    rules = {"vocab_size": (lambda v: is_int(v, least_vocab), f"an integer >= {least_vocab} (bytes + special tokens)"),
+             "tokenizer_files": (lambda v: is_int(v, 1), "an integer >= 1"),
+             "examples": (lambda v: is_int(v, 1), "an integer >= 1"),
+             "fim_rate": (lambda v: is_number(v, 0, 1), "a number in [0, 1]"),
+             "val_fraction": (lambda v: is_number(v, 0, 1, high_open=True), "a number in [0, 1)")}
+    check_fields("[data]", [(n, data[n], ok(data[n]), what) for n, (ok, what) in rules.items() if n in data])
 
 
 def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=None) -> int:

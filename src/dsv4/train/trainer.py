@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError, is_int, is_number
+from ..config import check_fields, is_int, is_number
 from ..model.moe import MoE
 from ..model.transformer import Transformer
 from .muon import optimizers
@@ -48,18 +48,17 @@ class TrainConfig:
 
     def __post_init__(self):
         """Every field checked here, so a bad value names itself rather than failing mid-run."""
-        checks = [(name, is_int(getattr(self, name), least), f"an integer >= {least}")
-                  for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup", 0), ("seed", 0))]
-        checks += [(name, is_number(getattr(self, name)), "a number >= 0")
-                   for name in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip", "mtp_weight", "mtp_weight_decay",
-                                "bias_update_speed", "seq_balance_coef")]
-        checks += [("decay_frac", is_number(self.decay_frac, 0, 1), "a number in [0, 1]"),
-                   ("compile", isinstance(self.compile, bool), "true or false"),
-                   ("bf16", isinstance(self.bf16, bool), "true or false"),
-                   ("device", isinstance(self.device, str), "a string: auto, cpu or cuda:N")]
-        for name, ok, what in checks:
-            if not ok:
-                raise ConfigError(f"config [train] {name}: must be {what} (got {getattr(self, name)!r})")
+        v = vars(self)
+        check_fields("[train]", [(n, v[n], is_int(v[n], least), f"an integer >= {least}")
+                                 for n, least in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup", 0),
+                                                  ("seed", 0))]
+                     + [(n, v[n], is_number(v[n]), "a number >= 0")
+                        for n in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip", "mtp_weight", "mtp_weight_decay",
+                                  "bias_update_speed", "seq_balance_coef")]
+                     + [("decay_frac", self.decay_frac, is_number(self.decay_frac, 0, 1), "a number in [0, 1]"),
+                        ("compile", self.compile, isinstance(self.compile, bool), "true or false"),
+                        ("bf16", self.bf16, isinstance(self.bf16, bool), "true or false"),
+                        ("device", self.device, isinstance(self.device, str), "a string: auto, cpu or cuda:N")])
 
     def lr_factor(self, step: int) -> float:
         """Warmup-stable-decay multiplier for step (0-based)."""
