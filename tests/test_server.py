@@ -1,6 +1,9 @@
 """The server on localhost, driven by the official openai SDK (and raw HTTP for error shapes)."""
 import json
+import re
+import socket
 import time
+import uuid
 import urllib.error
 import urllib.request
 
@@ -400,7 +403,8 @@ def _fuzz_strategies():
     fim = st.fixed_dictionaries({"model": st.sampled_from(["deepseek-v4-pro", "nope"])},
                                 optional={"prompt": value | st.text(max_size=30), "suffix": value,
                                           "max_tokens": value | st.integers(-5, 20), "stream": st.booleans(),
-                                          "temperature": value, "stop": value, "logprobs": value})
+                                          "temperature": value, "stop": value, "logprobs": value, "echo": value,
+                                          "seed": value, "stream_options": value, "top_p": value})
     return st.one_of(st.tuples(st.just("/chat/completions"), chat),
                      st.tuples(st.just("/anthropic/v1/messages"), messages),
                      st.tuples(st.just("/beta/completions"), fim))
@@ -629,3 +633,188 @@ def test_thinking_mode_ignores_temperature(server, client, monkeypatch):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], temperature=0,
                                        max_tokens=8)
     assert seen == [1.0, 0.0]
+
+
+def _stream_lines(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return [line.decode().strip() for line in r if line.strip()]
+
+
+def test_bad_fim_parameters_are_4xx_and_leave_other_requests_running(server):
+    """A bool where an integer belongs, a non-object stream_options, a bad seed, an unencodable prompt,
+    a temperature over 2 and 17 stop strings: each a 4xx for its own request, while a stream runs."""
+    import threading
+
+    url = server[0] + "/beta/completions"
+    lines = []
+    runner = threading.Thread(target=lambda: lines.extend(_stream_lines(server[0] + "/chat/completions", {
+        "model": "deepseek-chat", "messages": [{"role": "user", "content": "long"}], "max_tokens": 200,
+        "stream": True})))
+    runner.start()
+    base = {"model": "deepseek-v4-pro", "prompt": "x", "max_tokens": 2}
+    for bad in ({"logprobs": True}, {"max_tokens": True}, {"stream_options": "x", "stream": True},
+                {"stream_options": {"include_usage": True}}, {"seed": "x"}, {"seed": 1.5}, {"seed": 2**70},
+                {"temperature": 2.5}, {"stop": ["s"] * 17}, {"echo": "yes"}, {"echo": True, "logprobs": 1}):
+        status, body = post(url, {**base, **bad})
+        assert status == 422 and "parameter" in body["error"]["message"], (bad, status, body)
+    status, body = post(url, None, raw=b'{"model": "deepseek-v4-pro", "prompt": "\\ud800", "max_tokens": 2}')
+    assert status == 400 and "Unicode" in body["error"]["message"]
+    runner.join()
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+
+
+def test_fim_logprobs_and_echo(client):
+    kw = dict(model="deepseek-v4-pro", prompt="def add(a, b):", suffix="\n    return c", max_tokens=6, temperature=0)
+    r = client.completions.create(logprobs=3, **kw)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens == 6
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 3 and chosen <= 0
+        assert chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy: the chosen token is the best one
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert r.choices[0].logprobs is not None and client.completions.create(**kw).choices[0].logprobs is None
+    echoed = client.completions.create(echo=True, **kw).choices[0].text
+    assert echoed == kw["prompt"] + r.choices[0].text
+    first = [c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw) if c.choices][0]
+    assert first.startswith(kw["prompt"])
+
+
+def test_fim_prompt_text_spelling_a_special_token_stays_text(client, server):
+    """Only the FIM markers the server places are special: user code that contains a marker's spelling is
+    encoded as characters (it used to become an end-of-sentence token)."""
+    tok = load_tokenizer(server[3])
+    eos = "<｜end▁of▁sentence｜>"
+    r = client.completions.create(model="deepseek-v4-pro", prompt="x" + eos, suffix="y", max_tokens=1)
+    tok.encode_special_tokens = True
+    as_text = len(tok.encode("x" + eos).ids) + len(tok.encode("y").ids)
+    assert as_text > 2 and r.usage.prompt_tokens == as_text + 4  # BOS and the three FIM markers
+
+
+TOOL_SCHEMAS = {  # (strict, properties, more of the parameters' schema, check of the value)
+    "ref": (True, {"a": {"$ref": "#/$defs/word"}}, {"$defs": {"word": {"type": "string", "enum": ["red", "blue"]}}},
+            lambda v: v in ("red", "blue")),
+    "ref_not_strict": (False, {"a": {"$ref": "#/$defs/n"}}, {"$defs": {"n": {"type": "integer", "minimum": 3}}},
+                       lambda v: isinstance(v, int) and v >= 3),
+    "pattern": (True, {"a": {"type": "string", "pattern": "[a-z]{3}"}}, {}, lambda v: re.fullmatch("[a-z]{3}", v)),
+    "format": (True, {"a": {"type": "string", "format": "uuid"}}, {}, lambda v: str(uuid.UUID(v)) == v.lower()),
+    "mixed_enum": (False, {"a": {"type": "string", "enum": ["x", 1]}}, {}, lambda v: v == "x"),
+    "true_schema": (False, {"a": True}, {}, lambda v: True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TOOL_SCHEMAS))
+def test_strict_tool_schemas_with_refs_patterns_formats_and_enums(client, kind):
+    strict, props, extra, ok = TOOL_SCHEMAS[kind]
+    tool = {"type": "function", "function": {"name": "pick", "strict": strict, "parameters": {
+        "type": "object", "properties": props, "required": ["a"], "additionalProperties": False, **extra}}}
+    r = client.chat.completions.create(model="deepseek-v4-flash", messages=[{"role": "user", "content": "pick"}],
+                                       tools=[tool], tool_choice="required", max_tokens=200,
+                                       extra_body={"thinking": {"type": "disabled"}})
+    call = r.choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "pick" and set(args) == {"a"} and ok(args["a"]), args
+
+
+def test_tool_schema_the_grammar_cannot_follow_is_a_400_naming_it(server, claude):
+    import anthropic
+
+    url = server[0] + "/chat/completions"
+    for props in ({"a": False}, {"a": {"$ref": "#/$defs/missing"}}, {"a": {"type": "integer", "minimum": "x"}}):
+        tool = {"type": "function", "function": {"name": "pick", "parameters": {
+            "type": "object", "properties": props, "required": ["a"]}}}
+        status, body = post(url, {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}],
+                                  "tools": [tool], "tool_choice": "required"})
+        assert status == 400 and "'pick'" in body["error"]["message"], (props, body)  # the recipe's or ours
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model="deepseek-v4-flash", max_tokens=20, messages=[{"role": "user", "content": "x"}],
+                               tools=[{"name": "pick", "input_schema": {"type": "object", "required": ["a"],
+                                                                        "properties": {"a": False}}}],
+                               tool_choice={"type": "any"}, thinking={"type": "disabled"})
+    assert "'pick' parameter 'a'" in str(e.value) and e.value.body["type"] == "error"
+
+
+def test_stop_strings_end_the_answer_not_the_reasoning(client):
+    """Thinking mode: a stop string that occurs in the reasoning does not cut it (the dev model never
+    closes its thinking, so the whole budget is reasoning)."""
+    kw = dict(model="deepseek-v4-flash", messages=[{"role": "user", "content": "hi"}], max_tokens=40, seed=7)
+    free = client.chat.completions.create(**kw)
+    reasoning = free.choices[0].message.model_extra["reasoning_content"]
+    stop = reasoning.strip()[:2]
+    assert stop
+    r = client.chat.completions.create(stop=[stop], **kw)
+    assert r.choices[0].message.model_extra["reasoning_content"] == reasoning
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_billed_completion_tokens_equal_the_reported_ones(client):
+    """JSON mode ends with the end-of-sequence token: it is the finish, neither reported nor billed."""
+    usage = client.get("/usage", cast_to=object)
+    r = client.chat.completions.create(
+        model="deepseek-chat", response_format={"type": "json_object"}, max_tokens=30, temperature=0,
+        messages=[{"role": "user", "content": "json"}])
+    after = client.get("/usage", cast_to=object)
+    assert r.choices[0].finish_reason == "stop"
+    assert after["completion_tokens"] - usage["completion_tokens"] == r.usage.completion_tokens
+
+
+def test_anthropic_routes_answer_errors_in_anthropic_shape(server, claude, monkeypatch):
+    """401, 404 and a mid-stream engine failure reach the anthropic SDK as its own error types."""
+    import anthropic
+
+    bad = anthropic.Anthropic(base_url=server[0] + "/anthropic", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        bad.messages.create(model="deepseek-v4-flash", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "authentication_error"
+    status, body = post(server[0] + "/no/such/path", {})
+    assert status == 404 and body["error"]["message"] == "Not Found"
+    eng = server[1].engine
+    real, calls = eng.step, []
+
+    def fail_later():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("simulated device failure")
+        return real()
+    monkeypatch.setattr(eng, "step", fail_later)
+    with pytest.raises(anthropic.APIStatusError) as e:
+        with claude.messages.stream(model="deepseek-v4-flash", max_tokens=50, thinking={"type": "disabled"},
+                                    messages=[{"role": "user", "content": "x"}]) as stream:
+            stream.get_final_message()
+    assert "simulated device failure" in str(e.value)
+
+
+def _raw(url: str, head: str, body: bytes = b"") -> socket.socket:
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_body_over_the_cap_is_refused_while_it_still_arrives(server):
+    """A chunked upload (no Content-Length) gets its 413 once past the cap, not after the whole body."""
+    head = (f"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    part = b"y" * (70 << 10)
+    sock = _raw(server[0], head, f"{len(part):x}\r\n".encode() + part + b"\r\n")  # the body is not finished
+    sock.settimeout(20)
+    with sock:
+        assert sock.recv(64).startswith(b"HTTP/1.1 413")
+
+
+def test_closed_connection_cancels_a_non_streamed_request(server):
+    body = json.dumps({"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "go"}],
+                       "max_tokens": 3000}).encode()
+    head = (f"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    eng = server[1].engine
+    with _raw(server[0], head, body):
+        deadline = time.time() + 30
+        while not eng.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert eng.running
+    deadline = time.time() + 10
+    while (eng.running or eng.waiting) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not eng.running and not eng.waiting and server[2].state.stats["active"] == 0

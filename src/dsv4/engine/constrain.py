@@ -7,6 +7,9 @@ object always closes before max_tokens. With thinking on, the constraint starts 
 """
 from __future__ import annotations
 
+import json
+import re
+
 import torch
 
 _VOCABS: dict = {}
@@ -84,39 +87,58 @@ def text_or_tool_call_grammar(tools: list):
     return xgr.Grammar.concat(text, xgr.Grammar.union(block, xgr.Grammar.from_ebnf('root ::= ""')))
 
 
+class SchemaError(ValueError):
+    """A tool's parameter schema that the output grammar cannot follow; the message names the tool and field."""
+
+
 def tool_call_grammar(tools: list):
     """xgrammar Grammar for a DSML tool-call block (the prompt has opened it): one call to one of `tools`
     (OpenAI-style function definitions), each required parameter in order, then the block's end.
-    String parameters are raw text without '<'; others are JSON values under their schema."""
-    import json
 
+    A plain string parameter is raw text without '<' (`string="true"`), a string enum one of its values;
+    any other parameter (numbers, objects, strings with a `pattern` or `format`, mixed enums, `$ref`s
+    into the parameters' `$defs`) is a JSON value under its schema (`string="false"`)."""
     import xgrammar as xgr
+
+    def lit(text):
+        return xgr.Grammar.from_ebnf(f"root ::= {_lit(text)}")
 
     invokes = []
     for t in tools:
         fn = t.get("function", t)
         params = fn.get("parameters") or {}
-        parts = [xgr.Grammar.from_ebnf(f"root ::= {_lit(f'<{DSML}invoke name=' + chr(34) + fn['name'] + chr(34) + '>' + chr(10))}")]
+        if not isinstance(params, dict):
+            raise SchemaError(f"tool {fn['name']!r}: 'parameters' must be a JSON schema object")
+        defs = {k: params[k] for k in ("$defs", "definitions") if k in params}
         props = params.get("properties") or {}
+        parts = [lit(f'<{DSML}invoke name="{fn["name"]}">\n')]
         for name in params.get("required") or []:
-            schema = props.get(name, {})
-            is_str = schema.get("type") == "string" and "enum" not in schema
-            head = f'<{DSML}parameter name="{name}" string="{"true" if is_str else "false"}">'
-            if is_str:
-                parts.append(xgr.Grammar.from_ebnf(f"root ::= {_lit(head)} [^<]* {_lit(f'</{DSML}parameter>' + chr(10))}"))
-                continue
-            if "enum" in schema and schema.get("type") == "string":
-                schema = {"enum": schema["enum"]}
-                head = f'<{DSML}parameter name="{name}" string="true">'
-                alts = " | ".join(_lit(v) for v in schema["enum"])
-                parts.append(xgr.Grammar.from_ebnf(f"root ::= {_lit(head)} ({alts}) {_lit(f'</{DSML}parameter>' + chr(10))}"))
-                continue
-            parts += [xgr.Grammar.from_ebnf(f"root ::= {_lit(head)}"), xgr.Grammar.from_json_schema(json.dumps(schema)),
-                      xgr.Grammar.from_ebnf(f"root ::= {_lit(f'</{DSML}parameter>' + chr(10))}")]
-        parts.append(xgr.Grammar.from_ebnf(f"root ::= {_lit(f'</{DSML}invoke>' + chr(10))}"))
+            schema = props.get(name, {}) if isinstance(props, dict) else None
+            schema = {} if schema is True else schema
+            if not isinstance(schema, dict):
+                raise SchemaError(f"tool {fn['name']!r} parameter {name!r}: its schema must be an object")
+            close = lit(f"</{DSML}parameter>\n")
+            enum = schema.get("enum")
+            is_str = schema.get("type") == "string"
+            try:
+                if is_str and enum is None and not {"pattern", "format", "const"} & set(schema):
+                    parts.append(xgr.Grammar.from_ebnf(
+                        f'root ::= {_lit(f"<{DSML}parameter name={chr(34)}{name}{chr(34)} string={chr(34)}true{chr(34)}>")}'
+                        f" [^<]* {_lit(f'</{DSML}parameter>' + chr(10))}"))
+                    continue
+                if is_str and isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+                    head = lit(f'<{DSML}parameter name="{name}" string="true">')
+                    parts += [head, xgr.Grammar.from_ebnf("root ::= " + " | ".join(_lit(v) for v in enum)), close]
+                    continue
+                value = xgr.Grammar.from_json_schema(json.dumps({**schema, **defs}))
+            except Exception as e:  # xgrammar's own message (less its source location) names the problem
+                why = re.sub(r"^\[[^]]*\] \S+:\d+: ", "", str(e).strip().splitlines()[-1])
+                raise SchemaError(f"tool {fn['name']!r} parameter {name!r}: unsupported schema ({why})") from None
+            parts += [lit(f'<{DSML}parameter name="{name}" string="false">'), value, close]
+        parts.append(lit(f"</{DSML}invoke>\n"))
         invokes.append(xgr.Grammar.concat(*parts))
     calls = invokes[0] if len(invokes) == 1 else xgr.Grammar.union(*invokes)
-    return xgr.Grammar.concat(calls, xgr.Grammar.from_ebnf(f"root ::= {_lit(f'</{DSML}tool_calls>')}"))
+    return xgr.Grammar.concat(calls, lit(f"</{DSML}tool_calls>"))
 
 
 class GrammarConstraint:

@@ -7,6 +7,7 @@ stream into protocol chunks; this module is the transport: auth, limits, queuein
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -19,8 +20,11 @@ from dataclasses import dataclass, field
 import deepseek_recipe as dr
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from tokenizers import Tokenizer
 
 from ..engine.async_engine import AsyncLLM
+from ..engine.constrain import SchemaError
 from ..engine.sampling import RequestError, SamplingParams
 
 MODEL_NAMES = ("deepseek-v4-flash", "deepseek-v4-pro", "deepseek-chat", "deepseek-reasoner")
@@ -44,6 +48,29 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
     return JSONResponse(body, status_code=status)
 
 
+ANTHROPIC_PATHS = ("/anthropic/v1/messages", "/v1/messages")
+# Anthropic's error types by status (its SDK raises the matching exception class)
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+                    429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def shaped(request: Request, response: JSONResponse) -> JSONResponse:
+    """An error response in the shape of the caller's protocol: DeepSeek / OpenAI's
+    {"error": {message, type, param, code}}, or on the Anthropic routes {"type": "error", "error": {type, message}}."""
+    if request.url.path not in ANTHROPIC_PATHS:
+        return response
+    message = json.loads(response.body)["error"]["message"]
+    kind = ANTHROPIC_ERRORS.get(response.status_code, "api_error")
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
+                        status_code=response.status_code)
+
+
+@dataclass
+class _Tally:
+    completion: int = 0  # completion tokens the response reports (and the bill counts)
+
+
 class _Reject(Exception):
     def __init__(self, response):
         self.response = response
@@ -57,6 +84,8 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
     cfg = config or ServerConfig()
     app = FastAPI(title="dsv4", description="DeepSeek-compatible API served by dsv4")
     recipe_tok = dr.Tokenizer.from_file(str(tokenizer_file))
+    plain = Tokenizer.from_file(str(tokenizer_file))
+    plain.encode_special_tokens = True  # user text is text: a special token's spelling stays characters
     encoding = dr.DeepseekV4Encoding().with_tokenizer(recipe_tok)
     # DeepSeek's rule: in thinking mode, reasoning_content of tool-call turns must be passed back (else 400)
     options = dr.ConversionOptions(reasoning_content_behavior=dr.ReasoningContentBehavior.Reject)
@@ -82,10 +111,11 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
 
     accounts: dict = {}
 
-    def release(seq, model: str, account: str, prompt_tokens: int) -> None:
-        """A request is over: free its concurrency slot and bill its tokens to the caller's account."""
+    def release(seq, model: str, account: str, prompt_tokens: int, tally: _Tally) -> None:
+        """A request is over: free its concurrency slot and bill the caller's account for the tokens its
+        response reports."""
         state["active"] -= 1
-        hit, out = seq.cached_tokens, len(seq.output_ids)
+        hit, out = seq.cached_tokens, tally.completion
         p_hit, p_miss, p_out = cfg.prices.get(model, cfg.prices.get(cfg.served_model_name, (0.0, 0.0, 0.0)))
         cost = (hit * p_hit + (prompt_tokens - hit) * p_miss + out * p_out) / 1e6
         a = accounts.setdefault(account, {"requests": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0,
@@ -103,27 +133,42 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         return {"account": account, **accounts.get(account, {"requests": 0, "cost_usd": 0.0})}
 
     async def read_body(request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes the size cap: a chunked upload without a
+        Content-Length is counted as it arrives, never held whole first."""
+        too_big = _Reject(error(413, f"Request body exceeds {cfg.max_body_bytes} bytes"))
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
-            raise _Reject(error(413, f"Request body exceeds {cfg.max_body_bytes} bytes"))
-        body = await request.body()
-        if len(body) > cfg.max_body_bytes:
-            raise _Reject(error(413, f"Request body exceeds {cfg.max_body_bytes} bytes"))
-        return body
+            raise too_big
+        parts, n = [], 0
+        async for part in request.stream():
+            n += len(part)
+            if n > cfg.max_body_bytes:
+                raise too_big
+            parts.append(part)
+        return b"".join(parts)
 
     @app.exception_handler(_Reject)
     async def _rejected(request, exc: _Reject):
-        return exc.response
+        return shaped(request, exc.response)
+
+    @app.exception_handler(_Disconnected)
+    async def _gone(request, exc: _Disconnected):  # nobody reads it: nginx's "client closed request"
+        return Response(status_code=499)
 
     @app.exception_handler(_Overloaded)
     async def _overloaded(request, exc: _Overloaded):
         state["errors"] += 1
-        return error(503, f"Server overloaded: {exc}", "server_overloaded", "server_overloaded")
+        return shaped(request, error(503, f"Server overloaded: {exc}", "server_overloaded", "server_overloaded"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):  # unknown path, wrong method: the API's error shape
+        return shaped(request, error(exc.status_code, str(exc.detail), "invalid_request_error", "not_found"
+                                     if exc.status_code == 404 else "invalid_request_error"))
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # never a traceback to the client
         state["errors"] += 1
-        return error(500, "Internal server error", "internal_error", "internal_error")
+        return shaped(request, error(500, "Internal server error", "internal_error", "internal_error"))
 
     @app.get("/health")
     async def health():
@@ -134,7 +179,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
     async def models(request: Request):
         authorize(request)
         names = [cfg.served_model_name] + [n for n in MODEL_NAMES if n != cfg.served_model_name]
-        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "dsv4"} for n in names]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "deepseek"} for n in names]}
 
     @app.post("/chat/completions")
     @app.post("/v1/chat/completions")
@@ -154,11 +199,10 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         account = authorize(request)
         body = _json(await read_body(request))
         try:
-            prompt_ids, params, model, stream, usage_on = fim_request(body, request.url.path, recipe_tok,
-                                                                      cfg.served_model_name)
+            r = fim_request(body, request.url.path, plain, cfg.served_model_name)
         except RequestError as e:
             return error(422 if "parameter" in str(e) else 400, str(e))
-        return await run_text(_user_id(body.get("user_id")), prompt_ids, params, model, stream, usage_on, account)
+        return await run_text(_user_id(body.get("user_id")), r, account, request)
 
     @app.get("/metrics")
     async def metrics():
@@ -206,7 +250,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         except dr.ConversionError as e:
             return Response(e.body, status_code=e.status_code, media_type="application/json")
         except (ValueError, TypeError) as e:
-            return error(400, f"Invalid request: {e}")
+            raise _Reject(error(400, f"Invalid request: {e}")) from None
         ids = encoding.encode(conv.conversation)
         app.state.last_prompt_ids = ids  # what the model is fed (inspected by tests and debugging)
         try:
@@ -214,22 +258,31 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         except dr.ConversionError as e:
             return Response(e.body, status_code=e.status_code, media_type="application/json")
         io, po = conv.inference_options, conv.parsing_options
+        thinking = conv.conversation.thinking_mode
         try:
+            # stop sequences end the answer, not the reasoning: in thinking mode the output parser applies
+            # them (it knows where the answer starts); the engine's own stop check sees both
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if io.temperature is None else io.temperature,
                 top_p=1.0 if io.top_p is None else io.top_p, seed=io.seed,
-                logprobs=(io.top_logprobs or 0) if io.logprobs else None, stop=list(po.stop_sequences))
+                logprobs=(io.top_logprobs or 0) if io.logprobs else None,
+                stop=[] if thinking else list(po.stop_sequences))
         except RequestError as e:
-            return error(422, str(e))
-        constraint = _constraint(io.output_constraint, conv, po, engine)
+            raise _Reject(error(422, str(e))) from None
+        try:
+            constraint = _constraint(io.output_constraint, conv, po, engine, d.get("tools"))
+        except SchemaError as e:
+            raise _Reject(error(400, f"Invalid request: {e}")) from None
         seq, queue = admit(ids, params, user, constraint)
         rid = proto.new_id()
         processor = dr.StreamProcessor(proto.generator(conv, rid, model), po, recipe_tok)
-        chunks = _chunks(llm, seq, queue, processor, len(ids), cfg.keepalive_seconds)
-        done = functools.partial(release, seq, model, account, len(ids))
+        tally = _Tally()
+        chunks = _chunks(llm, seq, queue, processor, len(ids), cfg.keepalive_seconds, tally)
+        done = functools.partial(release, seq, model, account, len(ids), tally)
         if conv.stream:
-            return StreamingResponse(_sse(chunks, done, proto.response), media_type="text/event-stream")
-        try:
+            return StreamingResponse(_sse(chunks, done, proto), media_type="text/event-stream")
+
+        async def collect():
             response = None
             async for item in chunks:
                 if item is None:
@@ -237,43 +290,76 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                 if response is None:
                     response = proto.response(rid, model, int(time.time()), len(ids), seq.cached_tokens)
                 response.accumulate(item)
+            return response
+
+        try:
+            response = await _unless_disconnected(request, collect())
         finally:
             done()
         return Response(response.to_json(), media_type="application/json")
 
-    async def run_text(user, ids, params, model, stream, usage_on, account):
-        seq, queue = admit(ids, params, user)
-        done = functools.partial(release, seq, model, account, len(ids))
+    async def run_text(user, r: _TextRequest, account, request: Request):
+        seq, queue = admit(r.ids, r.params, user)
+        tally = _Tally()
+        done = functools.partial(release, seq, r.model, account, len(r.ids), tally)
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         chunks = _with_keepalive(llm.stream(seq, queue), cfg.keepalive_seconds)
+        tokenizer = engine.tokenizer
+        offset = [0]  # characters of text sent so far (the echoed prompt included)
 
         def usage():
-            done = len(seq.output_ids)
-            return {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done,
+            n = tally.completion
+            return {"prompt_tokens": len(r.ids), "completion_tokens": n, "total_tokens": len(r.ids) + n,
                     "prompt_cache_hit_tokens": seq.cached_tokens,
-                    "prompt_cache_miss_tokens": len(ids) - seq.cached_tokens,
+                    "prompt_cache_miss_tokens": len(r.ids) - seq.cached_tokens,
                     "prompt_tokens_details": {"cached_tokens": seq.cached_tokens}}
 
-        def choice(text, reason):
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+        def logprobs(out, text):
+            """OpenAI completions logprobs of one delta: each token's text, logprob, top alternatives
+            (token text -> logprob) and the offset of its first character in the response text."""
+            if out.logprobs is None:
+                return None
+            res = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            at = offset[0]
+            for lp in out.logprobs:
+                piece = tokenizer.decode([lp.token_id], skip_special_tokens=False)
+                res["tokens"].append(piece)
+                res["token_logprobs"].append(lp.logprob)
+                res["top_logprobs"].append({tokenizer.decode([t], skip_special_tokens=False): v for t, v in lp.top})
+                res["text_offset"].append(min(at, offset[0] + len(text)))
+                at += len(piece)
+            return res
 
-        def reason_of(out):
-            if out.finish_reason and out.finish_reason.startswith(("error", "abort")):
+        def choice(out, reason, head=""):
+            text = head + out.text
+            body = {"text": text, "index": 0, "logprobs": logprobs(out, text), "finish_reason": reason}
+            offset[0] += len(text)
+            return body
+
+        def accept(out):
+            """Count the delta's tokens (the end-of-sequence token is the finish, not output) -> finish reason."""
+            if out.finished and out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] == engine.eos:
+                out.token_ids = out.token_ids[:-1]
+                out.logprobs = out.logprobs[:-1] if out.logprobs is not None else None
+            tally.completion += len(out.token_ids)
+            if out.finished and out.finish_reason and out.finish_reason.startswith(("error", "abort")):
                 raise RuntimeError(out.finish_reason)
-            return out.finish_reason
+            return out.finish_reason if out.finished else None
 
-        if stream:
+        if r.stream:
             async def events():
+                head = r.echo
                 try:
                     async for out in chunks:
                         if out is None:
                             yield ": keep-alive\n\n"
                             continue
-                        reason = reason_of(out) if out.finished else None
-                        body = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                                "choices": [choice(out.text, reason)]}
-                        if reason and usage_on:
+                        reason = accept(out)
+                        body = {"id": rid, "object": "text_completion", "created": created, "model": r.model,
+                                "choices": [choice(out, reason, head)]}
+                        head = ""
+                        if reason and r.include_usage:
                             body["usage"] = usage()
                         yield f"data: {json.dumps(body)}\n\n"
                     yield "data: [DONE]\n\n"
@@ -282,24 +368,34 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                 finally:
                     done()
             return StreamingResponse(events(), media_type="text/event-stream")
-        try:
-            text, reason = "", None
+
+        async def collect():
+            parts, reason = [], None
             async for out in chunks:
                 if out is not None:
-                    text += out.text
-                    reason = reason_of(out) if out.finished else reason
+                    reason = accept(out) or reason
+                    parts.append(out)
+            return parts, reason
+
+        try:
+            parts, reason = await _unless_disconnected(request, collect())
         finally:
             done()
-        return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [choice(text, reason)], "usage": usage()}
+        whole = parts[-1]
+        whole.token_ids = [t for p in parts for t in p.token_ids]
+        whole.text = "".join(p.text for p in parts)
+        whole.logprobs = None if whole.logprobs is None else [lp for p in parts for lp in p.logprobs]
+        return {"id": rid, "object": "text_completion", "created": created, "model": r.model,
+                "choices": [choice(whole, reason, r.echo)], "usage": usage()}
 
     app.state.llm = llm
     app.state.stats = state
     return app
 
 
-async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keepalive: float):
-    """Protocol chunks of one request; None while it still waits in the queue (for keep-alives)."""
+async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keepalive: float, tally: _Tally):
+    """Protocol chunks of one request; None while it still waits in the queue (for keep-alives).
+    `tally` counts the tokens handed to the processor: the completion tokens the response reports."""
     ready = False
     try:
         async for out in _with_keepalive(llm.stream(seq, queue), keepalive):
@@ -314,6 +410,7 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
             if out.finished and out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] == llm.engine.eos:
                 out.token_ids = out.token_ids[:-1]  # end of sequence is the finish, not text
                 out.logprobs = out.logprobs[:-1] if out.logprobs is not None else None
+            tally.completion += len(out.token_ids)
             if out.token_ids:
                 lps = None
                 if out.logprobs is not None:
@@ -338,6 +435,30 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
             processor.close()
 
 
+class _Disconnected(Exception):
+    """The client closed the connection before its (non-streamed) response was ready."""
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await the coroutine `work`, cancelling it if the client disconnects first (its stream then aborts
+    the request and frees its decode state, as a closed stream does)."""
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise _Disconnected
+    return task.result()
+
+
 async def _with_keepalive(stream, seconds: float):
     """Re-yield `stream`, inserting None whenever nothing arrived for `seconds`."""
     it = stream.__aiter__()
@@ -360,19 +481,23 @@ async def _with_keepalive(stream, seconds: float):
         await it.aclose()
 
 
-async def _sse(chunks, done, response_cls):
+async def _sse(chunks, done, proto: "_Protocol"):
     try:
         async for c in chunks:
             if c is None:
                 yield ": keep-alive\n\n"
                 continue
-            name = response_cls.sse_event_name(c)
+            name = proto.response.sse_event_name(c)
             yield (f"event: {name}\n" if name else "") + f"data: {c.to_json()}\n\n"
-        final = response_cls.sse_done_data()
+        final = proto.response.sse_done_data()
         if final:
             yield f"data: {final}\n\n"
-    except Exception as e:  # mid-stream failure: an error event, never a traceback
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'internal_error'}})}\n\n"
+    except Exception as e:  # mid-stream failure: an error event in the protocol's framing, never a traceback
+        if proto is MESSAGES:  # Anthropic: a named `error` event, which the SDK raises
+            body = {"type": "error", "error": {"type": "api_error", "message": str(e)}}
+            yield f"event: error\ndata: {json.dumps(body)}\n\n"
+        else:
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'internal_error'}})}\n\n"
     finally:
         done()
 
@@ -441,8 +566,22 @@ MESSAGES = _Protocol(dr.MessagesRequest, dr.MessagesResponse,
 FIM_MAX_TOKENS = 4096
 
 
-def fim_request(body: dict, path: str, tok, served: str):
-    """FIM (`/beta/completions`: prompt + suffix) or plain completion. Non-thinking; at most 4K new tokens."""
+@dataclass
+class _TextRequest:
+    """A validated FIM / plain-completion request."""
+    ids: list
+    params: SamplingParams
+    model: str
+    stream: bool
+    include_usage: bool
+    echo: str  # the prompt text to echo before the completion ("" unless `echo`)
+
+
+def fim_request(body: dict, path: str, plain, served: str) -> _TextRequest:
+    """FIM (`/beta/completions`: prompt + suffix) or plain completion. Non-thinking; at most 4K new tokens.
+
+    `plain`: the tokenizer encoding user text as text (a special token's spelling in a prompt stays
+    characters: only the FIM markers this function places are special)."""
     from ..tokenizer import FIM_TOKENS
 
     prompt, suffix = body.get("prompt"), body.get("suffix")
@@ -453,35 +592,54 @@ def fim_request(body: dict, path: str, tok, served: str):
     model = body.get("model", served)
     if model not in MODEL_NAMES + (served,):
         raise RequestError(f"Model Not Exist: {model!r}")
+
+    def check(name, ok, what):
+        if not ok:
+            raise RequestError(f"invalid parameter '{name}': must be {what} (got {body.get(name)!r})")
+
     max_tokens = body.get("max_tokens", 16)
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= FIM_MAX_TOKENS:
-        raise RequestError(f"invalid parameter 'max_tokens': must be an integer in [1, {FIM_MAX_TOKENS}]")
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    bos = dr.SpecialToken.Bos.default_str()
-    if suffix is not None or path.startswith("/beta"):
-        text = f"{bos}{FIM_TOKENS[0]}{prompt}{FIM_TOKENS[1]}{suffix or ''}{FIM_TOKENS[2]}"
-    else:
-        text = f"{bos}{prompt}"
+    check("max_tokens", type(max_tokens) is int and 1 <= max_tokens <= FIM_MAX_TOKENS,
+          f"an integer in [1, {FIM_MAX_TOKENS}]")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    check("stop", isinstance(stop, list) and len(stop) <= 16, "a string or a list of at most 16 strings")
+    temperature = body.get("temperature", 1.0)
+    check("temperature", type(temperature) in (int, float) and 0 <= temperature <= 2, "a number in [0, 2]")
     lp = body.get("logprobs")
+    check("logprobs", lp is None or (type(lp) is int and 0 <= lp <= 20), "an integer in [0, 20]")
+    for name in ("stream", "echo"):
+        check(name, isinstance(body.get(name, False), bool), "a boolean")
+    echo = body.get("echo", False)
+    check("echo", not (echo and lp is not None), "false when 'logprobs' is set (prompt logprobs are not supported)")
+    options = body.get("stream_options")
+    check("stream_options", options is None or (isinstance(options, dict) and body.get("stream") is True),
+          "an object, and only with stream: true")
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=body.get("temperature", 1.0),
-                                top_p=body.get("top_p", 1.0), stop=stop, seed=body.get("seed"),
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=body.get("top_p", 1.0),
+                                stop=stop, seed=body.get("seed"), logprobs=lp,
                                 presence_penalty=body.get("presence_penalty", 0.0),
-                                frequency_penalty=body.get("frequency_penalty", 0.0),
-                                logprobs=lp if isinstance(lp, int) else None)
-    except (RequestError, TypeError) as e:
+                                frequency_penalty=body.get("frequency_penalty", 0.0))
+    except RequestError as e:
         raise RequestError(f"invalid parameter: {e}") from None
-    usage_on = bool((body.get("stream_options") or {}).get("include_usage"))
-    return tok.encode(text), params, model, bool(body.get("stream")), usage_on
+    try:
+        text = [plain.encode(t).ids for t in (prompt, suffix or "")]
+    except Exception:  # e.g. a lone UTF-16 surrogate, which JSON can spell but UTF-8 cannot
+        raise RequestError("'prompt' and 'suffix' must be valid Unicode text") from None
+    special = [plain.token_to_id(t) for t in [dr.SpecialToken.Bos.default_str(), *FIM_TOKENS]]
+    if suffix is not None or path.startswith("/beta"):
+        ids = [special[0], special[1], *text[0], special[2], *text[1], special[3]]
+    else:
+        ids = [special[0], *text[0]]
+    return _TextRequest(ids, params, model, bool(body.get("stream")), bool((options or {}).get("include_usage")),
+                        prompt if echo else "")
 
 
-def _constraint(oc, conv, po, engine):
+def _constraint(oc, conv, po, engine, request_tools=None):
     """The engine-side output constraint for deepseek-recipe's OutputConstraint, or None.
 
     json: a valid JSON object (after the thinking, if any). tool_call_required (tool_choice required
-    or a named function): the DSML tool-call block the prompt opened, under the tools' schemas."""
+    or a named function): the DSML tool-call block the prompt opened, under the tools' schemas.
+    `request_tools`: the request's own tool list, whose `$defs` the strict conversion drops."""
     if oc is None:
         return None
     from ..engine.constrain import GrammarConstraint, JSONObjectConstraint, text_or_tool_call_grammar, tool_call_grammar
@@ -489,11 +647,28 @@ def _constraint(oc, conv, po, engine):
     think_end = engine.tokenizer.token_to_id(dr.SpecialToken.ThinkingEnd.default_str())
     if oc.kind == "json":
         return JSONObjectConstraint(engine.tokenizer, engine.eos, think_end if conv.conversation.thinking_mode else None)
+    if oc.kind not in ("tool_call_required", "tool_call"):
+        return None
+    tools = _with_defs(json.loads(oc.schema), request_tools)
     if oc.kind == "tool_call_required":
         start = None if po.starts_in_tool_calls else think_end
-        return GrammarConstraint(engine.tokenizer, engine.eos, tool_call_grammar(json.loads(oc.schema)), start)
-    if oc.kind == "tool_call":  # auto: free text, and any call it makes follows the tools' schemas
-        start = think_end if conv.conversation.thinking_mode else None
-        return GrammarConstraint(engine.tokenizer, engine.eos, text_or_tool_call_grammar(json.loads(oc.schema)),
-                                 start)
-    return None
+        return GrammarConstraint(engine.tokenizer, engine.eos, tool_call_grammar(tools), start)
+    # auto: free text, and any call it makes follows the tools' schemas
+    start = think_end if conv.conversation.thinking_mode else None
+    return GrammarConstraint(engine.tokenizer, engine.eos, text_or_tool_call_grammar(tools), start)
+
+
+def _with_defs(tools: list, request_tools) -> list:
+    """`tools` (converted) with each function's `$defs` / `definitions` restored from the request's own
+    tool (Chat `function.parameters` or Anthropic `input_schema`), so `$ref`s into them resolve."""
+    defs = {}
+    for t in request_tools if isinstance(request_tools, list) else []:
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        schema = (fn.get("parameters") or fn.get("input_schema")) if isinstance(fn, dict) else None
+        if isinstance(schema, dict):
+            defs[fn.get("name")] = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+    for t in tools:
+        fn = t.get("function", t)
+        if isinstance(fn.get("parameters"), dict):
+            fn["parameters"] = {**defs.get(fn.get("name"), {}), **fn["parameters"]}
+    return tools
