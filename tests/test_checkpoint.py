@@ -88,6 +88,9 @@ def test_bf16_load_runs(official):
     _, path = official
     m = dsv4.load_model(path)  # default bf16
     assert m.layers[1].attn.wq_a.weight.dtype == torch.bfloat16
+    assert dsv4.load_model(path, dtype="float16").layers[1].attn.wq_a.weight.dtype == torch.float16
+    with pytest.raises(dsv4.ConfigError, match="float32, bfloat16, float16, float64"):
+        dsv4.load_model(path, dtype=torch.int8)
     assert m.layers[1].hc_attn_fn.dtype == torch.float32 and m.layers[1].attn.attn_sink.dtype == torch.float32
     out = m(torch.randint(0, CFG.vocab_size, (1, 20)))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -136,6 +139,51 @@ def test_missing_scale_is_reported(official, tmp_path):
         tensors = {k: h.get_tensor(k) for k in h.keys() if k != "layers.1.attn.wq_b.scale"}
     save_file(tensors, str(f))
     with pytest.raises(dsv4.CheckpointError, match="layers.1.attn.wq_b"):
+        dsv4.load_model(tmp_path)
+
+
+E, D, INTER = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
+
+
+def tid2eid_with(value, dtype=torch.long):
+    t = torch.zeros(CFG.vocab_size, CFG.num_experts_per_tok, dtype=dtype)
+    t[3, 0] = value
+    return {"layers.0.ffn.gate.tid2eid": t}
+
+
+@pytest.mark.parametrize("layout,tensors,match", [
+    ("hf", {"model.layers.9.mlp.experts.down_proj": torch.zeros(E, D, INTER)}, "layers.9.ffn.experts.w2' has no place"),
+    ("hf", {"model.layers.1.mlp.experts.gate_up_proj": torch.zeros(5)}, r"gate_up' has shape \(5,\)"),
+    ("official", {"layers.9.ffn.experts.0.w1.weight": torch.zeros(INTER, D)}, "layers.9.ffn.experts.w1' has no place"),
+    ("official", dict(zip(("layers.9.ffn.experts.0.w1.weight", "layers.9.ffn.experts.0.w1.scale"),
+                          quant_fp4_weight(torch.randn(INTER, D)))), "layers.9.ffn.experts.0.w1.weight' has no place"),
+    ("official", tid2eid_with(99), "tid2eid' holds expert ids outside"),
+    ("official", tid2eid_with(-1), "tid2eid' holds expert ids outside"),
+    ("official", tid2eid_with(1.5, torch.float32), "tid2eid' must hold integer expert ids"),
+    ("official", {"layers.1.attn.wq_a.weight": torch.zeros(64, dtype=torch.float8_e4m3fn),
+                  "layers.1.attn.wq_a.scale": torch.ones(1, 1)}, r"wq_a.weight' has shape \(64,\)"),
+])
+def test_bad_tensors_are_reported_by_name(official, tmp_path, layout, tensors, match):
+    """Each bad tensor sits in an extra shard that loads first (it sorts before model*.safetensors)."""
+    if layout == "hf":
+        dsv4.save_model(random_model(CFG), tmp_path)
+    else:
+        for f in official[1].iterdir():
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        index["weight_map"].update(dict.fromkeys(tensors, "extra.safetensors"))
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file(tensors, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(dsv4.CheckpointError, match=match):
+        dsv4.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("weight_map", [[1, 2], {"embed.weight": None}, {"embed.weight": "../model.safetensors"}])
+def test_malformed_index_is_reported(official, tmp_path, weight_map):
+    for f in official[1].iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(dsv4.CheckpointError, match="index.json: 'weight_map'"):
         dsv4.load_model(tmp_path)
 
 
@@ -192,7 +240,7 @@ base = hwm()
 if sys.argv[2] == "load":
     m = dsv4.load_model(sys.argv[1], dtype=torch.float32)
 else:  # the same model built and filled in place: the floor any loader pays
-    m = build_model(_read_config(Path(sys.argv[1]), {}), torch.float32)
+    m = build_model(_read_config(Path(sys.argv[1])), torch.float32)
     for t in list(m.parameters()) + list(m.buffers()):
         t.data.zero_()
 model_bytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())

@@ -1,4 +1,6 @@
 """Both config.json styles, presets, and validation errors that name the field."""
+import copy
+
 import pytest
 
 import dsv4
@@ -34,6 +36,7 @@ FLASH_OFFICIAL = {
 def test_both_styles_give_the_flash_preset():
     assert Config.from_dict(FLASH_HF) == Config.flash()
     assert Config.from_dict(FLASH_OFFICIAL) == Config.flash()
+    assert Config.from_dict({**FLASH_HF, "eos_token_id": [1, 2]}) == Config.flash()  # transformers' list form
 
 
 def test_pro_schedule_starts_with_two_hca_layers():
@@ -55,10 +58,36 @@ def test_transformers_config_round_trips():
 @pytest.mark.parametrize("field,value", [
     ("hidden_size", 0), ("o_groups", 3), ("num_experts_per_tok", 99), ("scoring_func", "relu"),
     ("qk_rope_head_dim", 7), ("layer_types", [SLIDING]), ("hc_eps", -1.0), ("num_nextn_predict_layers", 2),
+    ("bos_token_id", "0"), ("eos_token_id", None), ("num_hash_layers", True),
+    ("beta_fast", "32"), ("original_max_position_embeddings", "512"), ("norm_topk_prob", "no"),
 ])
 def test_invalid_values_are_rejected_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         Config.tiny(**{field: value})
+
+
+@pytest.mark.parametrize("style,key,value,field", [  # key: dotted path into the JSON
+    ("hf", "eos_token_id", None, "eos_token_id"), ("hf", "eos_token_id", [], "eos_token_id"),
+    ("hf", "bos_token_id", "0", "bos_token_id"), ("hf", "num_hidden_layers", "4", "num_hidden_layers"),
+    ("hf", "rope_scaling", "yarn", "rope_scaling"), ("hf", "rope_parameters", [1], "rope_parameters"),
+    ("hf", "rope_parameters.compress", "yarn", "rope_parameters.compress"),
+    ("hf", "rope_parameters.compress.factor", "x", "rope_factor"),
+    ("hf", "rope_parameters.compress.beta_slow", -5, "beta_slow"),
+    ("hf", "partial_rotary_factor", "x", "partial_rotary_factor"), ("hf", "mlp_layer_types", 5, "mlp_layer_types"),
+    ("legacy", "rope_scaling.beta_fast", "32", "beta_fast"),
+    ("legacy", "rope_scaling.original_max_position_embeddings", "512", "original_max_position_embeddings"),
+    ("official", "original_seq_len", "512", "original_max_position_embeddings"),
+    ("official", "beta_slow", -5, "beta_slow"), ("official", "n_layers", "4", "num_hidden_layers"),
+])
+def test_invalid_json_values_are_rejected_naming_the_field(style, key, value, field):
+    d = copy.deepcopy({"hf": Config.tiny().to_hf_dict(), "legacy": FLASH_HF, "official": FLASH_OFFICIAL}[style])
+    *outer, last = key.split(".")
+    inner = d
+    for k in outer:
+        inner = inner[k]
+    inner[last] = value
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        Config.from_dict(d)
 
 
 def test_unknown_model_type_and_bad_ratios():
@@ -77,4 +106,7 @@ def test_config_file_errors_name_the_file(tmp_path):
         Config.from_file(bad)
     with pytest.raises(ConfigError, match="no such config file"):
         Config.from_file(tmp_path / "missing.json")
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ConfigError, match="dir.json: cannot read"):
+        Config.from_file(tmp_path / "dir.json")
     assert dsv4.Config.from_file  # public

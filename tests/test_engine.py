@@ -326,7 +326,51 @@ def test_empty_and_over_long_prompts_are_clear_errors(model):
         dsv4.SamplingParams(temperature=-1)
     with pytest.raises(dsv4.RequestError, match="1 SamplingParams for 2 prompts"):  # was: the second prompt dropped
         llm.generate(prompts(5, 6), [GREEDY])
-    assert not llm.engine.has_unfinished()
+    with pytest.raises(dsv4.RequestError, match="token ids"):  # the first prompt was left queued
+        llm.generate([prompts(5)[0], [1, 99999]], GREEDY)
+    assert not llm.engine.has_unfinished() and not llm.engine.requests
+    for bad in ([5.0, 6.0], [True, 2], 7):  # floats and bools are not token ids (were TypeErrors)
+        with pytest.raises(dsv4.RequestError, match="token ids|a prompt must be"):
+            llm.generate(bad, GREEDY)
+    # a 1-D tensor or numpy ids are one prompt, as a list is
+    p = prompts(6)[0]
+    want = llm.generate(p, GREEDY).token_ids
+    assert llm.generate(torch.tensor(p), GREEDY).token_ids == want
+    assert llm.generate(list(torch.tensor(p).numpy()), GREEDY).token_ids == want
+    for field, value in [("max_tokens", True), ("logprobs", True), ("seed", "a"), ("seed", 2**70),
+                         ("temperature", "0.5"), ("temperature", float("nan")), ("stop", None), ("stop_token_ids", 5)]:
+        with pytest.raises(dsv4.RequestError, match=field):
+            dsv4.SamplingParams(**{field: value})
+    for option, value in [("max_num_batched_tokens", 0), ("max_num_seqs", 0), ("num_speculative_tokens", -1),
+                          ("cache_layout", "fp4"), ("max_model_len", 0)]:  # the first two hung generate()
+        with pytest.raises(dsv4.ConfigError, match=option):
+            dsv4.LLM(model, **{option: value})
+
+
+def test_a_failed_step_leaves_the_engine_usable(model, monkeypatch):
+    """A step that raises fails that generate() call only: its requests are freed, the next call works."""
+    llm = dsv4.LLM(model)
+    want = llm.generate(prompts(5)[0], GREEDY).token_ids
+    real, calls = LLMEngine.step, []
+
+    def fail_once(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure")
+        return real(self)
+    monkeypatch.setattr(LLMEngine, "step", fail_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate(prompts(5, 9), GREEDY)
+    assert not llm.engine.has_unfinished() and len(llm.engine.pool.free) == llm.engine.cfg.max_num_seqs
+    assert llm.generate(prompts(5)[0], GREEDY).token_ids == want
+
+
+def test_tiny_temperature_is_greedy(model):
+    """logits / 1e-39 overflows to inf (it failed the step with a NaN distribution): below 1e-5 is greedy."""
+    llm = dsv4.LLM(model)
+    p = prompts(5)[0]
+    tiny = dsv4.SamplingParams(max_tokens=12, temperature=1e-39, ignore_eos=True, seed=1)
+    assert llm.generate(p, tiny).token_ids == llm.generate(p, GREEDY).token_ids
 
 
 def test_memory_budget_exhausted_requests_wait_or_are_preempted_and_finish_exactly(model):
@@ -408,12 +452,41 @@ def test_async_streams_equal_offline_and_cancel_frees_state(model):
         while seq.num_computed == 0:  # its first prefill chunk (32 of 300 tokens) is in
             await asyncio.sleep(0.001)
         allm.abort(seq.request_id)
-        return results, seq
+        # whoever reads an aborted request's stream sees it end (it waited forever)
+        ends = [out async for out in allm.stream(seq, queue)]
+        return results, seq, ends
 
     try:
-        results, seq = asyncio.run(main())
+        results, seq, ends = asyncio.run(main())
     finally:
         allm.close()
     for (toks, finals), w in zip(results, want):
         assert toks == w and finals[-1] and not any(finals[:-1])
     assert seq.cache is None and seq.finish_reason == "abort" and not eng.has_unfinished()
+    assert ends[-1].finished and ends[-1].finish_reason == "abort"
+
+
+def test_closing_the_async_engine_ends_open_streams(model):
+    import asyncio
+
+    from dsv4.engine import AsyncLLM
+
+    allm = AsyncLLM(LLMEngine(model))
+
+    async def main():
+        seq, queue = allm.submit(prompts(20)[0], dsv4.SamplingParams(max_tokens=5000, ignore_eos=True))
+        reader = asyncio.ensure_future(asyncio.wait_for(_drain(allm.stream(seq, queue)), timeout=30))
+        while not seq.output_ids:
+            await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, allm.close)
+        return await reader
+
+    last = asyncio.run(main())
+    assert last.finished and last.finish_reason == "abort" and not allm.engine.has_unfinished()
+
+
+async def _drain(stream):
+    last = None
+    async for out in stream:
+        last = out
+    return last

@@ -44,14 +44,9 @@ def test_speculative_greedy_equals_plain_greedy_with_mtp_drafts(model, k):
     assert llm.engine.stats["proposed"] > 0
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_acceptance_and_rewind_with_oracle_drafts(model, k, monkeypatch):
-    """Drafts that are right two times in three exercise acceptance, partial rejection and rewind
-    (across compressor windows and prefix blocks); output must still equal plain greedy."""
-    ps = prompts(5, 70, 130, seed=3)
-    plain = {tuple(p): o.token_ids for p, o in zip(ps, dsv4.LLM(model).generate(ps, GREEDY))}
-    llm = dsv4.LLM(model, num_speculative_tokens=k)
-    eng = llm.engine
+def oracle_drafts(monkeypatch, plain: dict, k: int) -> None:
+    """Replace MTP drafts by the plain run's next tokens, wrong every third time (the random model's own
+    drafts are almost never accepted): acceptance, partial rejection and rewind all happen."""
     real_draft = LLMEngine._draft
     calls = {"n": 0}
 
@@ -65,6 +60,33 @@ def test_acceptance_and_rewind_with_oracle_drafts(model, k, monkeypatch):
                 calls["n"] += 1
 
     monkeypatch.setattr(LLMEngine, "_draft", oracle)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_with_penalties_equals_plain(model, k, monkeypatch):
+    """Each verified row is penalised for the accepted drafts before it (all rows were scored with the
+    step's old counts, so a repeated token escaped its penalty)."""
+    params = dsv4.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, presence_penalty=1.5,
+                                 frequency_penalty=0.5)
+    ps = prompts(5, 70, seed=4)
+    plain = {tuple(p): o.token_ids for p, o in zip(ps, dsv4.LLM(model).generate(ps, params))}
+    unpenalised = dsv4.LLM(model).generate(ps, GREEDY)
+    assert [o.token_ids for o in unpenalised] != list(plain.values())  # the penalties shape the output
+    oracle_drafts(monkeypatch, plain, k)
+    llm = dsv4.LLM(model, num_speculative_tokens=k)
+    assert [o.token_ids for o in llm.generate(ps, params)] == [plain[tuple(p)] for p in ps]
+    assert 0 < llm.engine.stats["accepted"] < llm.engine.stats["proposed"]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_acceptance_and_rewind_with_oracle_drafts(model, k, monkeypatch):
+    """Drafts that are right two times in three exercise acceptance, partial rejection and rewind
+    (across compressor windows and prefix blocks); output must still equal plain greedy."""
+    ps = prompts(5, 70, 130, seed=3)
+    plain = {tuple(p): o.token_ids for p, o in zip(ps, dsv4.LLM(model).generate(ps, GREEDY))}
+    llm = dsv4.LLM(model, num_speculative_tokens=k)
+    eng = llm.engine
+    oracle_drafts(monkeypatch, plain, k)
     spec = llm.generate(ps, GREEDY)
     assert [o.token_ids for o in spec] == [plain[tuple(p)] for p in ps]
     assert 0 < eng.stats["accepted"] < eng.stats["proposed"]

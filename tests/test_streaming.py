@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv4.engine.sequence import RequestOutput
-from dsv4.server.app import CHAT, MESSAGES, _chunks
+from dsv4.server.app import CHAT, MESSAGES, _chunks, _Tally
 from dsv4.server.devmodel import build_dev_model
 from dsv4.tokenizer import load_tokenizer
 
@@ -61,7 +61,7 @@ def run(proto, deltas, recipe_tok):
 
     async def collect():
         response = proto.response("id-1", "deepseek-v4-flash", 0, 10, 0)
-        async for c in _chunks(_FakeLLM(deltas), _Seq(), None, processor, 10, 60.0):
+        async for c in _chunks(_FakeLLM(deltas), _Seq(), None, processor, 10, 60.0, _Tally()):
             if c is not None:
                 response.accumulate(c)
         return json.loads(response.to_json())

@@ -102,8 +102,21 @@ def _fp32_name(name: str) -> bool:
     return bool(_FP32.search(name))
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _model_dtype(dtype) -> torch.dtype:
+    """A floating-point torch dtype or its name -> the torch dtype."""
+    if dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ConfigError(f"dtype: must be {', '.join(_DTYPES)} (a name or a torch dtype; got {dtype!r})")
+
+
 def build_model(cfg: Config, dtype=torch.float32, device="cpu") -> Transformer:
     """An uninitialised model (parameter memory allocated, contents undefined) in `dtype`, fp32 where kept."""
+    dtype = _model_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
     for name, p in model.named_parameters():
@@ -139,8 +152,16 @@ def _shard_files(path: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files "
+                                  f"(got {weight_map!r:.80})")
+        for key, f in weight_map.items():
+            # a shard is a file beside the index: a path would read outside the checkpoint
+            if not isinstance(f, str) or not f or Path(f).name != f:
+                raise CheckpointError(f"{index}: 'weight_map' entry '{key}' must name a shard file in {path} "
+                                      f"(got {f!r})")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
@@ -165,19 +186,10 @@ def _has_mtp(files: list[Path]) -> bool:
     return False
 
 
-def _read_config(path: Path, overrides: dict) -> Config:
+def _read_config(path: Path) -> Config:
     for name in ("config.json", "inference/config.json"):
-        f = path / name
-        if f.exists():
-            try:
-                d = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{f}: not valid JSON ({e})") from None
-            d.update(overrides)
-            try:
-                return Config.from_dict(d)
-            except ConfigError as e:
-                raise ConfigError(f"{f}: {e}") from None
+        if (path / name).exists():
+            return Config.from_file(path / name)
     raise CheckpointError(f"{path}: no config.json")
 
 
@@ -207,11 +219,30 @@ class _Loader:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{src}: tensor '{name}' contains NaN or Inf")
 
+    def _check_expert_ids(self, name, src, t):
+        # the hash router indexes the experts with these; a bad id fails only at the first forward
+        E = self.model.config.n_routed_experts
+        if t.is_floating_point() and not torch.equal(t, t.round()):
+            raise CheckpointError(f"{src}: tensor '{name}' must hold integer expert ids (got fractions)")
+        if t.numel() and not (0 <= t.min() and t.max() < E):
+            raise CheckpointError(f"{src}: tensor '{name}' holds expert ids outside [0, {E}) "
+                                  f"(min {t.min().item():g}, max {t.max().item():g})")
+
+    def _experts(self, base: str, name: str, src: str) -> torch.nn.Module:
+        """The routed-experts module `base` names (ends with '.')."""
+        try:
+            return self.model.get_submodule(base[:-1])
+        except AttributeError:  # a layer (or MTP block) the config lacks
+            raise CheckpointError(f"{src}: tensor '{name}' has no place in this model (config mismatch?)") from None
+
     def put(self, name: str, t: torch.Tensor, src: str) -> None:
         m = _EXPERT.match(name)
         if m:
             return self.put_expert(m.group(1), int(m.group(2)), m.group(3), t, src)
         if name.endswith("ffn.experts.gate_up"):
+            if t.dim() != 3:
+                raise CheckpointError(f"{src}: tensor '{name}' has shape {tuple(t.shape)}, expected "
+                                      f"[experts, 2 * moe_intermediate_size, hidden_size]")
             base = name[: -len("gate_up")]
             inter = t.shape[1] // 2
             for e in range(t.shape[0]):
@@ -224,13 +255,15 @@ class _Loader:
             return
         dst = self._target(name, src, t.shape)
         self._check_finite(name, src, t)
+        if name.endswith("tid2eid"):
+            self._check_expert_ids(name, src, t)
         with torch.no_grad():
             dst.copy_(t)
         self.loaded.add(name)
 
     def put_expert(self, base: str, e: int, w: str, t: torch.Tensor | None, src: str, packed=None) -> None:
         name = f"{base}{w}"
-        experts = self.model.get_submodule(base[:-1])
+        experts = self._experts(base, name, src)
         if not 0 <= e < self.model.config.n_routed_experts:
             raise CheckpointError(f"{src}: expert index {e} out of range for '{name}' "
                                   f"({self.model.config.n_routed_experts} experts)")
@@ -252,11 +285,14 @@ class _Loader:
 
     def put_quantised(self, wname: str, w: torch.Tensor, s: torch.Tensor, src: str) -> None:
         m = _EXPERT.match(wname)
-        if w.dtype == torch.int8:  # FP4 packed routed expert
-            if s.shape[-1] * 16 != w.shape[-1]:
+        fmt = "FP4" if w.dtype == torch.int8 else "FP8"
+        if w.dim() != 2:  # block scales are per row and column block
+            raise CheckpointError(f"{src}: {fmt} tensor '{wname}' has shape {tuple(w.shape)}, expected a matrix")
+        if fmt == "FP4":  # packed routed expert
+            if tuple(s.shape) != (w.shape[0], w.shape[1] // 16) or w.shape[1] % 16:
                 raise CheckpointError(f"{src}: FP4 tensor '{wname}' {tuple(w.shape)} does not match its scale "
                                       f"{tuple(s.shape)} (expected one scale per 32 values)")
-            if m and isinstance(self.model.get_submodule(m.group(1)[:-1]), PackedExperts):
+            if m and isinstance(self._experts(m.group(1), wname, src), PackedExperts):
                 return self.put_expert(m.group(1), int(m.group(2)), m.group(3), None, src, packed=(w, s))
             dtype = self._dtype_for(wname)
             return self.put(wname, dequant_fp4_weight(w, s, dtype), src)
@@ -343,13 +379,15 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
     """Load an HF-format or official DeepSeek-V4 checkpoint directory.
 
     Shards are streamed one at a time into a pre-allocated model (peak memory about the model
-    plus the largest shard). fp4_experts keeps official FP4 routed experts packed and dequantises
-    them per use. quant_simulation turns on the reference's FP8/FP4 quantisation points.
+    plus the largest shard). dtype: float32, bfloat16, float16 or float64, as a torch dtype or its
+    name (parameters the reference keeps in fp32 stay fp32). fp4_experts keeps official FP4 routed
+    experts packed and dequantises them per use. quant_simulation turns on the reference's FP8/FP4
+    quantisation points.
     Only safetensors are read."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    cfg = _read_config(path, {})
+    cfg = _read_config(path)
     cfg.quant_simulation = quant_simulation
     cfg.validate()
     files = _shard_files(path)

@@ -91,7 +91,7 @@ class Config:
     quant_simulation: bool = False
 
     def __post_init__(self):
-        if not self.layer_types:
+        if not self.layer_types and is_int(self.num_hidden_layers, 1):  # else validate names num_hidden_layers
             self.layer_types = [SLIDING] * self.num_hidden_layers
         self.layer_types = list(self.layer_types)
         self.validate()
@@ -126,14 +126,17 @@ class Config:
                      "num_attention_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
                      "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
                      "n_routed_experts", "num_experts_per_tok", "hc_mult", "hc_sinkhorn_iters",
-                     "csa_compress_ratio", "hca_compress_ratio", "max_position_embeddings"):
+                     "csa_compress_ratio", "hca_compress_ratio", "max_position_embeddings",
+                     "original_max_position_embeddings"):
             need(is_int(getattr(self, name), 1), name, "must be a positive integer")
         for name in ("rms_norm_eps", "hc_eps", "rope_theta", "compress_rope_theta", "rope_factor",
-                     "routed_scaling_factor", "swiglu_limit"):
+                     "routed_scaling_factor", "swiglu_limit", "beta_fast", "beta_slow"):
             v = getattr(self, name)
             need(is_number(v) and v > 0, name, "must be a positive number")
-        need(isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0
-             and self.qk_rope_head_dim % 2 == 0 and self.qk_rope_head_dim <= self.head_dim,
+        for name in ("norm_topk_prob", "tie_word_embeddings", "quant_simulation"):
+            need(isinstance(getattr(self, name), bool), name, "must be true or false")
+        need(is_int(self.qk_rope_head_dim, 1) and self.qk_rope_head_dim % 2 == 0
+             and self.qk_rope_head_dim <= self.head_dim,
              "qk_rope_head_dim", f"must be a positive even integer <= head_dim ({self.head_dim})")
         need(self.index_head_dim % 2 == 0 and self.index_head_dim >= self.qk_rope_head_dim,
              "index_head_dim", f"must be even and >= qk_rope_head_dim ({self.qk_rope_head_dim})")
@@ -141,18 +144,19 @@ class Config:
              f"must divide num_attention_heads ({self.num_attention_heads})")
         need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
              f"must be <= n_routed_experts ({self.n_routed_experts})")
-        need(self.n_shared_experts in (0, 1), "n_shared_experts", "must be 0 or 1")
-        need(isinstance(self.num_hash_layers, int) and self.num_hash_layers >= 0, "num_hash_layers",
-             "must be a non-negative integer")
-        need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers", "must be 0 or 1")
+        need(is_int(self.n_shared_experts, 0) and self.n_shared_experts <= 1, "n_shared_experts", "must be 0 or 1")
+        need(is_int(self.num_hash_layers, 0), "num_hash_layers", "must be a non-negative integer")
+        need(is_int(self.num_nextn_predict_layers, 0) and self.num_nextn_predict_layers <= 1,
+             "num_nextn_predict_layers", "must be 0 or 1")
         need(self.scoring_func in SCORING_FUNCS, "scoring_func", f"must be one of {SCORING_FUNCS}")
         need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
              f"needs one entry per layer (num_hidden_layers={self.num_hidden_layers})")
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         need(not bad, "layer_types", f"entries must be in {LAYER_TYPES}")
-        need(0 < self.vocab_size and 0 <= self.bos_token_id < self.vocab_size, "bos_token_id",
-             "must be a token id below vocab_size")
-        need(0 <= self.eos_token_id < self.vocab_size, "eos_token_id", "must be a token id below vocab_size")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            need(is_int(v, 0) and v < self.vocab_size, name, f"must be an integer token id below vocab_size "
+                 f"({self.vocab_size})")
         if self.quant_simulation:
             need(self.nope_head_dim % 64 == 0, "quant_simulation",
                  "needs head_dim - qk_rope_head_dim to be a multiple of 64 (FP8 block)")
@@ -201,7 +205,9 @@ class Config:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         try:
             return cls.from_dict(d)
@@ -213,6 +219,11 @@ class Config:
         mt = d.get("model_type", "deepseek_v4")
         if mt != "deepseek_v4":
             raise ConfigError(f"config field 'model_type': expected 'deepseek_v4' (got {mt!r})")
+        for name, types, what in (("compress_rates", dict, "an object"), ("layer_types", (list, tuple), "a list"),
+                                  ("mlp_layer_types", (list, tuple), "a list"), ("rope_scaling", dict, "an object"),
+                                  ("rope_parameters", dict, "an object")):
+            if d.get(name) is not None and not isinstance(d[name], types):
+                raise ConfigError(f"config field '{name}': must be {what} (got {d[name]!r})")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: d[k] for k in names if k in d and k not in ("layer_types",)}
         rates = d.get("compress_rates") or {}
@@ -222,28 +233,39 @@ class Config:
         for legacy, attr in (("compress_rate_csa", "csa_compress_ratio"), ("compress_rate_hca", "hca_compress_ratio")):
             if legacy in d:
                 kw[attr] = d[legacy]
-        n = d.get("num_hidden_layers", cls.num_hidden_layers)
+        n = _layer_count(kw)
         if d.get("layer_types"):
             kw["layer_types"] = list(d["layer_types"])[:n]
         elif d.get("compress_ratios") is not None:
             kw.update(_types_from_ratios(d["compress_ratios"], n, kw.get("csa_compress_ratio", 4)))
         if d.get("mlp_layer_types"):
             kw["num_hash_layers"] = _hash_layers_from_types(d["mlp_layer_types"])
-        if "partial_rotary_factor" in d and "qk_rope_head_dim" not in d and d["partial_rotary_factor"]:
-            kw["qk_rope_head_dim"] = int(round(d.get("head_dim", cls.head_dim) * d["partial_rotary_factor"]))
+        prf = d.get("partial_rotary_factor")
+        if prf and "qk_rope_head_dim" not in d:
+            if not is_number(prf, 0, 1):
+                raise ConfigError(f"config field 'partial_rotary_factor': must be a number in (0, 1] (got {prf!r})")
+            head_dim = kw.get("head_dim", cls.head_dim)
+            if is_int(head_dim, 1):  # a bad head_dim is named by validate
+                kw["qk_rope_head_dim"] = round(head_dim * prf)
         rope = d.get("rope_scaling") or {}
         rp = d.get("rope_parameters") or {}
-        if isinstance(rp.get("compress"), dict):
+        if "compress" in rp:  # per attention kind: {"main": plain RoPE, "compress": YaRN}
+            for part in ("main", "compress"):
+                if not isinstance(rp.get(part, {}), dict):
+                    raise ConfigError(f"config field 'rope_parameters.{part}': must be an object (got {rp[part]!r})")
             rope = rp["compress"]
             if "rope_theta" in rope:
                 kw["compress_rope_theta"] = rope["rope_theta"]
-            if isinstance(rp.get("main"), dict) and "rope_theta" in rp["main"]:
+            if "rope_theta" in rp.get("main", {}):
                 kw["rope_theta"] = rp["main"]["rope_theta"]
         elif rp and not rope:
             rope = rp
         _apply_rope_scaling(kw, rope)
         eos = kw.get("eos_token_id")
-        if isinstance(eos, list):
+        if isinstance(eos, list):  # transformers allows several end tokens; generation stops on the first
+            if not eos:
+                raise ConfigError("config field 'eos_token_id': must be a token id or a non-empty list of them "
+                                  "(got [])")
             kw["eos_token_id"] = eos[0]
         if kw.get("bos_token_id") is None:
             kw.pop("bos_token_id", None)
@@ -265,9 +287,8 @@ class Config:
              "beta_fast": "beta_fast", "beta_slow": "beta_slow", "max_seq_len": "max_position_embeddings",
              "norm_eps": "rms_norm_eps"}
         kw = {dst: d[src] for src, dst in m.items() if src in d}
-        n = kw.get("num_hidden_layers", cls.num_hidden_layers)
         if d.get("compress_ratios") is not None:
-            kw.update(_types_from_ratios(d["compress_ratios"], n, 4))
+            kw.update(_types_from_ratios(d["compress_ratios"], _layer_count(kw), 4))
         return cls(**kw)
 
     def to_hf_dict(self) -> dict:
@@ -295,13 +316,21 @@ class Config:
         return d
 
 
+def _layer_count(kw: dict) -> int:
+    """num_hidden_layers, checked here because the attention schedule is cut to it before validate runs."""
+    n = kw.get("num_hidden_layers", Config.num_hidden_layers)
+    if not is_int(n, 1):
+        raise ConfigError(f"config field 'num_hidden_layers': must be a positive integer (got {n!r})")
+    return n
+
+
 def _types_from_ratios(ratios, n: int, csa_ratio: int) -> dict:
     if not isinstance(ratios, (list, tuple)) or len(ratios) < n:
         raise ConfigError(f"config field 'compress_ratios': needs at least num_hidden_layers={n} entries "
                           f"(got {ratios!r})")
     types, hca = [], set()
     for r in ratios[:n]:
-        if not isinstance(r, int) or r < 0:
+        if not is_int(r, 0):
             raise ConfigError(f"config field 'compress_ratios': entries must be non-negative integers (got {r!r})")
         if r == 0:
             types.append(SLIDING)
@@ -332,7 +361,7 @@ def _apply_rope_scaling(kw: dict, rope: dict) -> None:
         return
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "yarn":
-        kw["rope_factor"] = float(rope.get("factor", 16.0))
+        kw["rope_factor"] = rope.get("factor", 16.0)  # validate names a bad one (as rope_factor)
         for src, dst in (("original_max_position_embeddings", "original_max_position_embeddings"),
                          ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
             if src in rope:

@@ -61,14 +61,28 @@ class AsyncLLM:
         return entry is not None and entry[2].status == Status.WAITING
 
     def abort(self, request_id: str) -> None:
+        """Cancel a request; its stream (if still read) ends with finish_reason "abort"."""
         with self._lock:
-            self.engine.abort(request_id)
-            self._streams.pop(request_id, None)
+            self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        entry = self._streams.pop(request_id, None)
+        if entry is not None:
+            loop, queue, seq = entry
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, seq.output(delta=True))
+            except RuntimeError:  # the caller's event loop has closed
+                pass
 
     def close(self) -> None:
+        """Stop the engine thread; requests still in flight end with finish_reason "abort"."""
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=10)
+        with self._lock:
+            for rid in list(self._streams):
+                self._abort(rid)
 
     def _run(self) -> None:
         while not self._closed:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers.decoders import DecodeStream
 
+from ..config import ConfigError
 from ..model.cache import StatePool, new_cache
 from ..model.decode import BatchDecoder, supports
 from ..model.transformer import Transformer
@@ -40,6 +42,25 @@ class EngineConfig:
     isolate_users: bool = False
     num_speculative_tokens: int = 0  # MTP drafts verified per decode step (0: off)
     compile: bool = False  # compile the batched decode step ahead of time (minutes, once; several x faster)
+
+    def __post_init__(self):
+        def count(v, low):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        checks = [("max_num_batched_tokens", count(self.max_num_batched_tokens, 1), "an integer >= 1"),
+                  ("max_num_seqs", count(self.max_num_seqs, 1), "an integer >= 1"),
+                  ("kv_budget_bytes", count(self.kv_budget_bytes, 1), "an integer >= 1"),
+                  ("cache_layout", self.cache_layout in ("dense", "fp8"), "'dense' or 'fp8'"),
+                  ("max_model_len", self.max_model_len is None or count(self.max_model_len, 2),
+                   "None or an integer >= 2"),
+                  ("prefix_block", count(self.prefix_block, 0), "an integer >= 0 (0: no prefix cache)"),
+                  ("prefix_cache_bytes", count(self.prefix_cache_bytes, 0), "an integer >= 0"),
+                  ("num_speculative_tokens", count(self.num_speculative_tokens, 0), "an integer >= 0"),
+                  ("isolate_users", isinstance(self.isolate_users, bool), "a bool"),
+                  ("compile", isinstance(self.compile, bool), "a bool")]
+        for name, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"engine option {name} must be {what} (got {getattr(self, name)!r})")
 
 
 def model_tag(model: Transformer) -> str:
@@ -118,8 +139,13 @@ class LLMEngine:
             return self.tokenizer.encode(prompt).ids
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
-        ids = list(prompt)
-        if not all(isinstance(t, int) and 0 <= t < self.mcfg.vocab_size for t in ids):
+        if not isinstance(prompt, (list, tuple)):
+            raise RequestError(f"a prompt must be a string or a list of token ids (got {type(prompt).__name__})")
+        try:  # numpy and other integer types too, but not floats or bools
+            ids = [operator.index(t) for t in prompt if not isinstance(t, bool)]
+        except TypeError:
+            ids = []
+        if len(ids) != len(prompt) or not all(0 <= t < self.mcfg.vocab_size for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {self.mcfg.vocab_size})")
         return ids
 
@@ -281,9 +307,10 @@ class LLMEngine:
         """Accept a prefix of the drafts (speculative sampling), rewind the rest, append the tokens."""
         seq = w.seq
         self._ensure_counts(seq)
-        rows = [penalised(r, seq.params, seq.counts) for r in logits]
+        # row i follows drafts[:i]: its penalties count them too (accepted, if row i is reached)
+        rows = [penalised(r, seq.params, _with(seq.counts, w.drafts[:i])) for i, r in enumerate(logits)]
         target = [probs(r, seq.params) for r in rows]
-        tokens, a = accept(target, w.drafts, seq.draft_q, seq.params.temperature == 0, seq.generator)
+        tokens, a = accept(target, w.drafts, seq.draft_q, seq.params.greedy, seq.generator)
         self.stats["proposed"] += len(w.drafts)
         self.stats["accepted"] += a
         if a < len(w.drafts):
@@ -319,8 +346,8 @@ class LLMEngine:
             new = []
             for (w, _), lg in zip(drafting, cur_logits):
                 self._ensure_counts(w.seq)
-                q = probs(penalised(lg, w.seq.params, w.seq.counts), w.seq.params)
-                d = int(q.argmax()) if w.seq.params.temperature == 0 else draw(q, w.seq.generator)
+                q = probs(penalised(lg, w.seq.params, _with(w.seq.counts, w.seq.drafts)), w.seq.params)
+                d = int(q.argmax()) if w.seq.params.greedy else draw(q, w.seq.generator)
                 w.seq.drafts.append(d)
                 w.seq.draft_q.append(q)
                 new.append(torch.tensor([d], device=self.device))
@@ -375,6 +402,13 @@ class LLMEngine:
             return self._finish(s, "stop")
         if len(s.tokens) - len(s.prompt) >= p.max_tokens or len(s.tokens) >= self.max_len:
             return self._finish(s, "length")
+
+
+def _with(counts: torch.Tensor | None, tokens: list) -> torch.Tensor | None:
+    """Generated-token counts [V] with `tokens` (drafts ahead of the row being scored) added."""
+    if counts is None or not tokens:
+        return counts
+    return counts + torch.bincount(torch.tensor(tokens, device=counts.device), minlength=counts.shape[0])
 
 
 class _Work:
@@ -448,15 +482,26 @@ class LLM:
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
 
     def generate(self, prompts, params: SamplingParams | list | None = None, user: str | None = None) -> list:
-        """prompts: a list of token-id lists (or strings with a tokenizer), or one of them."""
-        single = isinstance(prompts, str) or not len(prompts) or isinstance(prompts[0], int)
+        """prompts: a list of token-id lists (or strings with a tokenizer), or one of them.
+
+        All or nothing: if a prompt is refused or a step fails, none of this call's requests stay queued."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        single = not isinstance(prompts, (list, tuple)) or not prompts or not isinstance(prompts[0], (str, list, tuple))
         if single:
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise RequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts: pass one, or one per prompt")
-        seqs = [self.engine.add_request(p, sp, user=user) for p, sp in zip(prompts, plist)]
-        while self.engine.has_unfinished():
-            self.engine.step()
+        seqs = []
+        try:
+            for p, sp in zip(prompts, plist):
+                seqs.append(self.engine.add_request(p, sp, user=user))
+            while self.engine.has_unfinished():
+                self.engine.step()
+        except BaseException:  # a refused prompt, a failed step, Ctrl-C: free this call's requests
+            for s in seqs:
+                self.engine.abort(s.request_id)
+            raise
         outs = [s.output() for s in seqs]
         return outs[0] if single else outs

@@ -16,6 +16,9 @@ def _in(v, lo, hi) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and lo <= v <= hi
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing logits by them overflows to inf
+
+
 class RequestError(ValueError):
     """A request or its sampling parameters are invalid; the message names the parameter."""
 
@@ -23,7 +26,7 @@ class RequestError(ValueError):
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below 1e-5, where logits / T overflows) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -60,6 +63,10 @@ class SamplingParams:
             if not ok:
                 raise RequestError(f"sampling parameter '{name}' must be {what} (got {getattr(self, name)!r})")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
 
 def penalised(logits: torch.Tensor, p: SamplingParams, counts: torch.Tensor | None) -> torch.Tensor:
     """logits [..., V] minus frequency * count and presence * [count > 0]."""
@@ -73,7 +80,7 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution a token is drawn from: [..., V] penalised logits -> probabilities.
 
     Greedy (temperature 0) is one-hot on the argmax; otherwise temperature, then top-k, then top-p."""
-    if p.temperature == 0:
+    if p.greedy:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     row = logits / p.temperature
     if p.top_k:
@@ -104,7 +111,7 @@ def sample(logits: torch.Tensor, params: list, generators: list,
         rows = logits.float()
     out = rows.argmax(-1)  # greedy rows, all at once
     for i, p in enumerate(params):
-        if p.temperature != 0:
+        if not p.greedy:
             out[i] = draw(probs(rows[i], p), generators[i])
     wanted = any(p.logprobs is not None for p in params)
     return out, torch.log_softmax(rows, -1) if wanted else None

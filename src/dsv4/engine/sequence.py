@@ -34,7 +34,9 @@ class RequestOutput:
     token_ids: list
     text: str | None
     finished: bool
-    finish_reason: str | None = None  # "stop" (eos / stop token / stop string) or "length" or "abort"
+    # "stop" (eos / stop token / stop string), "length", "abort", or "error: <why>" (a request the engine
+    # cannot serve, e.g. "error: exceeds the decode-state memory budget")
+    finish_reason: str | None = None
     logprobs: list | None = None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
