@@ -365,6 +365,23 @@ def test_a_failed_step_leaves_the_engine_usable(model, monkeypatch):
     assert llm.generate(prompts(5)[0], GREEDY).token_ids == want
 
 
+def test_a_failing_output_constraint_ends_only_its_own_request(model):
+    class Broken:
+        def mask(self, logits, remaining):
+            return logits
+
+        def accept(self, token):
+            raise RuntimeError("token violates the output grammar")
+
+    eng = LLMEngine(model)
+    ok = eng.add_request(prompts(5)[0], GREEDY)
+    bad = eng.add_request(prompts(6)[0], GREEDY, constraint=Broken())
+    while eng.has_unfinished():
+        eng.step()
+    assert bad.finish_reason == "error: token violates the output grammar" and bad.cache is None
+    assert ok.finish_reason == "length" and ok.output_ids == reference_greedy(model, ok.prompt, 12)
+
+
 def test_tiny_temperature_is_greedy(model):
     """logits / 1e-39 overflows to inf (it failed the step with a NaN distribution): below 1e-5 is greedy."""
     llm = dsv4.LLM(model)

@@ -364,12 +364,21 @@ class LLMEngine:
     def _sample(self, seqs: list, logits: torch.Tensor) -> None:
         for s in seqs:
             self._ensure_counts(s)
+        failed = {}  # an output constraint that fails ends its own request, not the step's others
         for i, s in enumerate(seqs):
             if s.constraint is not None:
-                logits[i] = s.constraint.mask(logits[i], s.params.max_tokens - len(s.output_ids))
+                try:
+                    logits[i] = s.constraint.mask(logits[i], s.params.max_tokens - len(s.output_ids))
+                except Exception as e:
+                    failed[i] = e
         toks, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs])
         for i, (s, t) in enumerate(zip(seqs, toks.tolist())):
-            self._append(s, t, lps[i] if lps is not None else None)
+            try:
+                if i in failed:
+                    raise failed[i]
+                self._append(s, t, lps[i] if lps is not None else None)
+            except Exception as e:
+                self._finish(s, f"error: {e}")
 
     def _append(self, s: Sequence, t: int, logprobs: torch.Tensor | None) -> None:
         """Record token t; logprobs [V] (None unless s asks for logprobs)."""
