@@ -625,7 +625,10 @@ def fim_request(body: dict, path: str, plain, served: str) -> _TextRequest:
         text = [plain.encode(t).ids for t in (prompt, suffix or "")]
     except Exception:  # e.g. a lone UTF-16 surrogate, which JSON can spell but UTF-8 cannot
         raise RequestError("'prompt' and 'suffix' must be valid Unicode text") from None
-    special = [plain.token_to_id(t) for t in [dr.SpecialToken.Bos.default_str(), *FIM_TOKENS]]
+    names = [dr.SpecialToken.Bos.default_str(), *FIM_TOKENS]
+    special = [plain.token_to_id(t) for t in names]
+    if None in special:
+        raise RequestError(f"this model's tokenizer has no {names[special.index(None)]} token: it cannot do FIM")
     if suffix is not None or path.startswith("/beta"):
         ids = [special[0], special[1], *text[0], special[2], *text[1], special[3]]
     else:
