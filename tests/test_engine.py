@@ -335,6 +335,7 @@ def test_empty_and_over_long_prompts_are_clear_errors(model):
     # a 1-D tensor or numpy ids are one prompt, as a list is
     p = prompts(6)[0]
     want = llm.generate(p, GREEDY).token_ids
+    assert llm.generate(p, GREEDY).text is None  # no tokenizer: no text (not an empty string that looks like one)
     assert llm.generate(torch.tensor(p), GREEDY).token_ids == want
     assert llm.generate(list(torch.tensor(p).numpy()), GREEDY).token_ids == want
     for field, value in [("max_tokens", True), ("logprobs", True), ("seed", "a"), ("seed", 2**70),

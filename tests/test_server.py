@@ -285,7 +285,30 @@ def test_dsv4_chat_streams_thinking_apart_from_the_answer(server):
     assert "[answer] " in out.getvalue() and "[thinking]" not in out.getvalue()
     out = io.StringIO()
     chat_loop(server[0], "bad-key", "deepseek-v4-flash", False, 4, inp=io.StringIO("hi\n"), out=out)
-    assert "[error]" in out.getvalue()
+    assert "[error] 401: Authentication Fails" in out.getvalue()  # the server's message, not just "Unauthorized"
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    assert chat_loop(f"http://127.0.0.1:{free}", None, "m", False, 4, inp=io.StringIO("hi\n"), out=out) == 2
+
+
+def test_cli_errors_for_serve_and_chat_inputs(tmp_path, server, capsys):
+    """A model directory without a tokenizer (what save_model writes), an unusable cache directory, a URL
+    that is not http(s): each a `dsv4: error` line with status 2, never a traceback."""
+    from dsv4.cli import main
+
+    weights = tmp_path / "weights"
+    dsv4.save_model(dsv4.load_model(server[3], dtype=torch.float32), weights)
+    for argv in (["serve", "--model", str(weights)], ["chat", "--model", str(weights)]):
+        assert main(argv) == 2 and "no tokenizer.json" in capsys.readouterr().err
+    (weights / "tokenizer.json").write_text('{"garbage": 1}')
+    assert main(["serve", "--model", str(weights)]) == 2 and "not a tokenizer file" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["serve", "--model", str(server[3]), "--cache-dir", str(blocker / "x")]) == 2
+    assert "prefix cache directory" in capsys.readouterr().err
+    assert main(["chat", "--url", "ftp://127.0.0.1:1"]) == 2 and "--url" in capsys.readouterr().err
+    assert main(["serve", "--max-concurrency", "0"]) == 2 and "--max-concurrency" in capsys.readouterr().err
 
 
 def test_chat_and_reasoner_aliases_set_the_thinking_mode(client):

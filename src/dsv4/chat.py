@@ -33,6 +33,15 @@ def stream_chat(url: str, key: str | None, body: dict):
                     yield "content", delta["content"]
 
 
+def _message(e: urllib.error.HTTPError) -> str:
+    """An HTTP error's message: the API's JSON error body if there is one, else the status line."""
+    try:
+        body = json.loads(e.read())
+        return f"{e.code}: {body['error']['message']}"
+    except Exception:  # not the API's error shape
+        return f"{e.code}: {e.reason}"
+
+
 def chat_loop(url: str, key: str | None, model: str, thinking: bool, max_tokens: int, inp=None, out=None) -> int:
     inp, out = inp or sys.stdin, out or sys.stdout
     tty = out.isatty()
@@ -43,6 +52,7 @@ def chat_loop(url: str, key: str | None, model: str, thinking: bool, max_tokens:
         out.flush()
         line = inp.readline()
         if not line or line.strip() in ("", "/exit"):
+            out.write("\n" if not line else "")  # end of input: leave the prompt's line finished
             return 0
         messages.append({"role": "user", "content": line.rstrip("\n")})
         body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens,
@@ -59,8 +69,20 @@ def chat_loop(url: str, key: str | None, model: str, thinking: bool, max_tokens:
                     reasoning += text
                 else:
                     answer += text
-        except (urllib.error.URLError, RuntimeError, OSError) as e:
-            out.write(f"\n[error] {getattr(e, 'reason', e)}\n")
+        except urllib.error.HTTPError as e:  # the server's own message says what was wrong
+            out.write(f"\n[error] {_message(e)}\n")
+            messages.pop()
+            continue
+        except urllib.error.URLError as e:
+            if kind_now is None and not messages[:-1] and isinstance(e.reason, ConnectionRefusedError):
+                sys.stderr.write(f"dsv4: error: no server at {url} (start one with `dsv4 serve`, or pass "
+                                 "--model PATH)\n")
+                return 2
+            out.write(f"\n[error] {e.reason}\n")
+            messages.pop()
+            continue
+        except (RuntimeError, OSError, ValueError) as e:  # ValueError: e.g. http.client.InvalidURL
+            out.write(f"\n[error] {e}\n")
             messages.pop()
             continue
         out.write("\n")

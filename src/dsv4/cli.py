@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def engine_config(args):
     """`dsv4 serve`'s options -> the engine's configuration."""
     from .engine import EngineConfig
 
-    for name in ("kv_budget_gib", "cache_gib"):
+    for name in ("kv_budget_gib", "cache_gib", "max_concurrency"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.speculative_tokens < 0:
@@ -82,7 +83,6 @@ def serve(args) -> int:
     from .checkpoint import load_model
     from .engine import AsyncLLM, LLMEngine
     from .server import ServerConfig, create_app
-    from .tokenizer import load_tokenizer
 
     path = args.model
     if path is None and (BUNDLED / "config.json").exists():
@@ -104,8 +104,8 @@ def serve(args) -> int:
             raise ConfigError(f"--api-key-file: {e}") from None
         if not keys:
             raise ConfigError(f"{args.api_key_file}: no API keys in the file")
+    tokenizer = _tokenizer(path)  # before the (slow) weights: a missing one is the likelier mistake
     model = load_model(path, dtype=getattr(torch, args.dtype))
-    tokenizer = load_tokenizer(path)
     config = ServerConfig(args.served_model_name, keys, max_concurrency=args.max_concurrency)
     if args.prices:
         import json
@@ -128,10 +128,25 @@ def serve(args) -> int:
     return 0
 
 
+def _tokenizer(path: Path):
+    """The checkpoint's tokenizer.json, which serving needs beside the weights."""
+    from .tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no tokenizer.json (dsv4.save_model writes the weights and config only: "
+                              "copy in the tokenizer.json the model was trained with)") from None
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise CheckpointError(f"{path / 'tokenizer.json'}: not a tokenizer file ({e})") from None
+
+
 def chat(args) -> int:
     from .chat import chat_loop
 
     url = args.url
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url must be an http:// or https:// address (got {url!r})")
     if args.model:
         import socket
         import threading
@@ -142,10 +157,9 @@ def chat(args) -> int:
         from .checkpoint import load_model
         from .engine import AsyncLLM, LLMEngine
         from .server import create_app
-        from .tokenizer import load_tokenizer
-
         path = Path(args.model)
-        llm = AsyncLLM(LLMEngine(load_model(path), load_tokenizer(path)))
+        tokenizer = _tokenizer(path)
+        llm = AsyncLLM(LLMEngine(load_model(path), tokenizer))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -203,8 +217,11 @@ def main(argv=None) -> int:
     ch.add_argument("--max-tokens", type=int, default=512)
     tr = sub.add_parser("train", help="train from a TOML config (see README)")
     tr.add_argument("config", help="TOML file with [model], [data] and [train] tables")
-    tr.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    tr.add_argument("--stop-after", type=int, default=None, help="stop after this many steps in this process")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the run's last checkpoint (pretraining and SFT; not [rl] runs)")
+    tr.add_argument("--stop-after", type=int, default=None,
+                    help="end this process after this many steps, without saving: a later --resume continues "
+                         "from the last checkpoint and redoes the steps after it (pretraining and SFT)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "train":
@@ -222,6 +239,9 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as e:  # CheckpointError names the file and tensor
         print(f"dsv4: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `dsv4 inspect flash | head`: the reader left; no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -513,4 +513,7 @@ class LLM:
                 self.engine.abort(s.request_id)
             raise
         outs = [s.output() for s in seqs]
+        if self.engine.tokenizer is None:  # no text to give: None rather than an empty string that looks like one
+            for o in outs:
+                o.text = None
         return outs[0] if single else outs

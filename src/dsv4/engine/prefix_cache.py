@@ -86,7 +86,10 @@ class PrefixCache:
         self.model_tag, self.device = model_tag, torch.device(device)
         self.disk = Path(disk_dir) if disk_dir else None
         if self.disk:
-            self.disk.mkdir(parents=True, exist_ok=True)
+            try:
+                self.disk.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"prefix cache directory {self.disk}: {e.strerror}") from None
         self.blocks: OrderedDict[str, dict] = OrderedDict()
         self.bytes = 0
         self.hits = self.queries = 0
