@@ -1,4 +1,5 @@
-"""Two gloo processes on half batches take exactly the steps one process takes on the whole batch."""
+"""Two gloo processes on half batches take exactly the steps one process takes on the whole batch, with the
+loss on every token or masked (SFT) to targets that the ranks hold unequal shares of."""
 import os
 
 import numpy as np
@@ -15,14 +16,17 @@ from helpers import random_model
 CFG = dsv4.Config.tiny(vocab_size=128)
 TOKENS = np.tile(np.arange(2, 60), 300).astype(np.int32)
 TCFG = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup=1)
+# rows of seq_len + 1 tokens alternate between ~90% and ~10% targets: rank 0 (even rows) holds most of them
+_ROWS = np.arange(len(TOKENS)) // (TCFG.seq_len + 1)
+MASK = (np.random.default_rng(0).random(len(TOKENS)) < np.where(_ROWS % 2 == 0, 0.9, 0.1)).astype(np.uint8)
 
 
-def run(parallel=None):
+def run(parallel=None, masked=False):
     torch.manual_seed(0)
     model = random_model(CFG, seed=1)
     if hasattr(parallel, "apply"):
         model = parallel.apply(model)
-    trainer = Trainer(model, TOKENS, TCFG, parallel)
+    trainer = Trainer(model, TOKENS, TCFG, parallel, MASK if masked else None)
     losses = [trainer.step()["loss"] for _ in range(4)]
     sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in trainer.model.state_dict().items()}
     return losses, sd
@@ -36,21 +40,22 @@ def _leave():
     os._exit(0)
 
 
-def worker(rank, world, init_file, out, plan):
+def worker(rank, world, init_file, out, plan, masked):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    losses, sd = run({"ddp": DataParallel, "fsdp": FullyShardedDataParallel}[plan](rank, world))
+    losses, sd = run({"ddp": DataParallel, "fsdp": FullyShardedDataParallel}[plan](rank, world), masked)
     if rank == 0:
         torch.save({"losses": losses, "head": sd["head.weight"], "w1": sd["layers.1.ffn.experts.w1"]}, out)
     _leave()
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all-tokens", "masked"])
 @pytest.mark.parametrize("plan", ["ddp", "fsdp"])
-def test_two_process_data_parallel_equals_one_process(tmp_path, plan):
+def test_two_process_data_parallel_equals_one_process(tmp_path, plan, masked):
     torch.set_num_threads(1)
-    single, sd = run()
+    single, sd = run(masked=masked)
     out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out), plan), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out), plan, masked), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     assert np.allclose(got["losses"], single, rtol=0, atol=1e-5), (got["losses"], single)
     assert torch.allclose(got["head"], sd["head.weight"], atol=1e-5)

@@ -2,6 +2,7 @@
 GRPO advantages, the distillation loss, and `dsv4 train` for [rl] configs."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -209,16 +210,30 @@ mix = {{add = 1}}
     bad.write_text(cfg.read_text().replace('method = "grpo"', 'method = "ppo"'))
     assert main(["train", str(bad)]) == 2
     assert "[rl] method" in capsys.readouterr().err
-    # wrong values name their field before the held-out evaluation starts (not mid-run)
+    # a distillation teacher with another tokenizer (here two ids swapped) would be compared id by id
+    teacher = tmp_path / "teacher"
+    shutil.copytree(path, teacher)
+    tok = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = (t for t, i in vocab.items() if i in (300, 301))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (teacher / "tokenizer.json").write_text(json.dumps(tok))
+    # wrong values, unknown fields and missing directories name themselves before the held-out evaluation starts
     for old, new, named in (("max_tokens = 6", "max_tokens = 0", "max_tokens"),
                             ("group_size = 2", "group_size = 2\ntemperature = -1", "temperature"),
                             ("mix = {add = 1}", "mix = {sum = 1}", "[train] mix"),
                             ("eval_mix = {add = 1, chat = 1}", "eval_mix = {add = 0}", "[rl] eval_mix"),
-                            ("eval_examples = 3", 'eval_examples = "3"', "eval_examples")):
+                            ("eval_examples = 3", 'eval_examples = "3"', "eval_examples"),
+                            ("eval_examples = 3", "eval_examples = 3\nbogus = 1", "[rl]: unknown field bogus"),
+                            ("[model]", "[modle]", "[modle]"),
+                            (f'init = "{path}"', f'init = "{tmp_path / "nope"}"', "[model] init"),
+                            ('method = "grpo"', f'method = "distill"\nteacher = "{teacher}"', "another tokenizer")):
         bad.write_text(cfg.read_text().replace(old, new))
         assert main(["train", str(bad)]) == 2, new
         err = capsys.readouterr().err
         assert named in err and "held-out accuracy before" not in err
+    for flag in (["--resume"], ["--stop-after", "1"]):  # an [rl] run keeps no checkpoint: refused, not ignored
+        assert main(["train", str(cfg), *flag]) == 2 and "--resume and --stop-after" in capsys.readouterr().err
 
 
 def test_partial_credit_reward_hand_computed():
@@ -242,3 +257,14 @@ def test_partial_credit_reward_hand_computed():
     assert reward(code, "def", []) == 0.0
     add = Example("add", {}, answer=57)
     assert reward(add, "= 57.", []) == 1.0 and reward(add, "= 47.", []) == 0.25 and reward(add, "= 56", []) == 0.0
+
+
+def test_group_advantages_are_zero_not_nan_for_single_reply_and_unanimous_groups():
+    assert torch.equal(group_advantages(torch.tensor([[1.0], [0.0]])), torch.zeros(2))
+    assert torch.equal(group_advantages(torch.tensor([[0.5, 0.5, 0.5]])), torch.zeros(3))
+
+
+def test_rl_config_needs_groups_of_at_least_two_replies():
+    with pytest.raises(dsv4.ConfigError, match=r"\[train\] group_size: must be an integer >= 2"):
+        RLConfig(group_size=1)
+    assert RLConfig(group_size=2).group_size == 2

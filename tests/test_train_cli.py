@@ -1,5 +1,6 @@
 """`dsv4 train CONFIG`: a run writes metrics, a plot, checkpoints and a servable model; killed runs resume exactly."""
 import json
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -7,7 +8,9 @@ import pytest
 
 import dsv4
 from dsv4.cli import main
+from dsv4.tokenizer import load_tokenizer
 from dsv4.train import TrainConfig
+from dsv4.train.trainer import Trainer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -41,18 +44,40 @@ def losses(run: Path):
     return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_run_writes_everything_and_resumes_exactly(tmp_path):
+class Killed(Exception):
+    pass
+
+
+def test_train_run_writes_everything_and_resumes_exactly(tmp_path, monkeypatch):
     assert main(["train", str(write_config(tmp_path, "straight"))]) == 0
     straight = tmp_path / "straight"
     assert (straight / "loss.png").stat().st_size > 1000
     assert (straight / "model" / "config.json").exists() and (straight / "model" / "tokenizer.json").exists()
     assert len(losses(straight)) == 6
-    # killed after 3 steps (checkpoint at step 2), then resumed: the same curve, bit for bit
+    # killed after 3 steps (checkpoint at step 2) in the middle of writing a row, resumed, killed again right
+    # after the checkpoint of step 4, resumed: the same rows (validation included), bit for bit, each once
     cfg = write_config(tmp_path, "killed")
     assert main(["train", str(cfg), "--stop-after", "3"]) == 0
     assert len(losses(tmp_path / "killed")) == 3
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"loss": 5.9')
+    save = Trainer.save
+
+    def save_then_die(self, path):
+        save(self, path)
+        if self.step_count == 4:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(Killed):
+        main(["train", str(cfg), "--resume"])
+    monkeypatch.undo()
     assert main(["train", str(cfg), "--resume"]) == 0
-    assert losses(tmp_path / "killed") == losses(straight)
+
+    def rows(run):
+        return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, (run / "metrics.jsonl").open())]
+
+    assert rows(tmp_path / "killed") == rows(straight) and rows(straight)[3][2] is not None
     import dsv4
     model = dsv4.load_model(straight / "model")
     assert model.config.vocab_size == 400
@@ -128,11 +153,16 @@ def test_train_device_is_checked_and_auto_picks_the_cpu_here(tmp_path, capsys):
         assert main(["train", str(cfg)]) == 2 and "no CUDA GPU" in capsys.readouterr().err
 
 
-def test_bad_train_values_are_clear_errors_before_training(tmp_path, capsys):
+def test_bad_train_values_are_clear_errors_before_training(tmp_path, capsys, monkeypatch):
     """A wrong value in [train], [data] or the [model] preset names its field (rc 2) instead of a traceback
     or a run that does nothing; a corpus shorter than one row is refused (the trainer would wrap it around
-    inside every row)."""
+    inside every row). So are an unknown section or field (misspelt, it would be ignored), a missing path and
+    a corpus file that is not UTF-8 text; a failed run leaves no tokenizer behind for the next to reuse."""
     base = write_config(tmp_path, "checks").read_text()
+    files = next(ln for ln in base.splitlines() if ln.startswith("files"))
+    out = next(ln for ln in base.splitlines() if ln.startswith("out"))
+    binary = tmp_path / "binary.py"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     cases = [("steps = 6", "steps = 0", "steps"), ("batch_size = 2", 'batch_size = "two"', "batch_size"),
              ("warmup = 1", "warmup = -1", "warmup"), ("warmup = 1", "warmup = 1\ndecay_frac = 1.5", "decay_frac"),
              ("checkpoint_every = 2", "checkpoint_every = 0", "checkpoint_every"),
@@ -140,13 +170,69 @@ def test_bad_train_values_are_clear_errors_before_training(tmp_path, capsys):
              ("vocab_size = 400", 'vocab_size = "big"', "vocab_size"), ("vocab_size = 400", "vocab_size = 3", "277"),
              ("fim_rate = 0.5", "fim_rate = 2.0", "fim_rate"),
              ("val_fraction = 0.1", "val_fraction = 1", "val_fraction"),
-             ('preset = "tiny"', 'preset = "huge"', "preset")]
+             ('preset = "tiny"', 'preset = "huge"', "preset"),
+             ("[model]", "[modle]", "[modle]"), ("[train]", "[extra]\n[train]", "[extra]"),
+             ("files =", "file =", "unknown field file"), ("warmup = 1", "warmup = 1\nwarm_up = 2", "warm_up"),
+             ('preset = "tiny"', 'preset = "tiny"\nhiden_size = 64', "hiden_size"),
+             ('preset = "tiny"', 'preset = "tiny"\nvocab_size = 500', "[data] vocab_size"),
+             (files, "files = []", "empty list"), (files, "files = 5", "[data] files"),
+             (files, f'files = ["{binary}"]', "binary.py is not UTF-8"),
+             ("fim_rate = 0.5", 'tokenizer = "nope.json"', "nope.json"),
+             ("fim_rate = 0.5", 'replay = "lots"', "replay"), ("fim_rate = 0.5", "replay = -0.5", "replay"),
+             (out, f'out = "{tmp_path / "checks.toml"}"', "[train] out")]
     for old, new, named in cases:
         cfg = tmp_path / "bad.toml"
         cfg.write_text(base.replace(old, new))
         assert main(["train", str(cfg)]) == 2, new
         assert named in capsys.readouterr().err
+    assert not (tmp_path / "checks" / "tokenizer.json").exists()  # "fewer than one row" trained one, saved none
+    cfg.write_bytes(binary.read_bytes())
+    assert main(["train", str(cfg)]) == 2 and "not a TOML file" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: a batch of 3 rows does not split over 2 processes
+    cfg.write_text(base.replace("batch_size = 2", "batch_size = 3"))
+    assert main(["train", str(cfg)]) == 2 and "multiple of the 2 processes" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(dsv4.ConfigError, match="lr_muon"):
         TrainConfig(lr_muon=-1.0)
-    assert main(["train", str(write_config(tmp_path, "fresh")), "--resume", "--stop-after", "1"]) == 0
+
+
+def test_data_files_take_one_glob_and_exclude_relative_to_its_root(tmp_path):
+    from dsv4.train.run import _files
+
+    for name in ("keep.py", "test_a.py", "sub/test_b.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    found = _files(f"{tmp_path}/**/*.py", "test*")  # a lone string is one pattern, not one per character
+    assert found == [str(tmp_path / "keep.py"), str(tmp_path / "sub" / "test_b.py")]
+    assert _files([f"{tmp_path}/**/*.py"], ["test*", "*/test*"]) == [str(tmp_path / "keep.py")]
+
+
+def test_a_fresh_run_trains_its_own_tokenizer_and_resume_survives_damaged_metrics(tmp_path, capsys):
+    """--resume reuses the run's tokenizer only with the vocab_size it was trained with; without --resume a new
+    one is trained. A deleted metrics.jsonl is started again; with no validation rows there is no val_loss
+    (never a bare NaN, which is not JSON)."""
+    cfg = write_config(tmp_path, "fresh")
+    cfg.write_text(cfg.read_text().replace("val_fraction = 0.1", "val_fraction = 0")
+                   .replace("checkpoint_every = 2", "checkpoint_every = 1"))
+    assert main(["train", str(cfg), "--resume", "--stop-after", "1"]) == 0
     assert "no checkpoint" in capsys.readouterr().err
+    metrics = tmp_path / "fresh" / "metrics.jsonl"
+    assert "NaN" not in metrics.read_text() and "val_loss" not in metrics.read_text()
+    metrics.unlink()
+    assert main(["train", str(cfg), "--resume", "--stop-after", "1"]) == 0
+    assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == [2]
+    cfg.write_text(cfg.read_text().replace("vocab_size = 400", "vocab_size = 300"))
+    assert main(["train", str(cfg), "--resume"]) == 2 and "vocab_size" in capsys.readouterr().err
+    # without --resume, a run directory holding a checkpoint is refused, not overwritten at the first save
+    assert main(["train", str(cfg), "--stop-after", "1"]) == 2 and "--resume" in capsys.readouterr().err
+    assert (tmp_path / "fresh" / "checkpoint").exists()
+    shutil.rmtree(tmp_path / "fresh" / "checkpoint")
+    shutil.rmtree(tmp_path / "fresh" / "checkpoint.old", ignore_errors=True)
+    assert main(["train", str(cfg), "--stop-after", "1"]) == 0
+    assert load_tokenizer(tmp_path / "fresh").get_vocab_size() == 300
+    # with a given tokenizer, a file that is not UTF-8 is refused by name too (not read as replacement characters)
+    (tmp_path / "binary.py").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    files = next(ln for ln in cfg.read_text().splitlines() if ln.startswith("files"))
+    cfg.write_text(cfg.read_text().replace(files, f'files = ["{tmp_path / "binary.py"}"]\n'
+                                                  f'tokenizer = "{tmp_path / "fresh" / "tokenizer.json"}"'))
+    assert main(["train", str(cfg)]) == 2 and "binary.py is not UTF-8" in capsys.readouterr().err

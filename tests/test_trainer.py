@@ -127,3 +127,104 @@ def test_compiled_training_matches_eager():
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-4)
         assert g["mtp_loss"] == pytest.approx(w["mtp_loss"], rel=1e-4)
         assert g["expert_load"] == w["expert_load"]
+
+
+def test_a_kill_at_any_point_of_save_leaves_a_checkpoint_and_later_saves_work(tmp_path, monkeypatch):
+    """Each file operation of save() in turn is where the process dies (nothing after it runs, `finally` blocks
+    included), with a stale ckpt.old and temporary from an earlier kill already there."""
+    import shutil
+
+    import dsv4.train.trainer as tr
+
+    t = make()
+    t.step()
+    t.save(tmp_path / "ckpt")
+    t.step()
+    real = {"save_file": tr.save_file, "replace": tr.os.replace, "rmtree": tr.shutil.rmtree}
+
+    class Killed(BaseException):
+        pass
+
+    # rmtree(stale temporary), save_file x2, rmtree(stale old), replace x2, rmtree(old), rmtree(tmp)
+    for kill_at in range(1, 9):
+        run = tmp_path / f"run{kill_at}"
+        shutil.copytree(tmp_path / "ckpt", run / "ckpt")
+        shutil.copytree(tmp_path / "ckpt", run / "ckpt.old")
+        (run / ".ckpt.tmp-stale").mkdir()
+        ops = {"n": 0, "kill_at": kill_at}
+
+        def dying(name, ops=ops):
+            def op(*a, **k):
+                ops["n"] += 1
+                if ops["n"] == ops["kill_at"]:
+                    raise Killed
+                if ops["n"] < ops["kill_at"]:
+                    return real[name](*a, **k)
+            return op
+        with monkeypatch.context() as m:
+            for name, target in (("save_file", tr), ("replace", tr.os), ("rmtree", tr.shutil)):
+                m.setattr(target, name, dying(name))
+            with pytest.raises(Killed):
+                t.save(run / "ckpt")
+        assert ops["n"] >= kill_at  # the kill happened (later calls: a dead process, no-ops)
+        resumed = make()
+        resumed.resume(run / "ckpt")
+        assert resumed.step_count in (1, 2), kill_at
+        resumed.step()
+        resumed.save(run / "ckpt")  # the leftovers of the kill do not stand in the way
+        assert sorted(p.name for p in run.iterdir()) == ["ckpt"], kill_at
+        again = make()
+        again.resume(run / "ckpt")
+        assert again.step_count == resumed.step_count
+
+
+def test_resume_after_a_kill_between_the_renames_uses_the_previous_checkpoint(tmp_path):
+    t = make()
+    t.step()
+    t.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")
+    fresh = make()
+    fresh.resume(tmp_path / "ckpt")
+    assert fresh.step_count == 1
+
+
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: _truncate(c / "model.safetensors"), "model.safetensors"),
+    (lambda c: _truncate(c / "trainer.json"), "trainer.json"),
+    (lambda c: (c / "optimizer.safetensors").unlink(), "optimizer.safetensors"),
+    (lambda c: [f.unlink() for f in c.iterdir()], "trainer.json"),
+], ids=["truncated-model", "truncated-trainer-json", "no-optimizer", "empty"])
+def test_damaged_checkpoint_is_a_clear_error_or_falls_back_to_the_previous_one(tmp_path, capsys, damage, named):
+    import shutil
+
+    from dsv4.checkpoint import CheckpointError
+
+    t = make()
+    t.step()
+    t.save(tmp_path / "ckpt")
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt.old")  # as if killed before removing the old one
+    damage(tmp_path / "ckpt")
+    fresh = make()
+    fresh.resume(tmp_path / "ckpt")
+    assert fresh.step_count == 1
+    err = capsys.readouterr().err
+    assert named in err and "ckpt.old" in err
+    shutil.rmtree(tmp_path / "ckpt.old")
+    with pytest.raises(CheckpointError, match=named):
+        make().resume(tmp_path / "ckpt")
+
+
+def test_resume_with_another_model_config_names_the_differing_fields(tmp_path):
+    from dsv4.checkpoint import CheckpointError
+
+    t = make()
+    t.save(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    other = Trainer(random_model(dsv4.Config.tiny(vocab_size=128, hidden_size=96, rope_theta=5e4), seed=1),
+                    tokens(), TrainConfig(steps=8, batch_size=4, seq_len=32, warmup=2))
+    with pytest.raises(CheckpointError, match=r"trainer.json.*hidden_size 64 .* vs 96 .*rope_theta"):
+        other.resume(tmp_path / "ckpt")

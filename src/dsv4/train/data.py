@@ -7,7 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ConfigError
 from ..tokenizer import FIM_TOKENS
+
+
+def read_text(path) -> str:
+    """A corpus file's text. One that is not UTF-8 (binary, another encoding) is an error naming it, rather than
+    replacement characters trained on (or the tokenizer trainer's error, which names no file)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config [data] files: {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                          "convert it, or leave it out with [data] exclude") from None
 
 
 def fim_transform(text: str, rng: random.Random) -> str:
@@ -26,7 +37,7 @@ def build_corpus(files: list, tokenizer, eos: int, fim_rate: float = 0.0, seed: 
     for i, f in enumerate(files):
         if starts is not None:
             starts.append((i, len(out)))
-        text = Path(f).read_text(errors="replace")
+        text = read_text(f)
         docs, cur = [], []
         size = 0
         for line in text.splitlines(keepends=True):

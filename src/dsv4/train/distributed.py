@@ -26,7 +26,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
 
 
 class DataParallel:
-    """The Trainer's parallel plan: shard batches by rank, all-reduce-average gradients and losses."""
+    """The Trainer's parallel plan: shard batches by rank, all-reduce-average gradients and losses, sum counts."""
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
@@ -55,11 +55,12 @@ class DataParallel:
         dist.all_reduce(t)
         return (t / self.world).item()
 
-    def sync_loads(self, loads: torch.Tensor) -> torch.Tensor:
-        """Expert loads summed over ranks, so the balancing bias update is the same everywhere."""
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over ranks (in place): expert loads, so the balancing bias update is the same everywhere;
+        target-token counts, so a masked loss is normalised by the global batch's count."""
         if self.world > 1:
-            dist.all_reduce(loads)
-        return loads
+            dist.all_reduce(t)
+        return t
 
 
 class FullyShardedDataParallel(DataParallel):

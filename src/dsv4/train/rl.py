@@ -31,7 +31,7 @@ from .tasks import check_mix, generate, reward, score
 class RLConfig:
     steps: int = 60
     prompts_per_step: int = 4
-    group_size: int = 8  # GRPO: replies per prompt (distillation: 1 per prompt, more prompts instead)
+    group_size: int = 8  # GRPO: replies per prompt, >= 2 to compare (distillation: 1 per prompt, more prompts instead)
     max_tokens: int = 96
     temperature: float = 1.0
     lr_muon: float = 0.002
@@ -45,7 +45,7 @@ class RLConfig:
         """Every field checked here, so a bad value names itself rather than failing mid-run."""
         v = vars(self)
         check_fields("[train]", [(n, v[n], is_int(v[n], least), f"an integer >= {least}")
-                                 for n, least in (("steps", 1), ("prompts_per_step", 1), ("group_size", 1),
+                                 for n, least in (("steps", 1), ("prompts_per_step", 1), ("group_size", 2),
                                                   ("max_tokens", 1), ("seed", 0))]
                      + [(n, v[n], is_number(v[n]), "a number >= 0")
                         for n in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip")]
@@ -112,8 +112,14 @@ def reply_logits(model, pairs: list) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages: rewards [P, G] (G replies per prompt) -> (r - mean) / (std + eps) per group, [P*G]."""
-    return ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)).reshape(-1)
+    """GRPO advantages: rewards [P, G] (G replies per prompt) -> (r - mean) / (std + eps) per group, [P*G].
+
+    A group with equal rewards (one reply included, whose std is undefined) gets zero advantage: nothing to
+    compare, where a NaN would destroy the weights."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    if rewards.shape[1] < 2:
+        return torch.zeros_like(centred).reshape(-1)
+    return (centred / (rewards.std(1, keepdim=True) + eps)).reshape(-1)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,20 @@
 """`dsv4 train CONFIG`: tokenizer, corpus, model, training loop, checkpoints, metrics and plots from one TOML.
 
 [model]  preset = "tiny" | "flash" | "pro", plus any Config field (vocab_size comes from the tokenizer)
-[data]   files = [globs] ("stdlib:" = this interpreter's standard library; default "stdlib:*.py"),
+[data]   files = a glob or [globs] ("stdlib:" = this interpreter's standard library; default "stdlib:*.py"),
          exclude = [fnmatch patterns], tokenizer = path or omitted to train one,
          vocab_size, fim_rate, val_fraction
 [train]  any TrainConfig field, plus out (run directory), checkpoint_every, tensorboard (true: out/tensorboard),
          qat ("fp4" | "fp4+fp8": fake-quantised training, exported also to out/official)
 Writes out/metrics.jsonl, out/loss.png, out/checkpoint/ (resumable) and out/model/ (HF format + tokenizer).
+An unknown section or field is an error naming it: misspelt, it would otherwise be ignored and its default used.
 """
 from __future__ import annotations
 
 import fnmatch
 import glob
 import json
+import math
 import os
 import sys
 import sysconfig
@@ -26,24 +28,39 @@ import torch
 from ..checkpoint import build_model, init_random, load_model, save_model, save_official
 from ..config import Config, ConfigError, check_fields, is_int, is_number
 from ..tokenizer import load_tokenizer, train_tokenizer
-from .data import build_corpus
+from .data import build_corpus, read_text
 from .sft import BOS, EOS
 from .hashing import install_tid2eid
 from .qat import enable_fp4_qat
 from .trainer import TrainConfig, Trainer, autocast
 
 
+def _globs(value, name: str) -> list:
+    """[data] files / exclude as a list: a lone string is one pattern (not a list of its characters)."""
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, (list, tuple)) and all(isinstance(p, str) and p for p in value)):
+        raise ConfigError(f"config [data] {name}: must be a glob or a list of globs (got {value!r})")
+    return list(value)
+
+
 def _files(patterns, exclude=()) -> list:
     """Expand globs; a leading "stdlib:" means relative to this interpreter's standard library.
-    exclude: fnmatch patterns on the path relative to the glob's root."""
+    exclude: fnmatch patterns on the path relative to the glob's root (its directories before the first wildcard)."""
+    patterns = ["stdlib:*.py"] if patterns is None else _globs(patterns, "files")
+    if not patterns:
+        raise ConfigError("config [data] files: an empty list; give globs, or leave files out for the default "
+                          "(the standard library's top-level modules)")
+    exclude = _globs(exclude, "exclude")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    patterns = patterns or ["stdlib:*.py"]
     found = set()
     for p in patterns:
-        root = stdlib if p.startswith("stdlib:") else Path()
-        rel = p.removeprefix("stdlib:")
-        for f in glob.glob(str(root / rel), recursive=True):
-            name = str(Path(f).relative_to(root)) if root != Path() else f
+        base = stdlib if p.startswith("stdlib:") else Path()
+        parts = Path(p.removeprefix("stdlib:")).parts
+        fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+        root = base.joinpath(*parts[:fixed])
+        for f in glob.glob(str(base.joinpath(*parts)), recursive=True):
+            name = str(Path(f).relative_to(root))
             if Path(f).is_file() and not any(fnmatch.fnmatch(name, x) for x in exclude):
                 found.add(f)
     if not found:
@@ -75,6 +92,56 @@ def train_end(n_tokens: int, width: int, val_fraction: float) -> int:
     return n_tokens - int(n_tokens // width * val_fraction) * width
 
 
+DATA_FIELDS = ("files", "exclude", "tokenizer", "tokenizer_files", "vocab_size", "fim_rate", "val_fraction", "kind",
+               "examples", "mix", "replay", "replay_from")
+RL_FIELDS = ("method", "teacher", "eval_examples", "eval_every", "eval_mix")
+
+
+def _tables(spec: dict, known: dict) -> list:
+    """spec's tables in the order of known (section -> its fields), {} for an absent one. An unknown section or
+    field is an error naming it: misspelt, it would otherwise be ignored and its default silently used."""
+    for name in spec:
+        if name not in known:
+            raise ConfigError(f"config [{name}]: unknown section; expected {', '.join(f'[{k}]' for k in known)}")
+    tables = []
+    for section, names in known.items():
+        table = spec.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"config [{section}]: must be a table (got {table!r})")
+        unknown = sorted(set(table) - set(names))
+        if unknown:
+            raise ConfigError(f"config [{section}]: unknown field {', '.join(unknown)}; expected one of "
+                              f"{', '.join(sorted(names))}")
+        tables.append(dict(table))
+    return tables
+
+
+def _run_dir(run: Path) -> Path:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. out names an existing file
+        raise ConfigError(f"config [train] out: cannot make the run directory {run} ({e.strerror})") from None
+    return run
+
+
+def _model_dir(path, where: str) -> Path:
+    """A model directory named in the config, checked before any work: the loaders' errors name no field."""
+    p = Path(path) if isinstance(path, str) else None
+    if p is None or not (p / "tokenizer.json").is_file():
+        raise ConfigError(f"config {where}: {path} is not a model directory with a tokenizer.json "
+                          "(such as a run's out/model)")
+    return p
+
+
+def _load_tokenizer(path, where: str):
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config {where}: {e}") from None
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ConfigError(f"config {where}: {path} is not a tokenizer.json ({e})") from None
+
+
 def _check_data(data: dict) -> None:
     """[data]'s numbers, each named when wrong (before a tokenizer or corpus is built)."""
     from ..tokenizer import special_tokens
@@ -84,19 +151,31 @@ def _check_data(data: dict) -> None:
              "tokenizer_files": (lambda v: is_int(v, 1), "an integer >= 1"),
              "examples": (lambda v: is_int(v, 1), "an integer >= 1"),
              "fim_rate": (lambda v: is_number(v, 0, 1), "a number in [0, 1]"),
-             "val_fraction": (lambda v: is_number(v, 0, 1, high_open=True), "a number in [0, 1)")}
+             "val_fraction": (lambda v: is_number(v, 0, 1, high_open=True), "a number in [0, 1)"),
+             "replay": (is_number, "a number >= 0 (a fraction of the chat rows)"),
+             "tokenizer": (lambda v: isinstance(v, str), "a path to a tokenizer.json"),
+             "replay_from": (lambda v: isinstance(v, str), "a path to a pretraining config")}
     check_fields("[data]", [(n, data[n], ok(data[n]), what) for n, (ok, what) in rules.items() if n in data])
 
 
 def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=None) -> int:
     out = out or sys.stderr
     try:
-        spec = tomllib.loads(Path(path).read_text())
+        spec = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text)") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     if "rl" in spec:
+        if resume or stop_after is not None:
+            raise ConfigError("--resume and --stop-after are for pretraining and SFT runs: an [rl] run keeps no "
+                              "checkpoint (it writes out/model when it ends)")
         return run_rl(spec, out)
-    data, mspec, tspec = spec.get("data", {}), dict(spec.get("model", {})), dict(spec.get("train", {}))
+    mspec, data, tspec = _tables(spec, {
+        "model": ("preset", "init", *(f.name for f in fields(Config))), "data": DATA_FIELDS,
+        "train": ("out", "checkpoint_every", "tensorboard", "qat", *(f.name for f in fields(TrainConfig)))})
+    if "vocab_size" in mspec:
+        raise ConfigError("config [model] vocab_size: set by the tokenizer; give [data] vocab_size instead")
     _check_data(data)
     if data.get("mix") is not None:
         from .tasks import check_mix
@@ -112,20 +191,18 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     qat = tspec.pop("qat", None)  # "fp4" (routed experts) or "fp4+fp8" (and the official FP8 linears)
     if qat not in (None, "fp4", "fp4+fp8"):
         raise ConfigError(f"config [train] qat: expected 'fp4' or 'fp4+fp8' (got {qat!r})")
-    known = {f.name for f in fields(TrainConfig)}
-    bad = set(tspec) - known
-    if bad:
-        raise ConfigError(f"config [train]: unknown fields {sorted(bad)}")
     tcfg = TrainConfig(**tspec)
-    run.mkdir(parents=True, exist_ok=True)
-
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes, each taking an equal share of a batch
+    if tcfg.batch_size % world:
+        raise ConfigError(f"config [train] batch_size: must be a multiple of the {world} processes torchrun "
+                          f"launched (got {tcfg.batch_size})")
     init_from = mspec.pop("init", None)
     if init_from:  # post-training: weights, config and tokenizer of an existing model
         if set(mspec) - {"preset"}:
             raise ConfigError(f"config [model]: with init, no other fields ({sorted(set(mspec) - {'preset'})})")
-        tok = load_tokenizer(data.get("tokenizer") or init_from)
-    else:
-        tok = _tokenizer(data, run)
+        _model_dir(init_from, "[model] init")
+    _run_dir(run)
+    tok, trained = _tokenizer(data, run, resume, init_from)
     mask = None
     if data.get("kind", "text") == "chat":
         tokens, mask = _chat_data(data, tok, tcfg, out)
@@ -147,6 +224,14 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
 
     rank, world = init()  # under torchrun: data parallel over the launched processes
     lead = rank == 0
+    ckpt = run / "checkpoint"
+    if not resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+        # a fresh run would overwrite it at its first save (and its tokenizer no longer fits it): never silently
+        raise ConfigError(f"config [train] out: {run} already holds a training checkpoint; pass --resume to "
+                          f"continue that run, or choose another out (or delete {ckpt})")
+    if lead and trained:  # saved only now, with the corpus checked: a failed run leaves no tokenizer to reuse
+        tok.save(str(run / "tokenizer.json"))
+        (run / "tokenizer-settings.json").write_text(json.dumps({"vocab_size": data.get("vocab_size", 4096)}))
     torch.manual_seed(tcfg.seed)
     if init_from:
         model = load_model(init_from, dtype=torch.float32)
@@ -162,7 +247,6 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         enable_fp4_qat(model, fp8=qat == "fp4+fp8")
     model.to(train_device(tcfg.device))
     trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None, train_mask)
-    ckpt = run / "checkpoint"
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         trainer.resume(ckpt)
         out.write(f"dsv4 train: resumed at step {trainer.step_count}\n")
@@ -170,13 +254,8 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         out.write(f"dsv4 train: no checkpoint in {run} yet: starting at step 0\n")
     metrics = run / "metrics.jsonl"
     board = _board(run / "tensorboard") if tensorboard and lead else None
-    if not lead:
-        pass
-    elif trainer.step_count == 0:
-        metrics.write_text("")
-    else:  # drop lines from steps after the checkpoint (they will be redone identically)
-        lines = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= trainer.step_count]
-        metrics.write_text("".join(ln + "\n" for ln in lines))
+    if lead:  # drop rows from steps after the checkpoint (they will be redone identically)
+        _write_rows(metrics, [r for r in _read_rows(metrics) if 0 < r["step"] <= trainer.step_count])
     done_here = 0
     try:
         from tqdm import tqdm
@@ -186,13 +265,14 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     while trainer.step_count < tcfg.steps and (stop_after is None or done_here < stop_after):
         stats = trainer.step()
         done_here += 1
-        if trainer.step_count % every == 0 or trainer.step_count == tcfg.steps:
+        save = trainer.step_count % every == 0 or trainer.step_count == tcfg.steps
+        if save and len(val_tokens) > tcfg.seq_len:  # none with val_fraction = 0 (or too few tokens for a row)
             stats["val_loss"] = validate(model, val_tokens, tcfg, val_mask)
-            if lead:  # every rank holds the same weights
-                trainer.save(ckpt)
-        if lead:
+        if lead:  # the row before the checkpoint: a resume keeps the rows up to its step and never redoes them
             with metrics.open("a") as f:
-                f.write(json.dumps(stats) + "\n")
+                f.write(_row(stats) + "\n")
+            if save:  # every rank holds the same weights
+                trainer.save(ckpt)
             if board is not None:
                 for k, v in stats.items():
                     if k != "step" and isinstance(v, (int, float)):
@@ -224,35 +304,44 @@ def run_rl(spec: dict, out) -> int:
     from .sft import ChatRenderer
     from .tasks import check_mix
 
-    rl, tspec = dict(spec["rl"]), dict(spec.get("train", {}))
-    init_from = spec.get("model", {}).get("init")
+    mspec, rl, tspec = _tables(spec, {"model": ("init",), "rl": RL_FIELDS,
+                                      "train": ("out", *(f.name for f in fields(RLConfig)))})
+    init_from = mspec.get("init")
     if not init_from:
         raise ConfigError("config [model] init: post-training needs a model directory to start from")
+    _model_dir(init_from, "[model] init")
     run = Path(tspec.pop("out", "runs/dsv4-rl"))
-    known = {f.name for f in fields(RLConfig)}
-    if set(tspec) - known:
-        raise ConfigError(f"config [train]: unknown fields {sorted(set(tspec) - known)}")
     cfg = RLConfig(**tspec)
     method = rl.get("method")
     if method not in ("grpo", "distill"):
         raise ConfigError(f"config [rl] method: expected 'grpo' or 'distill' (got {method!r})")
-    torch.manual_seed(cfg.seed)
-    renderer = ChatRenderer(init_from)
-    model = load_model(init_from, dtype=torch.float32)
-    if method == "grpo":
-        algo = GRPO(model, renderer, cfg)
-    else:
-        if not rl.get("teacher"):
-            raise ConfigError("config [rl] teacher: distillation needs a teacher model directory")
-        algo = Distill(model, load_model(rl["teacher"], dtype=torch.float32), renderer, cfg)
     for name, default, least in (("eval_examples", 100, 1), ("eval_every", 0, 0)):
         if not is_int(rl.get(name, default), least):
             raise ConfigError(f"config [rl] {name}: must be an integer >= {least} (got {rl[name]!r})")
     if rl.get("eval_mix") is not None:
         check_mix(rl["eval_mix"], "[rl] eval_mix")
+    renderer = ChatRenderer(init_from)
+    if method == "distill":
+        if not rl.get("teacher"):
+            raise ConfigError("config [rl] teacher: distillation needs a teacher model directory")
+        teacher_tok = _load_tokenizer(_model_dir(rl["teacher"], "[rl] teacher"), "[rl] teacher")
+        if teacher_tok.get_vocab(with_added_tokens=True) != renderer.tokenizer.get_vocab(with_added_tokens=True):
+            raise ConfigError(f"config [rl] teacher: {rl['teacher']} has another tokenizer than the student "
+                              f"({init_from}); distillation compares their distributions token id by token id, "
+                              "so it needs a teacher with the student's tokenizer.json")
+    _run_dir(run)
+    torch.manual_seed(cfg.seed)
+    model = load_model(init_from, dtype=torch.float32)
+    if method == "grpo":
+        algo = GRPO(model, renderer, cfg)
+    else:
+        teacher = load_model(rl["teacher"], dtype=torch.float32)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"config [rl] teacher: {rl['teacher']} has vocab_size {teacher.config.vocab_size}, "
+                              f"the student {model.config.vocab_size}; distillation needs the same vocabulary")
+        algo = Distill(model, teacher, renderer, cfg)
     tests = heldout(rl.get("eval_examples", 100), rl.get("eval_mix") or cfg.mix)
     every = rl.get("eval_every", 0) or cfg.steps
-    run.mkdir(parents=True, exist_ok=True)
     metrics = run / "metrics.jsonl"
     before = evaluate(model, renderer, tests, cfg.max_tokens)
     rows = [{"step": 0, "heldout": before}]
@@ -264,7 +353,7 @@ def run_rl(spec: dict, out) -> int:
             stats["heldout"] = evaluate(model, renderer, tests, cfg.max_tokens)
             out.write(f"step {algo.step_count}: held-out {stats['heldout']}\n")
         rows.append(stats)
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_rows(metrics, rows)
     save_model(model.eval(), run / "model")
     renderer.tokenizer.save(str(run / "model" / "tokenizer.json"))
     after = rows[-1]["heldout"]
@@ -273,16 +362,26 @@ def run_rl(spec: dict, out) -> int:
     return 0
 
 
-def _tokenizer(data: dict, run: Path):
-    """The configured tokenizer, the run's own, or a new BPE trained on the [data] files."""
+def _tokenizer(data: dict, run: Path, resume: bool, init_from) -> tuple:
+    """-> (tokenizer, trained here). The configured one, else the init model's, else with --resume the run's own
+    (trained with the config's vocab_size), else a new BPE on the [data] files: a fresh run never reuses an
+    earlier run's tokenizer."""
     if data.get("tokenizer"):
-        return load_tokenizer(data["tokenizer"])
-    if (run / "tokenizer.json").exists():
-        return load_tokenizer(run / "tokenizer.json")
-    files = _files(data.get("files"), data.get("exclude", ()))
-    tok = train_tokenizer(files[: data.get("tokenizer_files", 200)], data.get("vocab_size", 4096))
-    tok.save(str(run / "tokenizer.json"))
-    return tok
+        return _load_tokenizer(data["tokenizer"], "[data] tokenizer"), False
+    if init_from:
+        return _load_tokenizer(init_from, "[model] init"), False
+    vocab_size = data.get("vocab_size", 4096)
+    if resume and (run / "tokenizer.json").exists():
+        settings = run / "tokenizer-settings.json"  # a BPE can end below vocab_size, so its size does not tell
+        was = json.loads(settings.read_text())["vocab_size"] if settings.exists() else vocab_size
+        if was != vocab_size:
+            raise ConfigError(f"config [data] vocab_size: {vocab_size}, but this run's tokenizer was trained with "
+                              f"{was}; --resume continues a run with its own settings (or start afresh without it)")
+        return _load_tokenizer(run / "tokenizer.json", "[train] out"), False
+    files = _files(data.get("files"), data.get("exclude", ()))[: data.get("tokenizer_files", 200)]
+    for f in files:  # the tokenizer trainer's error for a file that is not UTF-8 names no file
+        read_text(f)
+    return train_tokenizer(files, vocab_size), True
 
 
 def _chat_data(data: dict, tok, tcfg: TrainConfig, out) -> tuple[np.ndarray, np.ndarray]:
@@ -362,18 +461,57 @@ def validate(model, tokens: np.ndarray, cfg: TrainConfig, mask: np.ndarray | Non
     return total / max(count, 1.0)
 
 
+def _finite(v):
+    """v with each NaN or infinity as None: JSON has neither (json.dumps would write an invalid bare NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _row(stats: dict) -> str:
+    """One metrics.jsonl line; a NaN (a diverged loss) is written as null."""
+    return json.dumps(_finite(stats), allow_nan=False)
+
+
+def _read_rows(metrics: Path) -> list:
+    """metrics.jsonl's rows. A missing file has none; a partial last line (killed mid-append) is dropped."""
+    try:
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return []
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{metrics}: row {i + 1} is not JSON; delete it (or the file) and resume") from None
+    return rows
+
+
+def _write_rows(metrics: Path, rows: list) -> None:
+    """Replace metrics.jsonl atomically (a temporary file renamed over it): a kill leaves the old rows or the new."""
+    tmp = metrics.with_name(metrics.name + ".tmp")
+    tmp.write_text("".join(_row(r) + "\n" for r in rows))
+    os.replace(tmp, metrics)
+
+
 def plot(metrics: Path, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    rows = _read_rows(metrics)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in rows], np.array([r["loss"] for r in rows], dtype=float), label="train")  # null: NaN
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import CheckpointError
 from ..config import check_fields, is_int, is_number
 from ..model.moe import MoE
 from ..model.transformer import Transformer
@@ -73,7 +76,7 @@ class TrainConfig:
 class Trainer:
     def __init__(self, model: Transformer, tokens: np.ndarray, cfg: TrainConfig, parallel=None,
                  mask: np.ndarray | None = None):
-        """parallel: a plan such as distributed.DataParallel (shard, sync_gradients, mean, sync_loads).
+        """parallel: a plan such as distributed.DataParallel (shard, sync_gradients, mean, sum, rank, world).
         mask: optional 0/1 array like tokens; only targets with mask 1 count (SFT: assistant turns)."""
         self.model, self.cfg = model.train(), cfg
         self.device = next(model.parameters()).device
@@ -101,26 +104,42 @@ class Trainer:
         return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
-    def _ce(logits: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        """Mean cross-entropy over the targets with weight 1 (all targets when w is None)."""
+    def _ce(logits: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor | None, n: torch.Tensor | None) -> torch.Tensor:
+        """logits [B, S, V], tgt [B, S] -> cross-entropy: the mean over all targets when w is None, else the sum
+        over the targets with weight w [B, S] divided by n (a scalar, see _divisors)."""
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
         if w is None:
             return ce.mean()
-        w = w.reshape(-1)
-        return (ce * w).sum() / w.sum().clamp(min=1.0)
+        return (ce * w.reshape(-1)).sum() / n
 
-    def _losses(self, ids: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ids [B, S+1], w [B, S] target weights or None -> (next-token loss, MTP loss or None)."""
+    def _divisors(self, w: torch.Tensor) -> torch.Tensor:
+        """w [B, S] target weights -> [2]: what this rank divides its masked next-token and MTP loss sums by.
+
+        The target count of the whole global batch (all ranks) over the number of ranks: gradients are then
+        averaged over ranks, so every target weighs 1 / (global count) as in one process on the global batch.
+        A rank's own count would overweight the targets of ranks that hold few of them."""
+        counts = torch.stack([w.sum(), w[:, 1:].sum()])
+        world = 1
+        if self.parallel is not None:
+            counts, world = self.parallel.sum(counts), self.parallel.world
+        return counts.clamp(min=1.0) / world
+
+    def _losses(self, ids: torch.Tensor, w: torch.Tensor | None,
+                n: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids [B, S+1], w [B, S] target weights or None, n [2] their divisors (None with w) -> (next-token loss,
+        MTP loss or None)."""
         inp, tgt = ids[:, :-1], ids[:, 1:]
         # one call of the model itself (so wrappers such as FSDP see a forward); MTP: stream t with token
         # t+1 predicts token t+2
+        n_main, n_mtp = (None, None) if n is None else n
         if not len(self.model.mtp):
-            return self._ce(self.model(inp), tgt, w), None
+            return self._ce(self.model(inp), tgt, w, n_main), None
         logits, mtp = self.model(inp, tgt[:, :-1])
-        return self._ce(logits, tgt, w), self._ce(mtp, tgt[:, 1:], None if w is None else w[:, 1:])
+        return self._ce(logits, tgt, w, n_main), self._ce(mtp, tgt[:, 1:], None if w is None else w[:, 1:], n_mtp)
 
     def loss(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         w = None if mask is None else mask[:, 1:]
+        n = None if w is None else self._divisors(w)  # collective under a parallel plan: every rank calls it
         scope = contextlib.nullcontext()
         if self.cfg.compile:  # the compiled graph skips the model's own input check; MoE counts stay symbolic
             from torch._dynamo import config as dynamo
@@ -128,7 +147,7 @@ class Trainer:
             self.model._check_ids(ids)
             scope = dynamo.patch(capture_scalar_outputs=True)
         with scope, autocast(self.device, self.cfg.bf16):
-            main, mtp_loss = self._compute(ids, w)
+            main, mtp_loss = self._compute(ids, w, n)
         stats = {"loss": main.item()}
         total = main
         if self.cfg.seq_balance_coef:
@@ -181,7 +200,7 @@ class Trainer:
             if isinstance(m, MoE) and not m.gate.hash and m.last_load is not None:
                 load = m.last_load.float()
                 if self.parallel is not None:
-                    load = self.parallel.sync_loads(load)
+                    load = self.parallel.sum(load)
                 m.gate.bias.add_(self.cfg.bias_update_speed * torch.sign(load.mean() - load))
                 loads[name] = [int(x) for x in load.tolist()]
         return loads
@@ -189,6 +208,10 @@ class Trainer:
     # ---- checkpoints ----
     def save(self, path) -> None:
         """Write atomically: a temporary directory renamed over `path`; a crash leaves the previous one.
+
+        The previous checkpoint is renamed to `path`.old, the new one into place, then the old one removed.
+        A kill at any point leaves `path` or `path`.old complete (resume falls back to the latter), plus perhaps
+        leftovers that the next save removes: temporaries, and a `path`.old made stale by the newer `path`.
 
         Under FSDP2 every rank calls it (sharded weights and optimiser state are gathered to full tensors)
         and rank 0 writes: the checkpoint is the same as a single process's and resumes under any plan."""
@@ -207,6 +230,8 @@ class Trainer:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a save killed before its renames (one writer)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
             save_file(model_sd, str(tmp / "model.safetensors"))
@@ -216,11 +241,14 @@ class Trainer:
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             np_state = np.random.get_state()
             meta = {"step": self.step_count, "position": self.position, "config": asdict(self.cfg),
-                    "optimizer": opt_meta, "rng_python": random.getstate(),
+                    "model": asdict(self.model.config), "optimizer": opt_meta, "rng_python": random.getstate(),
                     "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
             (tmp / "trainer.json").write_text(json.dumps(meta))
             old = path.with_name(path.name + ".old")
             if path.exists():
+                # `path` only ever appears complete (renamed from a finished temporary), so an `old` beside it is
+                # stale: a save killed after its second rename. Without `path`, `old` is the last checkpoint: kept.
+                shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -228,14 +256,28 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def resume(self, path) -> None:
+        """Continue from a checkpoint written by save(). If `path` is missing or damaged and `path`.old is intact
+        (a kill between save()'s renames, a truncated file), that one is loaded instead, with a note on stderr.
+
+        Raises CheckpointError naming the file and the problem (nothing is loaded then), also when the checkpoint
+        was written for another model config."""
         path = Path(path)
-        if not (path / "trainer.json").exists() and path.with_name(path.name + ".old").exists():
-            path = path.with_name(path.name + ".old")  # a crash between the two renames of save()
+        old = path.with_name(path.name + ".old")
+        try:
+            src, (model_sd, tensors, meta) = path, _read_checkpoint(path)
+        except CheckpointError as e:
+            if not old.is_dir():
+                raise CheckpointError(f"{e}; restore {path}, or delete it to start the run afresh") from None
+            try:
+                src, (model_sd, tensors, meta) = old, _read_checkpoint(old)
+            except CheckpointError as e_old:
+                raise CheckpointError(f"{e}; the previous checkpoint is damaged too: {e_old}") from None
+            # no `path` at all is a kill between save()'s renames: nothing to report
+            if path.exists() and (self.parallel is None or self.parallel.rank == 0):
+                print(f"dsv4 train: {e}; resuming from the previous checkpoint {old}", file=sys.stderr)
+        self._check_matches(src, model_sd, meta)
         current = self.model.state_dict()
-        self.model.load_state_dict({k: _like(v, current[k]) if k in current else v
-                                    for k, v in load_file(str(path / "model.safetensors")).items()})
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        meta = json.loads((path / "trainer.json").read_text())
+        self.model.load_state_dict({k: _like(v, current[k]) for k, v in model_sd.items()})
         for i, opt in enumerate(self.opts):
             state: dict = {}
             groups = None
@@ -260,6 +302,56 @@ class Trainer:
         ns = meta["rng_numpy"]
         np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
         self.step_count, self.position = meta["step"], meta["position"]
+
+    def _check_matches(self, src: Path, model_sd: dict, meta: dict) -> None:
+        """CheckpointError unless the checkpoint in src was written for this model: config, tensors, optimiser."""
+        if "model" in meta:  # checkpoints from before it was stored: the tensor checks below still catch most
+            now = json.loads(json.dumps(asdict(self.model.config)))  # lists and floats as JSON gives them back
+            diff = [f"{k} {meta['model'].get(k)!r} (checkpoint) vs {now.get(k)!r} (now)"
+                    for k in sorted(set(now) | set(meta["model"])) if meta["model"].get(k) != now.get(k)]
+            if diff:
+                raise CheckpointError(f"{src / 'trainer.json'}: written for another model config: {'; '.join(diff)}. "
+                                      f"Resume with the model config it was trained with, or start a new run "
+                                      f"in another directory")
+        current = self.model.state_dict()
+        missing, extra = sorted(set(current) - set(model_sd)), sorted(set(model_sd) - set(current))
+        wrong = [f"'{k}' {tuple(v.shape)} vs {tuple(current[k].shape)}" for k, v in model_sd.items()
+                 if k in current and v.shape != current[k].shape]
+        if missing or extra or wrong:
+            raise CheckpointError(f"{src / 'model.safetensors'}: does not fit this model (missing {missing[:4]}, "
+                                  f"unexpected {extra[:4]}, shapes checkpoint vs model {wrong[:4]}); resume with "
+                                  f"the model config it was trained with")
+        for i, opt in enumerate(self.opts):
+            groups = [e[2] for e in meta["optimizer"] if e[0] == i and e[1] == "groups"]
+            if not groups or [len(g["params"]) for g in groups[0]] != [len(g["params"]) for g in opt.param_groups]:
+                raise CheckpointError(f"{src / 'trainer.json'}: optimizer {i}'s parameter groups do not match "
+                                      f"this model's; resume with the model config it was trained with")
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """A checkpoint directory of save() -> (model tensors, optimiser and RNG tensors, trainer.json's metadata);
+    CheckpointError naming the file that is missing or unreadable."""
+    meta_file = path / "trainer.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file}: missing, so {path} is not a complete checkpoint")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: not readable JSON ({e})") from None
+    need = ("step", "position", "optimizer", "rng_python", "rng_numpy")
+    if not isinstance(meta, dict) or not all(k in meta for k in need):
+        raise CheckpointError(f"{meta_file}: not a training checkpoint's metadata (needs {list(need)})")
+    tensors = []
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing, so {path} is not a complete checkpoint")
+        try:
+            tensors.append(load_file(str(path / name)))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{path / name}: not a readable safetensors file ({e})") from None
+    if "rng.torch" not in tensors[1]:
+        raise CheckpointError(f"{path / 'optimizer.safetensors'}: no 'rng.torch' tensor (not written by save())")
+    return tensors[0], tensors[1], meta
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
