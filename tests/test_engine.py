@@ -166,6 +166,17 @@ def test_user_isolation(model):
     llm.generate(p, GREEDY, user="alice")
     assert llm.generate(p, GREEDY, user="bob").cached_tokens == 0
     assert llm.generate(p, GREEDY, user="alice").cached_tokens == 64
+    llm.generate(p, GREEDY)  # no user id: not the user named "None"
+    assert llm.generate(p, GREEDY, user="None").cached_tokens == 0
+
+
+def test_disk_prefix_blocks_are_kept_apart_by_storage_dtype(model, tmp_path):
+    """Blocks hold decode state as stored: an engine storing bf16 must not hand its blocks to an fp32 one."""
+    p = prompts(100, seed=10)[0]
+    dsv4.LLM(model, prefix_cache_dir=str(tmp_path), cache_dtype=torch.bfloat16).generate(p, GREEDY)
+    assert dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY).cached_tokens == 0
+    assert dsv4.LLM(model, prefix_cache_dir=str(tmp_path), cache_dtype=torch.bfloat16).generate(
+        p, GREEDY).cached_tokens == 64
 
 
 # ---- sampling ----
@@ -408,6 +419,21 @@ def test_memory_budget_exhausted_requests_wait_or_are_preempted_and_finish_exact
     assert waited and most_running < len(ps)
     for p, s in zip(ps, seqs):
         assert s.output_ids == reference_greedy(model, p, GREEDY.max_tokens)
+
+
+def test_preempted_request_that_fits_alone_is_readmitted(model):
+    """Re-admission estimated a preempted sequence's need from prompt + output + max_tokens (its output
+    counted twice) and failed it with 'exceeds the memory budget' though it fits alone."""
+    probe = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    P, M = 10, 600
+    budget = 2 * probe.fixed_bytes + int(probe.per_token * (2 * P + M)) + 1000  # one fits, two do not
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, kv_budget_bytes=budget))
+    sp = dsv4.SamplingParams(max_tokens=M, temperature=0, ignore_eos=True)
+    seqs = [eng.add_request(p, sp) for p in prompts(P, P, seed=21)]
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats["preemptions"] >= 1
+    assert [s.finish_reason for s in seqs] == ["length", "length"]
 
 
 def test_preempted_sequence_resumes_exactly(model):

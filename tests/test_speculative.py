@@ -105,8 +105,8 @@ def test_speculative_sampling_keeps_the_target_distribution():
     def joint(k):
         llm = dsv4.LLM(model, num_speculative_tokens=k, prefix_block=0, max_num_seqs=256,
                        max_num_batched_tokens=4096)
-        outs = llm.generate([p] * N, [dsv4.SamplingParams(max_tokens=2, seed=i + 10_000 * k, ignore_eos=True)
-                                      for i in range(N)])
+        torch.manual_seed(k)  # unseeded requests (seeded ones are not drafted) draw from torch's global stream
+        outs = llm.generate([p] * N, dsv4.SamplingParams(max_tokens=2, ignore_eos=True))
         h = torch.zeros(8, 8)
         for o in outs:
             h[o.token_ids[0], o.token_ids[1]] += 1
@@ -117,6 +117,29 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert stats["accepted"] > 0.1 * stats["proposed"]  # drafts are accepted often enough to matter
     tv = 0.5 * (base - spec).abs().sum().item()
     assert tv < 0.08, tv
+
+
+def test_seeded_sampling_is_the_same_with_speculation_and_any_token_budget(model):
+    """Which drafts get verified depends on the step's token budget, so seeded sampled requests are not
+    drafted: their tokens are those of a plain engine, however small the budget (they differed before)."""
+    a, b = prompts(3, 3, seed=6)
+    sp = [dsv4.SamplingParams(max_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2)]
+    want = [o.token_ids for o in dsv4.LLM(model).generate([a, b], sp)]
+    for budget in (2, 4, 5, 64):
+        llm = dsv4.LLM(model, num_speculative_tokens=2, max_num_batched_tokens=budget)
+        assert [o.token_ids for o in llm.generate([a, b], sp)] == want, budget
+
+
+def test_drafts_left_unverified_by_the_budget_are_dropped(model):
+    """With one token of budget a decoding sequence cannot verify drafts; they used to pile up every step."""
+    eng = LLMEngine(model, config=dsv4.EngineConfig(num_speculative_tokens=2, max_num_batched_tokens=1,
+                                                      prefix_block=0))
+    s = eng.add_request(prompts(10)[0], GREEDY)
+    most = 0
+    while eng.has_unfinished():
+        eng.step()
+        most = max(most, len(s.drafts), len(s.draft_q))
+    assert most <= 2 and s.output_ids == dsv4.LLM(model).generate(prompts(10)[0], GREEDY).token_ids
 
 
 def test_speculation_needs_mtp(model, tmp_path):

@@ -132,6 +132,8 @@ def _tokenizer(path: Path):
     """The checkpoint's tokenizer.json, which serving needs beside the weights."""
     from .tokenizer import load_tokenizer
 
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
     try:
         return load_tokenizer(path)
     except FileNotFoundError:

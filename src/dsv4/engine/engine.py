@@ -86,8 +86,10 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.prefix = None
         if self.cfg.prefix_block:
+            # blocks hold decode state as stored: another layout or dtype (same weights) must not hit them
+            tag = f"{model_tag(model)}|{self.cfg.cache_layout}|{self.cfg.cache_dtype or model.dtype}"
             self.prefix = PrefixCache(self.cfg.prefix_block, self.cfg.prefix_cache_bytes, self.cfg.prefix_cache_dir,
-                                      self.cfg.isolate_users, model_tag(model), self.device)
+                                      self.cfg.isolate_users, tag, self.device)
         empty = new_cache(model, self.dtype, self.device, self.cfg.cache_layout)
         self.pool = StatePool(model, self.cfg.max_num_seqs, self.dtype, self.device)
         # steps where every scheduled sequence decodes one token go through one batched function
@@ -221,7 +223,9 @@ class LLMEngine:
             self._preempt(self.running[-1])
         while self.waiting and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            need = self.estimate_bytes(len(seq.tokens) + seq.params.max_tokens)
+            # its whole decode state: prompt plus every token it may generate (a preempted sequence's tokens
+            # already include its output)
+            need = self.estimate_bytes(len(seq.prompt) + seq.params.max_tokens)
             if self.running and self.used_bytes() + need > self.cfg.kv_budget_bytes:
                 break
             if not self.running and need > self.cfg.kv_budget_bytes:
@@ -252,6 +256,8 @@ class LLMEngine:
         for seq, n in plan:
             start = seq.num_computed
             drafts = seq.drafts[: n - 1] if seq.pending == 1 else []
+            if not drafts:  # the budget left no room to verify them: stale after this step's token
+                seq.drafts, seq.draft_q = [], []
             feed = seq.tokens[start:start + n - len(drafts)] + drafts
             if drafts:  # verify: one-token segments, each leaving a rewind point
                 cuts = list(range(start + 1, start + n + 1))
@@ -335,8 +341,11 @@ class LLMEngine:
         hooks = [w.mtp_hook() for w in live]
         logits, streams = self.model.mtp_step(X[rows], nxt, [w.seq.cache for w in live], hooks)
         ends = torch.tensor([len(w.rows) for w in live]).cumsum(0) - 1
-        # constrained sequences are not drafted: their verification would need the grammar per draft
-        drafting = [(w, int(e)) for w, e in zip(live, ends) if w.seq.pending == 1 and w.seq.constraint is None]
+        # not drafted: constrained sequences (their verification would need the grammar per draft) and seeded
+        # sampled ones (which drafts get verified depends on the step's token budget, so the seed's random
+        # stream would too: the same seed must give the same tokens whatever else the engine runs)
+        drafting = [(w, int(e)) for w, e in zip(live, ends) if w.seq.pending == 1 and w.seq.constraint is None
+                    and (w.seq.params.seed is None or w.seq.params.greedy)]
         if not drafting:
             return
         caches = [w.seq.cache for w, _ in drafting]

@@ -96,7 +96,8 @@ class PrefixCache:
 
     # ---- keys ----
     def root(self, user: str | None) -> str:
-        base = f"dsv4|{self.model_tag}|{user if self.isolate else ''}"
+        # isolated: one tree per user id (repr: user None and user "None" differ); shared: one tree for all
+        base = f"dsv4|{self.model_tag}|" + (f"user:{user!r}" if self.isolate else "shared")
         return hashlib.sha256(base.encode()).hexdigest()
 
     def child(self, parent: str, tokens: list) -> str:
