@@ -121,14 +121,12 @@ def tool_call_grammar(tools: list):
             enum = schema.get("enum")
             is_str = schema.get("type") == "string"
             try:
+                raw = lit(f'<{DSML}parameter name="{name}" string="true">')
                 if is_str and enum is None and not {"pattern", "format", "const"} & set(schema):
-                    parts.append(xgr.Grammar.from_ebnf(
-                        f'root ::= {_lit(f"<{DSML}parameter name={chr(34)}{name}{chr(34)} string={chr(34)}true{chr(34)}>")}'
-                        f" [^<]* {_lit(f'</{DSML}parameter>' + chr(10))}"))
+                    parts += [raw, xgr.Grammar.from_ebnf("root ::= [^<]*"), close]
                     continue
                 if is_str and isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
-                    head = lit(f'<{DSML}parameter name="{name}" string="true">')
-                    parts += [head, xgr.Grammar.from_ebnf("root ::= " + " | ".join(_lit(v) for v in enum)), close]
+                    parts += [raw, xgr.Grammar.from_ebnf("root ::= " + " | ".join(_lit(v) for v in enum)), close]
                     continue
                 value = xgr.Grammar.from_json_schema(json.dumps({**schema, **defs}))
             except Exception as e:  # xgrammar's own message (less its source location) names the problem

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers.decoders import DecodeStream
 
-from ..config import ConfigError
+from ..config import ConfigError, is_int
 from ..model.cache import StatePool, new_cache
 from ..model.decode import BatchDecoder, supports
 from ..model.transformer import Transformer
@@ -44,18 +44,15 @@ class EngineConfig:
     compile: bool = False  # compile the batched decode step ahead of time (minutes, once; several x faster)
 
     def __post_init__(self):
-        def count(v, low):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-        checks = [("max_num_batched_tokens", count(self.max_num_batched_tokens, 1), "an integer >= 1"),
-                  ("max_num_seqs", count(self.max_num_seqs, 1), "an integer >= 1"),
-                  ("kv_budget_bytes", count(self.kv_budget_bytes, 1), "an integer >= 1"),
+        checks = [("max_num_batched_tokens", is_int(self.max_num_batched_tokens, 1), "an integer >= 1"),
+                  ("max_num_seqs", is_int(self.max_num_seqs, 1), "an integer >= 1"),
+                  ("kv_budget_bytes", is_int(self.kv_budget_bytes, 1), "an integer >= 1"),
                   ("cache_layout", self.cache_layout in ("dense", "fp8"), "'dense' or 'fp8'"),
-                  ("max_model_len", self.max_model_len is None or count(self.max_model_len, 2),
+                  ("max_model_len", self.max_model_len is None or is_int(self.max_model_len, 2),
                    "None or an integer >= 2"),
-                  ("prefix_block", count(self.prefix_block, 0), "an integer >= 0 (0: no prefix cache)"),
-                  ("prefix_cache_bytes", count(self.prefix_cache_bytes, 0), "an integer >= 0"),
-                  ("num_speculative_tokens", count(self.num_speculative_tokens, 0), "an integer >= 0"),
+                  ("prefix_block", is_int(self.prefix_block, 0), "an integer >= 0 (0: no prefix cache)"),
+                  ("prefix_cache_bytes", is_int(self.prefix_cache_bytes, 0), "an integer >= 0"),
+                  ("num_speculative_tokens", is_int(self.num_speculative_tokens, 0), "an integer >= 0"),
                   ("isolate_users", isinstance(self.isolate_users, bool), "a bool"),
                   ("compile", isinstance(self.compile, bool), "a bool")]
         for name, ok, what in checks:

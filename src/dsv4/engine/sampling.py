@@ -1,19 +1,11 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, penalties, seeds, logprobs."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _in(v, lo, hi) -> bool:
-    """v is a real number (not a bool, not NaN) in [lo, hi]."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and lo <= v <= hi
+from ..config import is_int, is_number
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing logits by them overflows to inf
@@ -44,18 +36,18 @@ class SamplingParams:
         self.stop = list(self.stop) if lists[0] else self.stop
         self.stop_token_ids = list(self.stop_token_ids) if lists[1] else self.stop_token_ids
         checks = [
-            ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", _in(self.temperature, 0, 100), "a number in [0, 100]"),
-            ("top_p", _in(self.top_p, 0, 1) and self.top_p > 0, "a number in (0, 1]"),
-            ("top_k", _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
-            ("seed", self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**64),
+            ("max_tokens", is_int(self.max_tokens, 1), "an integer >= 1"),
+            ("temperature", is_number(self.temperature, 0, 100), "a number in [0, 100]"),
+            ("top_p", is_number(self.top_p, 0, 1) and self.top_p > 0, "a number in (0, 1]"),
+            ("top_k", is_int(self.top_k, 0), "an integer >= 0 (0 = off)"),
+            ("seed", self.seed is None or (is_int(self.seed, 0) and self.seed < 2**64),
              "None or an integer in [0, 2**64)"),
-            ("logprobs", self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= 20),
+            ("logprobs", self.logprobs is None or (is_int(self.logprobs, 0) and self.logprobs <= 20),
              "None or an integer in [0, 20]"),
-            ("presence_penalty", _in(self.presence_penalty, -2, 2), "a number in [-2, 2]"),
-            ("frequency_penalty", _in(self.frequency_penalty, -2, 2), "a number in [-2, 2]"),
+            ("presence_penalty", is_number(self.presence_penalty, -2, 2), "a number in [-2, 2]"),
+            ("frequency_penalty", is_number(self.frequency_penalty, -2, 2), "a number in [-2, 2]"),
             ("stop", lists[0] and all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
-            ("stop_token_ids", lists[1] and all(_int(t) and t >= 0 for t in self.stop_token_ids),
+            ("stop_token_ids", lists[1] and all(is_int(t, 0) for t in self.stop_token_ids),
              "non-negative token ids"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
         ]
