@@ -290,7 +290,7 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     if trainer.step_count >= tcfg.steps:
         save_model(model.eval(), run / "model")
         tok.save(str(run / "model" / "tokenizer.json"))
-        if qat:  # the weights exactly as trained, in DeepSeek's packed FP4 / FP8 layout
+        if qat:  # DeepSeek's layout: FP4 / FP8 weights exactly as trained, the rest rounded to BF16
             save_official(model, run / "official", fp8=qat == "fp4+fp8")
             tok.save(str(run / "official" / "tokenizer.json"))
     return 0
