@@ -62,3 +62,21 @@ def test_reasoning_cannot_end_the_reply_and_is_closed_in_time(engine):
     assert late.argmax() == think_end and torch.isfinite(late).sum() == 1
     c.accept(think_end)
     assert c.active  # from here on the JSON grammar decides
+
+
+def test_json_tool_arguments_are_compact(engine):
+    """A JSON-valued tool parameter admits no free whitespace: the bundled model padded a nested argument
+    with blanks until max_tokens ran out (unparsable arguments from a forced call)."""
+    from dsv4.engine.constrain import tool_call_grammar
+
+    tok = engine.tokenizer
+    tools = [{"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "$defs": {"place": {"type": "object", "properties": {"days": {"type": "integer"}},
+                                              "required": ["days"]}},
+        "properties": {"dest": {"$ref": "#/$defs/place"}}, "required": ["dest"]}}}]
+    c = GrammarConstraint(tok, engine.eos, tool_call_grammar(tools))
+    for t in tok.encode('<｜DSML｜invoke name="book">\n<｜DSML｜parameter name="dest" string="false">{').ids:
+        c.accept(t)
+    allowed = torch.isfinite(c.mask(torch.zeros(engine.model.config.vocab_size), remaining=100))
+    assert allowed.any()
+    assert not any(allowed[i] and not tok.decode([i]).strip() for i in range(len(allowed)))

@@ -832,6 +832,7 @@ def test_closed_connection_cancels_a_non_streamed_request(server):
     head = (f"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     eng = server[1].engine
+    errors = server[2].state.stats["errors"]
     with _raw(server[0], head, body):
         deadline = time.time() + 30
         while not eng.running and time.time() < deadline:
@@ -841,3 +842,5 @@ def test_closed_connection_cancels_a_non_streamed_request(server):
     while (eng.running or eng.waiting) and time.time() < deadline:
         time.sleep(0.05)
     assert not eng.running and not eng.waiting and server[2].state.stats["active"] == 0
+    time.sleep(0.5)
+    assert server[2].state.stats["errors"] == errors  # a client leaving is not a server error (it raised)

@@ -128,7 +128,8 @@ def tool_call_grammar(tools: list):
                 if is_str and isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
                     parts += [raw, xgr.Grammar.from_ebnf("root ::= " + " | ".join(_lit(v) for v in enum)), close]
                     continue
-                value = xgr.Grammar.from_json_schema(json.dumps({**schema, **defs}))
+                # compact JSON: free whitespace let a weak model pad an argument with blanks until max_tokens
+                value = xgr.Grammar.from_json_schema(json.dumps({**schema, **defs}), any_whitespace=False)
             except Exception as e:  # xgrammar's own message (less its source location) names the problem
                 why = re.sub(r"^\[[^]]*\] \S+:\d+: ", "", str(e).strip().splitlines()[-1])
                 raise SchemaError(f"tool {fn['name']!r} parameter {name!r}: unsupported schema ({why})") from None

@@ -476,8 +476,10 @@ async def _with_keepalive(stream, seconds: float):
             yield item
             pending = asyncio.ensure_future(it.__anext__())
     finally:
-        if not pending.done():
+        if not pending.done():  # let the cancelled step finish first: aclose() on a running generator raises
             pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
         await it.aclose()
 
 
