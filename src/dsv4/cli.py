@@ -139,8 +139,8 @@ def _tokenizer(path: Path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no tokenizer.json (dsv4.save_model writes the weights and config only: "
                               "copy in the tokenizer.json the model was trained with)") from None
-    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
-        raise CheckpointError(f"{path / 'tokenizer.json'}: not a tokenizer file ({e})") from None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def chat(args) -> int:

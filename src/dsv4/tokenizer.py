@@ -32,8 +32,12 @@ def train_tokenizer(files: list, vocab_size: int = 4096) -> Tokenizer:
 
 
 def load_tokenizer(path) -> Tokenizer:
+    """FileNotFoundError when there is no tokenizer.json, ValueError when it is not one."""
     path = Path(path)
     f = path / "tokenizer.json" if path.is_dir() else path
     if not f.exists():
         raise FileNotFoundError(f"{f}: no tokenizer.json")
-    return Tokenizer.from_file(str(f))
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{f}: not a tokenizer file ({e})") from None

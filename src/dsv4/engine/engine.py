@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers.decoders import DecodeStream
 
-from ..config import ConfigError, is_int
+from ..config import check_fields, is_int
 from ..model.cache import StatePool, new_cache
 from ..model.decode import BatchDecoder, supports
 from ..model.transformer import Transformer
@@ -55,9 +55,7 @@ class EngineConfig:
                   ("num_speculative_tokens", is_int(self.num_speculative_tokens, 0), "an integer >= 0"),
                   ("isolate_users", isinstance(self.isolate_users, bool), "a bool"),
                   ("compile", isinstance(self.compile, bool), "a bool")]
-        for name, ok, what in checks:
-            if not ok:
-                raise ConfigError(f"engine option {name} must be {what} (got {getattr(self, name)!r})")
+        check_fields("engine option", [(name, getattr(self, name), ok, what) for name, ok, what in checks])
 
 
 def model_tag(model: Transformer) -> str:

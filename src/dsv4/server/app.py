@@ -70,6 +70,14 @@ def shaped(request: Request, response: JSONResponse) -> JSONResponse:
 class _Tally:
     completion: int = 0  # completion tokens the response reports (and the bill counts)
 
+    def count(self, out, eos: int) -> None:
+        """Count a stream delta's tokens, after dropping a final end-of-sequence token from it (in place):
+        that token is the finish, not output text."""
+        if out.finished and out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] == eos:
+            out.token_ids = out.token_ids[:-1]
+            out.logprobs = out.logprobs[:-1] if out.logprobs is not None else None
+        self.completion += len(out.token_ids)
+
 
 class _Reject(Exception):
     def __init__(self, response):
@@ -339,10 +347,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
 
         def accept(out):
             """Count the delta's tokens (the end-of-sequence token is the finish, not output) -> finish reason."""
-            if out.finished and out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] == engine.eos:
-                out.token_ids = out.token_ids[:-1]
-                out.logprobs = out.logprobs[:-1] if out.logprobs is not None else None
-            tally.completion += len(out.token_ids)
+            tally.count(out, engine.eos)
             if out.finished and out.finish_reason and out.finish_reason.startswith(("error", "abort")):
                 raise RuntimeError(out.finish_reason)
             return out.finish_reason if out.finished else None
@@ -407,10 +412,7 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
                 usage = dr.PromptUsage(prompt_tokens=prompt_tokens, prompt_cache_hit_tokens=seq.cached_tokens)
                 for c in processor.push(dr.InferenceChunk.ready(prompt_usage=usage)):
                     yield c
-            if out.finished and out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] == llm.engine.eos:
-                out.token_ids = out.token_ids[:-1]  # end of sequence is the finish, not text
-                out.logprobs = out.logprobs[:-1] if out.logprobs is not None else None
-            tally.completion += len(out.token_ids)
+            tally.count(out, llm.engine.eos)
             if out.token_ids:
                 lps = None
                 if out.logprobs is not None:

@@ -136,10 +136,8 @@ def _model_dir(path, where: str) -> Path:
 def _load_tokenizer(path, where: str):
     try:
         return load_tokenizer(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"config {where}: {e}") from None
-    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
-        raise ConfigError(f"config {where}: {path} is not a tokenizer.json ({e})") from None
 
 
 def _check_data(data: dict) -> None:
