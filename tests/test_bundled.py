@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 import dsv4
 from dsv4.cli import BUNDLED
@@ -111,3 +112,50 @@ def test_serve_options_reach_the_engine(monkeypatch, tmp_path, capsys):
         main(["serve", "--port", "99999"])
     assert "port number 0-65535" in capsys.readouterr().err
     assert "app" not in served
+
+
+def test_price_table_is_checked_before_serving(monkeypatch, tmp_path, capsys):
+    """--prices: each model maps to three finite prices >= 0; anything else is rc 2 naming the file (a
+    two-price entry used to make every request for that model a 500, a JSON list a traceback)."""
+    import uvicorn
+
+    from dsv4.cli import main
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    prices = tmp_path / "prices.json"
+    for bad in ("[0.1, 0.2, 0.3]", '{"deepseek-v4-flash": [0.1, 0.2]}', '{"deepseek-v4-flash": [0.1, -1, 0.3]}',
+                '{"deepseek-v4-flash": [0.1, "x", 0.3]}', "{"):
+        prices.write_text(bad)
+        assert main(["serve", "--prices", str(prices)]) == 2, bad
+        assert str(prices) in capsys.readouterr().err and "app" not in served
+    prices.write_text('{"my-model": [0, 1, 2.5]}')
+    assert main(["serve", "--prices", str(prices), "--served-model-name", "my-model"]) == 0
+    app = served.pop("app")
+    with TestClient(app) as client:
+        r = client.post("/chat/completions", json={"model": "my-model", "max_tokens": 3, "messages": [
+            {"role": "user", "content": "hi"}], "thinking": {"type": "disabled"}})
+        assert r.status_code == 200
+        u = r.json()["usage"]
+        assert client.get("/usage").json()["cost_usd"] == pytest.approx(
+            (u["prompt_cache_miss_tokens"] * 1 + u["completion_tokens"] * 2.5) / 1e6)
+    app.state.llm.close()
+
+
+def test_chat_with_a_local_model_serves_it_under_the_given_name(monkeypatch):
+    """`dsv4 chat --model PATH --served-model-name X`: the local server answers to X (it used to serve
+    the default name, and every turn was a 400)."""
+    import urllib.request
+
+    import dsv4.chat
+    from dsv4.cli import main
+
+    def one_turn(url, api_key, model, thinking, max_tokens):
+        body = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        req = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:  # a 400 raises HTTPError
+            return r.status
+
+    monkeypatch.setattr(dsv4.chat, "chat_loop", one_turn)
+    assert main(["chat", "--model", str(BUNDLED), "--served-model-name", "my-model"]) == 200

@@ -80,3 +80,26 @@ def test_json_tool_arguments_are_compact(engine):
     allowed = torch.isfinite(c.mask(torch.zeros(engine.model.config.vocab_size), remaining=100))
     assert allowed.any()
     assert not any(allowed[i] and not tok.decode([i]).strip() for i in range(len(allowed)))
+
+
+def test_only_marker_steps_ban_the_bars_bytes(engine):
+    """The fullwidth bar's bytes (EF BD 9C) also occur in CJK, Cyrillic and fullwidth punctuation: those
+    stay possible in free text and string arguments; where a DSML tag is due, only the marker token is."""
+    from dsv4.engine.constrain import tool_call_grammar
+
+    tok, V = engine.tokenizer, engine.model.config.vocab_size
+    tools = [{"type": "function", "function": {"name": "say", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}]
+    text = "你好，ну"
+    for grammar, prefix in ((text_or_tool_call_grammar(tools), "ok "),
+                            (tool_call_grammar(tools), '<｜DSML｜invoke name="say">\n<｜DSML｜parameter name="text" string="true">')):
+        c = GrammarConstraint(tok, engine.eos, grammar)
+        for t in tok.encode(prefix).ids:
+            c.accept(t)
+        for t in tok.encode(text).ids:  # the tokenizer's own spelling, byte pieces included
+            assert torch.isfinite(c.mask(torch.zeros(V), remaining=100)[t]), tok.id_to_token(t)
+            c.accept(t)
+    c = GrammarConstraint(tok, engine.eos, tool_call_grammar(tools))
+    c.accept(tok.token_to_id("<"))
+    allowed = torch.isfinite(c.mask(torch.zeros(V), remaining=100))
+    assert allowed[tok.token_to_id("｜DSML｜")] and not allowed[c.vocab.bar_bytes].any()

@@ -198,10 +198,18 @@ def test_user_id_scopes_cache_hits_when_users_are_isolated(server):
         assert read(post(f"{url}/v1/messages", msg | {"metadata": {"user_id": "alice"}})) == 0
         assert read(post(f"{url}/v1/messages", msg | {"metadata": {"user_id": "alice"}})) >= 64
         assert read(post(f"{url}/v1/messages", msg | {"metadata": {"user_id": "dave"}})) == 0
+        # Anthropic allows any string as metadata.user_id (e.g. an e-mail address): it scopes hits too
+        for _ in range(2):
+            status, body = post(f"{url}/v1/messages", msg | {"metadata": {"user_id": "erin@example.com"}})
+            assert status == 200
+        assert read((status, body)) >= 64
         for bad in ("a b", "x" * 513, 7, ""):
             status, body = post(f"{url}/chat/completions", chat | {"user_id": bad})
             assert status == 400 and "user_id" in body["error"]["message"]
         assert post(f"{url}/v1/messages", msg | {"metadata": "alice"})[0] == 400  # not an object
+        for bad in ("", "x" * 513):
+            status, body = post(f"{url}/v1/messages", msg | {"metadata": {"user_id": bad}})
+            assert status == 400 and "metadata.user_id" in body["error"]["message"]
     llm.close()
 
 
@@ -628,6 +636,7 @@ def test_keepalive_is_sent_while_waiting():
 
 
 def test_request_beyond_the_decode_state_budget_is_503(server, client):
+    """Chat and FIM alike (FIM used to answer 500)."""
     from openai import InternalServerError
 
     eng = server[1].engine
@@ -638,6 +647,9 @@ def test_request_beyond_the_decode_state_budget_is_503(server, client):
             client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "x"}],
                                            max_tokens=2)
         assert e.value.status_code == 503 and "overloaded" in str(e.value).lower()
+        status, body = post(f"{server[0]}/beta/completions", {"model": "deepseek-v4-flash", "prompt": "x",
+                                                              "max_tokens": 2})
+        assert status == 503 and "overloaded" in body["error"]["message"].lower()
     finally:
         eng.cfg.kv_budget_bytes = budget
 
@@ -792,6 +804,11 @@ def test_anthropic_routes_answer_errors_in_anthropic_shape(server, claude, monke
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "authentication_error"
     status, body = post(server[0] + "/no/such/path", {})
     assert status == 404 and body["error"]["message"] == "Not Found"
+    # deepseek-recipe's own conversion errors too (they used to come back in OpenAI's shape)
+    for bad in ({"max_tokens": 0}, {"max_tokens": 5, "temperature": 5, "thinking": {"type": "disabled"}}):
+        status, body = post(server[0] + "/v1/messages", {"model": "deepseek-v4-flash",
+                                                         "messages": [{"role": "user", "content": "x"}], **bad})
+        assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     eng = server[1].engine
     real, calls = eng.step, []
 

@@ -104,17 +104,11 @@ def serve(args) -> int:
             raise ConfigError(f"--api-key-file: {e}") from None
         if not keys:
             raise ConfigError(f"{args.api_key_file}: no API keys in the file")
-    tokenizer = _tokenizer(path)  # before the (slow) weights: a missing one is the likelier mistake
-    model = load_model(path, dtype=getattr(torch, args.dtype))
     config = ServerConfig(args.served_model_name, keys, max_concurrency=args.max_concurrency)
     if args.prices:
-        import json
-
-        try:
-            table = json.loads(Path(args.prices).read_text())
-            config.prices.update({m: tuple(float(x) for x in v) for m, v in table.items()})
-        except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"{args.prices}: not a price table ({e})") from None
+        config.prices.update(_price_table(args.prices))
+    tokenizer = _tokenizer(path)  # before the (slow) weights: a missing one is the likelier mistake
+    model = load_model(path, dtype=getattr(torch, args.dtype))
     try:
         engine = LLMEngine(model, tokenizer, engine_config(args))
     except ValueError as e:  # an option this model cannot take (speculation without MTP, fp8 layout dims)
@@ -126,6 +120,25 @@ def serve(args) -> int:
     print(f"dsv4: serving {path} as {args.served_model_name} on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _price_table(file: str) -> dict:
+    """--prices: a JSON object of model name -> [cache hit, cache miss, output] USD per 1M tokens."""
+    import json
+    import math
+
+    try:
+        table = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{file}: not a price table ({e})") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{file}: a price table is a JSON object of model name -> [cache hit, cache miss, output]")
+    for model, v in table.items():
+        if not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in v)):
+            raise ConfigError(f"{file}: {model!r} must map to three prices >= 0 in USD per 1M tokens "
+                              f"[cache hit, cache miss, output], not {v!r}")
+    return {m: tuple(float(x) for x in v) for m, v in table.items()}
 
 
 def _tokenizer(path: Path):
@@ -158,17 +171,20 @@ def chat(args) -> int:
 
         from .checkpoint import load_model
         from .engine import AsyncLLM, LLMEngine
-        from .server import create_app
+        from .server import ServerConfig, create_app
         path = Path(args.model)
         tokenizer = _tokenizer(path)
         llm = AsyncLLM(LLMEngine(load_model(path), tokenizer))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(llm, str(path / "tokenizer.json")), host="127.0.0.1",
-                                               port=port, log_level="error"))
-        threading.Thread(target=server.run, daemon=True).start()
+        app = create_app(llm, str(path / "tokenizer.json"), ServerConfig(args.served_model_name))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
         while not server.started:
+            if not thread.is_alive():
+                raise ConfigError("the local server for --model did not start (see the message above)")
             time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
     return chat_loop(url, args.api_key, args.served_model_name, not args.no_thinking, args.max_tokens)

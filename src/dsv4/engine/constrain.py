@@ -54,10 +54,13 @@ class _Vocab:
         short = torch.tensor([t in ("0", "1", "null", "true", "false", '""', "{}", "[]") for t in strip])
         quote = torch.tensor([t.startswith('"') and set(t) <= set('"}]:,') for t in strip])
         # byte pieces that could spell the fullwidth bar of special markers ("｜" = EF BD 9C): a DSML tag
-        # counts only as the special token, so grammars that emit tags must not spell it from bytes
+        # counts only as the special token, so where the grammar admits a marker token it must not be
+        # spelled from bytes (those bytes also occur in other characters: banned only at such steps)
         bar = {_BYTE_CHAR[b] for b in "｜".encode()}
         special = {tokenizer.token_to_id(t) for t in _special_strings(tokenizer)}
         self.bar_bytes = torch.tensor([i not in special and bool(set(p) & bar) for i, p in enumerate(pieces)])
+        self.markers = torch.tensor(sorted(i for i in special - {eos} if "｜" in tokenizer.id_to_token(i)),
+                                    dtype=torch.long)
         self.outside = [closers, colon, short]  # finishing order outside a string
         self.inside = [quote]  # inside a string: end it first
 
@@ -95,7 +98,7 @@ def tool_call_grammar(tools: list):
     """xgrammar Grammar for a DSML tool-call block (the prompt has opened it): one call to one of `tools`
     (OpenAI-style function definitions), each required parameter in order, then the block's end.
 
-    A plain string parameter is raw text without '<' (`string="true"`), a string enum one of its values;
+    A plain string parameter is raw text without '<' or '｜' (`string="true"`), a string enum one of its values;
     any other parameter (numbers, objects, strings with a `pattern` or `format`, mixed enums, `$ref`s
     into the parameters' `$defs`) is a JSON value under its schema (`string="false"`)."""
     import xgrammar as xgr
@@ -123,7 +126,7 @@ def tool_call_grammar(tools: list):
             try:
                 raw = lit(f'<{DSML}parameter name="{name}" string="true">')
                 if is_str and enum is None and not {"pattern", "format", "const"} & set(schema):
-                    parts += [raw, xgr.Grammar.from_ebnf("root ::= [^<]*"), close]
+                    parts += [raw, xgr.Grammar.from_ebnf("root ::= [^<｜]*"), close]
                     continue
                 if is_str and isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
                     parts += [raw, xgr.Grammar.from_ebnf("root ::= " + " | ".join(_lit(v) for v in enum)), close]
@@ -143,8 +146,9 @@ def tool_call_grammar(tools: list):
 class GrammarConstraint:
     """Masks every sampled token to a compiled xgrammar grammar; starts after `start_after` if given.
 
-    ban_spelled_markers: forbid byte pieces of the special markers' fullwidth bar, so DSML tags can
-    only come out as the special token (the output parser only honours that form)."""
+    ban_spelled_markers: at steps where the grammar admits a special marker token, forbid the byte
+    pieces of the markers' fullwidth bar, so DSML tags can only come out as the special token (the
+    output parser only honours that form)."""
 
     def __init__(self, tokenizer, eos: int, grammar, start_after: int | None = None, ban_spelled_markers=True):
         import xgrammar as xgr
@@ -176,7 +180,7 @@ class GrammarConstraint:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         row = logits[: self.vocab.V].clone()[None].float()
         xgr.apply_token_bitmask_inplace(row, self.bitmask)
-        if self.ban:
+        if self.ban and torch.isfinite(row[0][self.vocab.markers]).any():
             row[0][self.vocab.bar_bytes] = float("-inf")
         self.steer(row[0], remaining)
         out = torch.full_like(logits, float("-inf"), dtype=torch.float32)

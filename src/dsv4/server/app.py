@@ -88,6 +88,14 @@ class _Overloaded(RuntimeError):
     """The engine could not take the request (its decode state exceeds the memory budget)."""
 
 
+def _raise_if_failed(reason: str | None) -> None:
+    """An engine finish that is a failure raises: over the memory budget -> _Overloaded (503), else RuntimeError."""
+    if reason and reason.startswith("error: exceeds"):
+        raise _Overloaded(reason[len("error: "):])
+    if reason and reason.startswith(("error", "abort")):
+        raise RuntimeError(reason)
+
+
 def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None = None) -> FastAPI:
     cfg = config or ServerConfig()
     app = FastAPI(title="dsv4", description="DeepSeek-compatible API served by dsv4")
@@ -251,12 +259,12 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
             d = proto.prepare(body, cfg.served_model_name)
             req = proto.request(d)
             meta = d.get("metadata")
-            user = _user_id(d.get("user_id") if proto is CHAT else meta.get("user_id") if isinstance(meta, dict)
-                            else None)
+            user = (_user_id(d.get("user_id")) if proto is CHAT else
+                    _metadata_user_id(meta.get("user_id") if isinstance(meta, dict) else None))
             model = req.model
             conv = req.convert(options)
         except dr.ConversionError as e:
-            return Response(e.body, status_code=e.status_code, media_type="application/json")
+            return shaped(request, Response(e.body, status_code=e.status_code, media_type="application/json"))
         except (ValueError, TypeError) as e:
             raise _Reject(error(400, f"Invalid request: {e}")) from None
         ids = encoding.encode(conv.conversation)
@@ -264,7 +272,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         try:
             max_tokens = conv.resolve_max_tokens(len(ids), engine.max_len)
         except dr.ConversionError as e:
-            return Response(e.body, status_code=e.status_code, media_type="application/json")
+            return shaped(request, Response(e.body, status_code=e.status_code, media_type="application/json"))
         io, po = conv.inference_options, conv.parsing_options
         thinking = conv.conversation.thinking_mode
         try:
@@ -348,8 +356,8 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         def accept(out):
             """Count the delta's tokens (the end-of-sequence token is the finish, not output) -> finish reason."""
             tally.count(out, engine.eos)
-            if out.finished and out.finish_reason and out.finish_reason.startswith(("error", "abort")):
-                raise RuntimeError(out.finish_reason)
+            if out.finished:
+                _raise_if_failed(out.finish_reason)
             return out.finish_reason if out.finished else None
 
         if r.stream:
@@ -422,10 +430,7 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
             if processor.finished:  # the parser met a stop sequence: the answer is complete
                 return
             if out.finished:
-                if out.finish_reason and out.finish_reason.startswith("error: exceeds"):
-                    raise _Overloaded(out.finish_reason[len("error: "):])
-                if out.finish_reason and out.finish_reason.startswith(("error", "abort")):
-                    raise RuntimeError(out.finish_reason)
+                _raise_if_failed(out.finish_reason)
                 reason = dr.InferenceFinishReason.Length if out.finish_reason == "length" \
                     else dr.InferenceFinishReason.Stop
                 for c in processor.push(dr.InferenceChunk.finish(reason)):
@@ -535,6 +540,16 @@ def _user_id(user):
         return None
     if not (isinstance(user, str) and len(user) <= 512 and re.fullmatch(r"[A-Za-z0-9_-]+", user)):
         raise _Reject(error(400, "Invalid request: user_id must be 1-512 characters of [a-zA-Z0-9_-]"))
+    return user
+
+
+def _metadata_user_id(user):
+    """Messages' `metadata.user_id`: Anthropic allows any string there (a UUID, a hash, an e-mail address), so
+    any string of 1-512 characters scopes cache hits as `user_id` does; None when absent."""
+    if user is None:
+        return None
+    if not (isinstance(user, str) and 0 < len(user) <= 512):
+        raise _Reject(error(400, "Invalid request: metadata.user_id must be a string of 1-512 characters"))
     return user
 
 
