@@ -103,3 +103,23 @@ def test_only_marker_steps_ban_the_bars_bytes(engine):
     c.accept(tok.token_to_id("<"))
     allowed = torch.isfinite(c.mask(torch.zeros(V), remaining=100))
     assert allowed[tok.token_to_id("｜DSML｜")] and not allowed[c.vocab.bar_bytes].any()
+
+
+def test_json_object_closes_even_when_the_model_writes_escapes(engine):
+    """A sampler that starts a \\uXXXX escape whenever it may and never closes on its own still ends
+    with a valid object at every budget: an escape owes up to five characters past the backslash."""
+    tok, V = engine.tokenizer, engine.model.config.vocab_size
+    texts = [tok.decode([i]) for i in range(V)]
+    for budget in range(1, 24):
+        c, out = JSONObjectConstraint(tok, engine.eos), []
+        for remaining in range(budget, 0, -1):
+            allowed = torch.isfinite(c.mask(torch.zeros(V), remaining)).nonzero().flatten().tolist()
+            text = tok.decode(out)
+            after_backslash = (len(text) - len(text.rstrip("\\"))) % 2 == 1
+            pick = max(allowed, key=lambda i: (i != engine.eos, after_backslash and texts[i].startswith("u"),
+                                               "\\" in texts[i], texts[i][:1].isalnum()))
+            if pick == engine.eos:
+                break
+            c.accept(pick)
+            out.append(pick)
+        assert isinstance(json.loads(tok.decode(out)), dict), (budget, tok.decode(out))

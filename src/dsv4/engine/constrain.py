@@ -53,6 +53,7 @@ class _Vocab:
         colon = torch.tensor([t == ":" for t in strip])
         short = torch.tensor([t in ("0", "1", "null", "true", "false", '""', "{}", "[]") for t in strip])
         quote = torch.tensor([t.startswith('"') and set(t) <= set('"}]:,') for t in strip])
+        self.backslash = torch.tensor(["\\" in t for t in texts])
         # byte pieces that could spell the fullwidth bar of special markers ("｜" = EF BD 9C): a DSML tag
         # counts only as the special token, so where the grammar admits a marker token it must not be
         # spelled from bytes (those bytes also occur in other characters: banned only at such steps)
@@ -210,10 +211,17 @@ class JSONObjectConstraint(GrammarConstraint):
         super().__init__(tokenizer, eos, vocab.compiler.compile_json_schema(schema), start_after,
                          ban_spelled_markers=False)
         self.depth = 0  # unclosed { and [ outside strings
-        self.in_string = self.escape = False
+        self.in_string = False
+        self.owed = 0  # characters an escape in the current string still needs (\uXXXX: up to 5 after the \\)
+
+    ESCAPE = 6  # the longest escape, \uXXXX
 
     def steer(self, row: torch.Tensor, remaining: int) -> None:
-        if remaining > self.depth + 4:
+        if remaining > self.depth + 4 + self.owed + self.ESCAPE:
+            return
+        if self.in_string and not self.owed:  # no new escape: it might not finish in time
+            row[self.vocab.backslash] = float("-inf")
+        if remaining > self.depth + 4 + self.owed:
             return
         allowed = torch.isfinite(row)
         for prio in (self.vocab.inside if self.in_string else []) + self.vocab.outside:
@@ -225,10 +233,12 @@ class JSONObjectConstraint(GrammarConstraint):
     def accepted(self, token: int) -> None:
         for ch in self.vocab.texts[token]:
             if self.in_string:
-                if self.escape:
-                    self.escape = False
+                if self.owed == 5:  # the character after a backslash: 'u' owes four hex digits more
+                    self.owed = 4 if ch == "u" else 0
+                elif self.owed:
+                    self.owed -= 1
                 elif ch == "\\":
-                    self.escape = True
+                    self.owed = 5
                 elif ch == '"':
                     self.in_string = False
             elif ch == '"':
