@@ -81,6 +81,9 @@ def test_gold_replies_parse_and_score_one_and_wrong_ones_zero(dev):
     assert score(tool, "", [wrong]) == (0.0 if "city" in tool.tool_call["arguments"] else 1.0)
     js = next(ex for ex in exs if ex.kind == "json")
     assert score(js, "{not json", []) == 0.0
+    result = next(ex for ex in exs if ex.kind == "tool_result")  # the sentence's own punctuation is no fact
+    assert score(result, result.answer.rstrip("."), []) == score(result, result.answer[:-1] + "!", []) == 1.0
+    assert reward(result, result.answer.rstrip("."), []) == 1.0
     echo = next(ex for ex in exs if ex.kind == "echo" and " " in ex.answer)
     assert score(echo, echo.answer.rsplit(" ", 1)[0], []) == 0.0
     assert reward(echo, echo.answer.rsplit(" ", 1)[0], []) == pytest.approx(0.9 * (len(echo.answer.split()) - 1)
@@ -96,6 +99,12 @@ def test_heldout_split_is_disjoint_from_training():
     pairs = lambda exs: {ex.body["messages"][0]["content"] for ex in exs if ex.kind == "add"}  # noqa: E731
     sums = lambda exs: {tuple(map(int, __import__("re").findall(r"\d+", q)[:2])) for q in pairs(exs)}  # noqa: E731
     assert not sums(train) & sums(held)
+    assert not {tuple(sorted(p)) for p in sums(train)} & {tuple(sorted(p)) for p in sums(held)}  # nor b + a
+    # currency conversions: no held-out argument set is a training one (178 of 1252 were)
+    money = lambda split: {tuple(sorted(ex.tool_call["arguments"].items())) for ex in  # noqa: E731
+                           generate(1500, 0, split, {"tool": 1}) if ex.kind == "tool"
+                           and ex.tool_call["name"] == "convert_currency"}
+    assert money("train") and money("heldout") and not money("train") & money("heldout")
     # chat and code have no entities: half or more of their held-out prompts use wordings training never shows
     asks = lambda exs, kind: {ex.body["messages"][0]["content"] for ex in exs if ex.kind == kind}  # noqa: E731
     for kind in ("chat", "code"):

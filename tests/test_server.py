@@ -253,7 +253,11 @@ def test_fim_completion_stream_and_cap(client, server):
 
 def test_metrics_are_prometheus_text(server, client):
     client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "m"}], max_tokens=1)
-    with urllib.request.urlopen(server[0] + "/metrics") as r:
+    with pytest.raises(urllib.error.HTTPError) as e:  # it lists every account's cost: keys configured, one needed
+        urllib.request.urlopen(server[0] + "/metrics")
+    assert e.value.code == 401
+    req = urllib.request.Request(server[0] + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req) as r:
         text = r.read().decode()
     values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
     assert int(values["dsv4_requests_total"]) >= 1 and "dsv4_prompt_cache_hit_tokens_total" in values

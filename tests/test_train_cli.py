@@ -236,3 +236,29 @@ def test_a_fresh_run_trains_its_own_tokenizer_and_resume_survives_damaged_metric
     cfg.write_text(cfg.read_text().replace(files, f'files = ["{tmp_path / "binary.py"}"]\n'
                                                   f'tokenizer = "{tmp_path / "fresh" / "tokenizer.json"}"'))
     assert main(["train", str(cfg)]) == 2 and "binary.py is not UTF-8" in capsys.readouterr().err
+
+
+def test_corpus_text_spelling_a_special_token_stays_text(tmp_path):
+    """A file that spells `<｜end▁of▁sentence｜>` (dsv4's own sft.py does) trains on those characters,
+    not on a mid-document EOS; FIM's markers are still the special tokens."""
+    import random
+
+    from dsv4.cli import BUNDLED
+    from dsv4.tokenizer import FIM_TOKENS
+    from dsv4.train.data import build_corpus, fim_transform
+
+    tok = load_tokenizer(BUNDLED)
+    eos, special = tok.token_to_id("<｜end▁of▁sentence｜>"), set(tok.get_added_tokens_decoder())
+    text = 'END = "<｜end▁of▁sentence｜>"  # also <｜fim▁hole｜>\n' * 3
+    path = tmp_path / "special.py"
+    path.write_text(text)
+    for fim_rate in (0.0, 1.0):
+        ids = build_corpus([path], tok, eos, fim_rate=fim_rate).tolist()
+        assert ids[-1] == eos and eos not in ids[:-1]
+        marks = [tok.id_to_token(i) for i in ids[:-1] if i in special]
+        assert marks == ([] if fim_rate == 0 else FIM_TOKENS)
+        rng = random.Random(0)
+        rng.random()  # build_corpus's draw of whether to transform
+        pieces = fim_transform(text, rng)[1::2] if fim_rate else [text]
+        assert tok.decode([i for i in ids if i not in special]) == "".join(pieces)
+    assert tok.encode_special_tokens is False  # the caller's tokenizer is left as it was

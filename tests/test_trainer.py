@@ -28,6 +28,18 @@ def test_loss_decreases_and_mtp_is_trained():
     assert stats[-1]["mtp_loss"] < stats[0]["mtp_loss"]
 
 
+def test_grad_clip_zero_means_no_clipping():
+    """grad_clip = 0 turns clipping off (it used to scale every gradient by 0: nothing trained)."""
+    torch.manual_seed(0)
+    t = Trainer(random_model(CFG, seed=1), tokens(), TrainConfig(steps=4, batch_size=4, seq_len=32, warmup=1,
+                                                                 grad_clip=0))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.step()
+    grads = [p.grad for p in t.model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+
+
 def test_kill_and_resume_is_bitwise_exact(tmp_path):
     straight = make()
     want = [straight.step()["loss"] for _ in range(8)]

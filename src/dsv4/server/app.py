@@ -221,7 +221,9 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         return await run_text(_user_id(body.get("user_id")), r, account, request)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        """Prometheus text; with API keys configured it needs one (it lists every account's cost)."""
+        authorize(request)
         lines = [
             "# TYPE dsv4_requests_total counter", f"dsv4_requests_total {state['requests']}",
             "# TYPE dsv4_requests_active gauge", f"dsv4_requests_active {state['active']}",

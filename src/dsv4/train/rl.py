@@ -37,7 +37,7 @@ class RLConfig:
     lr_muon: float = 0.002
     lr_adamw: float = 2e-4
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the gradient norm's cap; 0: no clipping
     seed: int = 0
     mix: dict = field(default_factory=lambda: {"add": 1})
 
@@ -145,7 +145,7 @@ class _Optimised:
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
         for opt in self.opts:
             opt.step()
         self.step_count += 1

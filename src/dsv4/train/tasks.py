@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, is_number
@@ -60,7 +61,7 @@ class Example:
 
 def _held(key: str) -> bool:
     """Deterministic 1-in-5 held-out membership of an entity or pair."""
-    return sum(map(ord, key)) * 2654435761 % 5 == 0
+    return zlib.crc32(key.encode()) % 5 == 0
 
 
 SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "dor", "sa", "ti", "bel", "mar", "no", "zu", "fi", "gor", "le", "pa",
@@ -91,7 +92,7 @@ def _thinking(rng: random.Random, body: dict, force: bool | None = None) -> bool
 def make_add(rng: random.Random, split: str) -> Example:
     while True:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
-        if _held(f"{a}+{b}") == (split == "heldout"):
+        if _held(f"{min(a, b)}+{max(a, b)}") == (split == "heldout"):  # a + b and b + a in one split
             break
     q = rng.choice(["What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?", "Add {a} and {b}.",
                     "What do you get when you add {a} and {b}?"]).format(a=a, b=b)
@@ -128,10 +129,11 @@ def make_tool(rng: random.Random, split: str) -> list:
         final = f"The local time in {city} is {hh:02d}:{mm:02d}."
         why = f"The user wants the time in {city}. I will call get_time with city {city}."
     else:
-        amount = rng.choice([rng.randint(1, 999), rng.randint(1, 99) * 10])
-        src, dst = rng.sample(CURRENCIES, 2)
-        if _held(f"{src}{dst}{amount % 7}") != (split == "heldout"):
-            src, dst = dst, src
+        while True:
+            amount = rng.choice([rng.randint(1, 999), rng.randint(1, 99) * 10])
+            src, dst = rng.sample(CURRENCIES, 2)
+            if _held(f"{src}{dst}{amount % 7}") == (split == "heldout"):
+                break
         q = rng.choice(["Convert {a} {s} to {d}.", "How much is {a} {s} in {d}?", "Change {a} {s} into {d}, please."]
                        ).format(a=amount, s=src, d=dst)
         args = {"amount": amount, "source": src, "target": dst}
@@ -272,10 +274,13 @@ def score(ex: Example, content: str, tool_calls: list) -> float:
             return 0.0
     if ex.kind == "tool_result":
         # the numbers and place of the tool's result are restated
-        want = set(re.findall(r"[\w.:-]+", ex.answer)) - {"is", "in", "and", "The", "local", "time", "It"}
-        got = set(re.findall(r"[\w.:-]+", content or ""))
-        return float(want <= got)
+        return float(_facts(ex.answer) - {"is", "in", "and", "The", "local", "time", "It"} <= _facts(content))
     return float((content or "").strip() == str(ex.content).strip())
+
+
+def _facts(text: str | None) -> set:
+    """The words and numbers of a sentence ("20:22", "1.5", "Paris"), without the punctuation that ends it."""
+    return set(re.findall(r"[\w.:-]*\w", text or ""))
 
 
 def reward(ex: Example, content: str, tool_calls: list) -> float:
@@ -302,8 +307,8 @@ def reward(ex: Example, content: str, tool_calls: list) -> float:
         want = ex.answer["arguments"]
         return 0.5 + 0.4 * sum(args.get(k) == v for k, v in want.items()) / len(want)
     if ex.kind == "tool_result":
-        want = set(re.findall(r"[\w.:-]+", ex.answer))
-        return 0.9 * len(want & set(re.findall(r"[\w.:-]+", content or ""))) / len(want)
+        want = _facts(ex.answer)
+        return 0.9 * len(want & _facts(content)) / len(want)
     if ex.kind == "code":  # the function's name and its return expression
         name = ex.content.split("def ", 1)[1].split("(", 1)[0]
         return 0.45 * (f"def {name}(" in (content or "")) + 0.45 * (f"return {ex.answer}\n" in (content or ""))

@@ -39,7 +39,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 10
     decay_frac: float = 0.2  # the last fraction of steps decays the learning rate linearly to 10%
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the gradient norm's cap; 0: no clipping
     mtp_weight: float = 0.3  # falls to mtp_weight_decay once the learning rate decays
     mtp_weight_decay: float = 0.1
     bias_update_speed: float = 0.001  # auxiliary-loss-free balancing
@@ -179,7 +179,7 @@ class Trainer:
         if self.parallel is not None:
             self.parallel.sync_gradients(self.model)
             stats = {k: self.parallel.mean(v) for k, v in stats.items()}
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
         stats["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         for opt in self.opts:
             opt.step()
