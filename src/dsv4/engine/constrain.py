@@ -67,10 +67,12 @@ class _Vocab:
 
 
 def vocab_for(tokenizer, eos: int) -> _Vocab:
+    """The tables for this tokenizer object; each entry keeps its tokenizer alive, so its id is never
+    reused by another tokenizer while the entry exists."""
     key = (id(tokenizer), eos)
     if key not in _VOCABS:
-        _VOCABS[key] = _Vocab(tokenizer, eos)
-    return _VOCABS[key]
+        _VOCABS[key] = (tokenizer, _Vocab(tokenizer, eos))
+    return _VOCABS[key][1]
 
 
 DSML = "｜DSML｜"

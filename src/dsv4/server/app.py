@@ -1,4 +1,4 @@
-"""DeepSeek-compatible HTTP API over the engine (OpenAI Chat Completions so far).
+"""DeepSeek-compatible HTTP API over the engine: OpenAI Chat Completions, Anthropic Messages and FIM completions.
 
 deepseek-recipe converts each request (validation, DeepSeek's thinking / tool / passback rules,
 errors in DeepSeek's shapes), renders and encodes the V4 prompt, and turns the engine's token
@@ -258,7 +258,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         account = authorize(request)
         body = await read_body(request)
         try:
-            d = proto.prepare(body, cfg.served_model_name)
+            d = proto.prepare(body)
             req = proto.request(d)
             meta = d.get("metadata")
             user = (_user_id(d.get("user_id")) if proto is CHAT else
@@ -518,7 +518,7 @@ class _Protocol:
     request: type
     response: type
     generator: object  # (conversation request, id, model) -> chunk generator
-    prepare: object  # (raw body, served model name) -> body for the request class
+    prepare: object  # raw body -> body for the request class
     id_prefix: str
 
     def new_id(self) -> str:
@@ -555,7 +555,7 @@ def _metadata_user_id(user):
     return user
 
 
-def _claude_names(body: bytes, served: str):
+def _claude_names(body: bytes):
     """Anthropic side: claude-opus* -> deepseek-v4-pro, other claude-* -> deepseek-v4-flash; '[1m]' suffixes dropped."""
     d = _json(body)
     model = d.get("model")
@@ -569,7 +569,7 @@ def _claude_names(body: bytes, served: str):
     return d
 
 
-def _chat_aliases(body: bytes, served: str):
+def _chat_aliases(body: bytes):
     """deepseek-chat / deepseek-reasoner: V4 with thinking off / on unless the request says otherwise."""
     d = _json(body)
     mode = {"deepseek-chat": "disabled", "deepseek-reasoner": "enabled"}.get(d.get("model"))
