@@ -8,7 +8,8 @@
 - `Distill`: on-policy distillation. The student samples replies; the loss is the per-token reverse KL
   sum_v p_s(v) (log p_s(v) - log p_t(v)) to a teacher evaluated on the same tokens.
 
-Both use Muon + AdamW (`muon.optimizers`) like pretraining and write the model atomically at the end.
+Both use Muon + AdamW (`muon.optimizers`) like pretraining, and checkpoint and resume exactly as it does
+(`trainer.Checkpointed`: the task stream's RNG is part of the state).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..engine.sampling import SamplingParams
 from .muon import optimizers
 from .sft import ChatRenderer
 from .tasks import check_mix, generate, reward, score
+from .trainer import Checkpointed
 
 
 @dataclass
@@ -129,12 +131,20 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     return (kl * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-class _Optimised:
+class _Optimised(Checkpointed):
     def __init__(self, model, cfg: RLConfig):
         self.model, self.cfg = model.train(), cfg
+        self.device, self.parallel = next(model.parameters()).device, None
         self.opts = optimizers(model, cfg.lr_muon, cfg.lr_adamw, cfg.weight_decay)
-        self.rng = random.Random(cfg.seed)
+        self.rng = random.Random(cfg.seed)  # the task draws and the rollouts' sampling seeds
         self.step_count = 0
+
+    def _progress(self) -> dict:
+        return {"rng_tasks": self.rng.getstate()}
+
+    def _set_progress(self, meta: dict) -> None:
+        version, state, gauss = meta["rng_tasks"]
+        self.rng.setstate((version, tuple(state), gauss))
 
     def prompts(self, n: int) -> list:
         draws = generate(n, self.rng.randrange(1 << 30), "train", self.cfg.mix)

@@ -165,10 +165,7 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     if "rl" in spec:
-        if resume or stop_after is not None:
-            raise ConfigError("--resume and --stop-after are for pretraining and SFT runs: an [rl] run keeps no "
-                              "checkpoint (it writes out/model when it ends)")
-        return run_rl(spec, out)
+        return run_rl(spec, out, resume, stop_after)
     mspec, data, tspec = _tables(spec, {
         "model": ("preset", "init", *(f.name for f in fields(Config))), "data": DATA_FIELDS,
         "train": ("out", "checkpoint_every", "tensorboard", "qat", *(f.name for f in fields(TrainConfig)))})
@@ -294,21 +291,25 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     return 0
 
 
-def run_rl(spec: dict, out) -> int:
+def run_rl(spec: dict, out, resume: bool = False, stop_after: int | None = None) -> int:
     """[rl] method = "grpo" | "distill" (teacher = model dir), eval_examples, eval_every, eval_mix (the held-out
     task kinds, by default the training mix);
-    [model] init = model dir; [train] out plus RLConfig fields. Held-out accuracy before, during, after."""
+    [model] init = model dir; [train] out, checkpoint_every (default 10) plus RLConfig fields.
+    Held-out accuracy before, during, after; out/checkpoint/ resumes exactly, as in pretraining."""
     from .rl import GRPO, Distill, RLConfig, evaluate, heldout
     from .sft import ChatRenderer
     from .tasks import check_mix
 
     mspec, rl, tspec = _tables(spec, {"model": ("init",), "rl": RL_FIELDS,
-                                      "train": ("out", *(f.name for f in fields(RLConfig)))})
+                                      "train": ("out", "checkpoint_every", *(f.name for f in fields(RLConfig)))})
     init_from = mspec.get("init")
     if not init_from:
         raise ConfigError("config [model] init: post-training needs a model directory to start from")
     _model_dir(init_from, "[model] init")
     run = Path(tspec.pop("out", "runs/dsv4-rl"))
+    every = tspec.pop("checkpoint_every", 10)
+    if not is_int(every, 1):
+        raise ConfigError(f"config [train] checkpoint_every: must be an integer >= 1 (got {every!r})")
     cfg = RLConfig(**tspec)
     method = rl.get("method")
     if method not in ("grpo", "distill"):
@@ -328,6 +329,10 @@ def run_rl(spec: dict, out) -> int:
                               f"({init_from}); distillation compares their distributions token id by token id, "
                               "so it needs a teacher with the student's tokenizer.json")
     _run_dir(run)
+    ckpt = run / "checkpoint"
+    if not resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+        raise ConfigError(f"config [train] out: {run} already holds a training checkpoint; pass --resume to "
+                          f"continue that run, or choose another out (or delete {ckpt})")
     torch.manual_seed(cfg.seed)
     model = load_model(init_from, dtype=torch.float32)
     if method == "grpo":
@@ -339,24 +344,45 @@ def run_rl(spec: dict, out) -> int:
                               f"the student {model.config.vocab_size}; distillation needs the same vocabulary")
         algo = Distill(model, teacher, renderer, cfg)
     tests = heldout(rl.get("eval_examples", 100), rl.get("eval_mix") or cfg.mix)
-    every = rl.get("eval_every", 0) or cfg.steps
+    eval_every = rl.get("eval_every", 0) or cfg.steps
     metrics = run / "metrics.jsonl"
-    before = evaluate(model, renderer, tests, cfg.max_tokens)
-    rows = [{"step": 0, "heldout": before}]
-    out.write(f"dsv4 train ({method}): held-out accuracy before {before}\n")
+    if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+        algo.resume(ckpt)
+        rows = [r for r in _read_rows(metrics) if r["step"] <= algo.step_count]  # later ones are redone
+        out.write(f"dsv4 train ({method}): resumed at step {algo.step_count}\n")
+    else:
+        if resume:
+            out.write(f"dsv4 train: no checkpoint in {run} yet: starting at step 0\n")
+        rows = [{"step": 0, "heldout": evaluate(model, renderer, tests, cfg.max_tokens)}]
+        _write_rows(metrics, rows)
+        out.write(f"dsv4 train ({method}): held-out accuracy before {rows[0]['heldout']}\n")
     from tqdm import tqdm
-    for _ in tqdm(range(cfg.steps), file=out, desc=method):
+    bar = tqdm(total=cfg.steps, initial=algo.step_count, file=out, desc=method)
+    done_here = 0
+    while algo.step_count < cfg.steps and (stop_after is None or done_here < stop_after):
         stats = algo.step()
-        if algo.step_count % every == 0 or algo.step_count == cfg.steps:
+        done_here += 1
+        if algo.step_count % eval_every == 0 or algo.step_count == cfg.steps:
             stats["heldout"] = evaluate(model, renderer, tests, cfg.max_tokens)
             out.write(f"step {algo.step_count}: held-out {stats['heldout']}\n")
         rows.append(stats)
-        _write_rows(metrics, rows)
+        _write_rows(metrics, rows)  # before the checkpoint: a resume keeps the rows up to its step
+        if algo.step_count % every == 0 or algo.step_count == cfg.steps:
+            algo.save(ckpt)
+        bar.update(1)
+    bar.close()
+    if algo.step_count < cfg.steps:  # --stop-after: resumable from the checkpoint
+        return 0
     save_model(model.eval(), run / "model")
     renderer.tokenizer.save(str(run / "model" / "tokenizer.json"))
-    after = rows[-1]["heldout"]
-    out.write(f"dsv4 train ({method}): held-out accuracy {before['all']:.3f} -> {after['all']:.3f}, "
-              f"reward {before['reward']:.3f} -> {after['reward']:.3f}\n")
+    # (a resume at the last step, from a metrics.jsonl that lost its rows, has no row with the final score)
+    after = rows[-1]["heldout"] if rows and "heldout" in rows[-1] else evaluate(model, renderer, tests, cfg.max_tokens)
+    if rows and rows[0]["step"] == 0:
+        before = rows[0]["heldout"]
+        out.write(f"dsv4 train ({method}): held-out accuracy {before['all']:.3f} -> {after['all']:.3f}, "
+                  f"reward {before['reward']:.3f} -> {after['reward']:.3f}\n")
+    else:  # resumed after metrics.jsonl lost its first rows
+        out.write(f"dsv4 train ({method}): held-out accuracy {after['all']:.3f}, reward {after['reward']:.3f}\n")
     return 0
 
 

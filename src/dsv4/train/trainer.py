@@ -73,7 +73,145 @@ class TrainConfig:
         return 1.0 - 0.9 * (step - decay_start) / max(1, self.steps - decay_start)
 
 
-class Trainer:
+class Checkpointed:
+    """Atomic checkpoints and exact resume for a training loop with `model`, `opts` (its optimisers), `cfg`
+    (a dataclass), `step_count`, `parallel` (None or a plan as Trainer takes) and `device`: weights,
+    optimiser state, step, the torch / Python / NumPy RNG states and what `_progress` adds."""
+
+    def _progress(self) -> dict:
+        """Hook: further JSON state a resume needs (e.g. the data position)."""
+        return {}
+
+    def _set_progress(self, meta: dict) -> None:
+        """Hook: restore what `_progress` saved."""
+
+    def save(self, path) -> None:
+        """Write atomically: a temporary directory renamed over `path`; a crash leaves the previous one.
+
+        The previous checkpoint is renamed to `path`.old, the new one into place, then the old one removed.
+        A kill at any point leaves `path` or `path`.old complete (resume falls back to the latter), plus perhaps
+        leftovers that the next save removes: temporaries, and a `path`.old made stale by the newer `path`.
+
+        Under FSDP2 every rank calls it (sharded weights and optimiser state are gathered to full tensors)
+        and rank 0 writes: the checkpoint is the same as a single process's and resumes under any plan."""
+        model_sd = {k: _full(v).detach().contiguous() for k, v in self.model.state_dict().items()}
+        opt_tensors, opt_meta = {}, []
+        for i, opt in enumerate(self.opts):
+            sd = opt.state_dict()
+            for pid, st in sd["state"].items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        opt_tensors[f"{i}.{pid}.{k}"] = _full(v).contiguous()
+                    else:
+                        opt_meta.append([i, pid, k, v])
+            opt_meta.append([i, "groups", sd["param_groups"]])
+        if self.parallel is not None and self.parallel.rank != 0:
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a save killed before its renames (one writer)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            save_file(model_sd, str(tmp / "model.safetensors"))
+            opt_tensors["rng.torch"] = torch.get_rng_state()
+            if self.device.type == "cuda":
+                opt_tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            np_state = np.random.get_state()
+            meta = {"step": self.step_count, **self._progress(), "config": asdict(self.cfg),
+                    "model": asdict(self.model.config), "optimizer": opt_meta, "rng_python": random.getstate(),
+                    "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+            (tmp / "trainer.json").write_text(json.dumps(meta))
+            old = path.with_name(path.name + ".old")
+            if path.exists():
+                # `path` only ever appears complete (renamed from a finished temporary), so an `old` beside it is
+                # stale: a save killed after its second rename. Without `path`, `old` is the last checkpoint: kept.
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def resume(self, path) -> None:
+        """Continue from a checkpoint written by save(). If `path` is missing or damaged and `path`.old is intact
+        (a kill between save()'s renames, a truncated file), that one is loaded instead, with a note on stderr.
+
+        Raises CheckpointError naming the file and the problem (nothing is loaded then), also when the checkpoint
+        was written for another model config."""
+        path = Path(path)
+        old = path.with_name(path.name + ".old")
+        try:
+            src, (model_sd, tensors, meta) = path, _read_checkpoint(path)
+        except CheckpointError as e:
+            if not old.is_dir():
+                raise CheckpointError(f"{e}; restore {path}, or delete it to start the run afresh") from None
+            try:
+                src, (model_sd, tensors, meta) = old, _read_checkpoint(old)
+            except CheckpointError as e_old:
+                raise CheckpointError(f"{e}; the previous checkpoint is damaged too: {e_old}") from None
+            # no `path` at all is a kill between save()'s renames: nothing to report
+            if path.exists() and (self.parallel is None or self.parallel.rank == 0):
+                print(f"dsv4 train: {e}; resuming from the previous checkpoint {old}", file=sys.stderr)
+        self._check_matches(src, model_sd, meta)
+        missing = sorted(set(self._progress()) - set(meta))
+        if missing:
+            raise CheckpointError(f"{src / 'trainer.json'}: no {missing} (written by another kind of training run)")
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: _like(v, current[k]) for k, v in model_sd.items()})
+        for i, opt in enumerate(self.opts):
+            state: dict = {}
+            groups = None
+            for entry in meta["optimizer"]:
+                if entry[0] != i:
+                    continue
+                if entry[1] == "groups":
+                    groups = entry[2]
+                else:
+                    state.setdefault(int(entry[1]), {})[entry[2]] = entry[3]
+            params = [p for g in opt.param_groups for p in g["params"]]  # state ids index this list
+            for key, v in tensors.items():
+                parts = key.split(".")
+                if parts[0] == str(i):
+                    p = params[int(parts[1])]
+                    state.setdefault(int(parts[1]), {})[parts[2]] = _like(v, p) if v.shape == p.shape else v
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        random.setstate((meta["rng_python"][0], tuple(meta["rng_python"][1]), meta["rng_python"][2]))
+        ns = meta["rng_numpy"]
+        np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+        self.step_count = meta["step"]
+        self._set_progress(meta)
+
+    def _check_matches(self, src: Path, model_sd: dict, meta: dict) -> None:
+        """CheckpointError unless the checkpoint in src was written for this model: config, tensors, optimiser."""
+        if "model" in meta:  # checkpoints from before it was stored: the tensor checks below still catch most
+            now = json.loads(json.dumps(asdict(self.model.config)))  # lists and floats as JSON gives them back
+            diff = [f"{k} {meta['model'].get(k)!r} (checkpoint) vs {now.get(k)!r} (now)"
+                    for k in sorted(set(now) | set(meta["model"])) if meta["model"].get(k) != now.get(k)]
+            if diff:
+                raise CheckpointError(f"{src / 'trainer.json'}: written for another model config: {'; '.join(diff)}. "
+                                      f"Resume with the model config it was trained with, or start a new run "
+                                      f"in another directory")
+        current = self.model.state_dict()
+        missing, extra = sorted(set(current) - set(model_sd)), sorted(set(model_sd) - set(current))
+        wrong = [f"'{k}' {tuple(v.shape)} vs {tuple(current[k].shape)}" for k, v in model_sd.items()
+                 if k in current and v.shape != current[k].shape]
+        if missing or extra or wrong:
+            raise CheckpointError(f"{src / 'model.safetensors'}: does not fit this model (missing {missing[:4]}, "
+                                  f"unexpected {extra[:4]}, shapes checkpoint vs model {wrong[:4]}); resume with "
+                                  f"the model config it was trained with")
+        for i, opt in enumerate(self.opts):
+            groups = [e[2] for e in meta["optimizer"] if e[0] == i and e[1] == "groups"]
+            if not groups or [len(g["params"]) for g in groups[0]] != [len(g["params"]) for g in opt.param_groups]:
+                raise CheckpointError(f"{src / 'trainer.json'}: optimizer {i}'s parameter groups do not match "
+                                      f"this model's; resume with the model config it was trained with")
+
+
+class Trainer(Checkpointed):
     def __init__(self, model: Transformer, tokens: np.ndarray, cfg: TrainConfig, parallel=None,
                  mask: np.ndarray | None = None):
         """parallel: a plan such as distributed.DataParallel (shard, sync_gradients, mean, sum, rank, world).
@@ -102,6 +240,12 @@ class Trainer:
             return ids.to(self.device), None
         mask = torch.from_numpy(np.asarray(self.mask[idx], dtype=np.float32)).view(self.cfg.batch_size, -1)
         return ids.to(self.device), mask.to(self.device)
+
+    def _progress(self) -> dict:
+        return {"position": self.position}
+
+    def _set_progress(self, meta: dict) -> None:
+        self.position = meta["position"]
 
     @staticmethod
     def _ce(logits: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor | None, n: torch.Tensor | None) -> torch.Tensor:
@@ -205,129 +349,6 @@ class Trainer:
                 loads[name] = [int(x) for x in load.tolist()]
         return loads
 
-    # ---- checkpoints ----
-    def save(self, path) -> None:
-        """Write atomically: a temporary directory renamed over `path`; a crash leaves the previous one.
-
-        The previous checkpoint is renamed to `path`.old, the new one into place, then the old one removed.
-        A kill at any point leaves `path` or `path`.old complete (resume falls back to the latter), plus perhaps
-        leftovers that the next save removes: temporaries, and a `path`.old made stale by the newer `path`.
-
-        Under FSDP2 every rank calls it (sharded weights and optimiser state are gathered to full tensors)
-        and rank 0 writes: the checkpoint is the same as a single process's and resumes under any plan."""
-        model_sd = {k: _full(v).detach().contiguous() for k, v in self.model.state_dict().items()}
-        opt_tensors, opt_meta = {}, []
-        for i, opt in enumerate(self.opts):
-            sd = opt.state_dict()
-            for pid, st in sd["state"].items():
-                for k, v in st.items():
-                    if torch.is_tensor(v):
-                        opt_tensors[f"{i}.{pid}.{k}"] = _full(v).contiguous()
-                    else:
-                        opt_meta.append([i, pid, k, v])
-            opt_meta.append([i, "groups", sd["param_groups"]])
-        if self.parallel is not None and self.parallel.rank != 0:
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a save killed before its renames (one writer)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            save_file(model_sd, str(tmp / "model.safetensors"))
-            opt_tensors["rng.torch"] = torch.get_rng_state()
-            if self.device.type == "cuda":
-                opt_tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            np_state = np.random.get_state()
-            meta = {"step": self.step_count, "position": self.position, "config": asdict(self.cfg),
-                    "model": asdict(self.model.config), "optimizer": opt_meta, "rng_python": random.getstate(),
-                    "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-            (tmp / "trainer.json").write_text(json.dumps(meta))
-            old = path.with_name(path.name + ".old")
-            if path.exists():
-                # `path` only ever appears complete (renamed from a finished temporary), so an `old` beside it is
-                # stale: a save killed after its second rename. Without `path`, `old` is the last checkpoint: kept.
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def resume(self, path) -> None:
-        """Continue from a checkpoint written by save(). If `path` is missing or damaged and `path`.old is intact
-        (a kill between save()'s renames, a truncated file), that one is loaded instead, with a note on stderr.
-
-        Raises CheckpointError naming the file and the problem (nothing is loaded then), also when the checkpoint
-        was written for another model config."""
-        path = Path(path)
-        old = path.with_name(path.name + ".old")
-        try:
-            src, (model_sd, tensors, meta) = path, _read_checkpoint(path)
-        except CheckpointError as e:
-            if not old.is_dir():
-                raise CheckpointError(f"{e}; restore {path}, or delete it to start the run afresh") from None
-            try:
-                src, (model_sd, tensors, meta) = old, _read_checkpoint(old)
-            except CheckpointError as e_old:
-                raise CheckpointError(f"{e}; the previous checkpoint is damaged too: {e_old}") from None
-            # no `path` at all is a kill between save()'s renames: nothing to report
-            if path.exists() and (self.parallel is None or self.parallel.rank == 0):
-                print(f"dsv4 train: {e}; resuming from the previous checkpoint {old}", file=sys.stderr)
-        self._check_matches(src, model_sd, meta)
-        current = self.model.state_dict()
-        self.model.load_state_dict({k: _like(v, current[k]) for k, v in model_sd.items()})
-        for i, opt in enumerate(self.opts):
-            state: dict = {}
-            groups = None
-            for entry in meta["optimizer"]:
-                if entry[0] != i:
-                    continue
-                if entry[1] == "groups":
-                    groups = entry[2]
-                else:
-                    state.setdefault(int(entry[1]), {})[entry[2]] = entry[3]
-            params = [p for g in opt.param_groups for p in g["params"]]  # state ids index this list
-            for key, v in tensors.items():
-                parts = key.split(".")
-                if parts[0] == str(i):
-                    p = params[int(parts[1])]
-                    state.setdefault(int(parts[1]), {})[parts[2]] = _like(v, p) if v.shape == p.shape else v
-            opt.load_state_dict({"state": state, "param_groups": groups})
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        random.setstate((meta["rng_python"][0], tuple(meta["rng_python"][1]), meta["rng_python"][2]))
-        ns = meta["rng_numpy"]
-        np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
-        self.step_count, self.position = meta["step"], meta["position"]
-
-    def _check_matches(self, src: Path, model_sd: dict, meta: dict) -> None:
-        """CheckpointError unless the checkpoint in src was written for this model: config, tensors, optimiser."""
-        if "model" in meta:  # checkpoints from before it was stored: the tensor checks below still catch most
-            now = json.loads(json.dumps(asdict(self.model.config)))  # lists and floats as JSON gives them back
-            diff = [f"{k} {meta['model'].get(k)!r} (checkpoint) vs {now.get(k)!r} (now)"
-                    for k in sorted(set(now) | set(meta["model"])) if meta["model"].get(k) != now.get(k)]
-            if diff:
-                raise CheckpointError(f"{src / 'trainer.json'}: written for another model config: {'; '.join(diff)}. "
-                                      f"Resume with the model config it was trained with, or start a new run "
-                                      f"in another directory")
-        current = self.model.state_dict()
-        missing, extra = sorted(set(current) - set(model_sd)), sorted(set(model_sd) - set(current))
-        wrong = [f"'{k}' {tuple(v.shape)} vs {tuple(current[k].shape)}" for k, v in model_sd.items()
-                 if k in current and v.shape != current[k].shape]
-        if missing or extra or wrong:
-            raise CheckpointError(f"{src / 'model.safetensors'}: does not fit this model (missing {missing[:4]}, "
-                                  f"unexpected {extra[:4]}, shapes checkpoint vs model {wrong[:4]}); resume with "
-                                  f"the model config it was trained with")
-        for i, opt in enumerate(self.opts):
-            groups = [e[2] for e in meta["optimizer"] if e[0] == i and e[1] == "groups"]
-            if not groups or [len(g["params"]) for g in groups[0]] != [len(g["params"]) for g in opt.param_groups]:
-                raise CheckpointError(f"{src / 'trainer.json'}: optimizer {i}'s parameter groups do not match "
-                                      f"this model's; resume with the model config it was trained with")
-
-
 def _read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     """A checkpoint directory of save() -> (model tensors, optimiser and RNG tensors, trainer.json's metadata);
     CheckpointError naming the file that is missing or unreadable."""
@@ -338,7 +359,7 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_file}: not readable JSON ({e})") from None
-    need = ("step", "position", "optimizer", "rng_python", "rng_numpy")
+    need = ("step", "optimizer", "rng_python", "rng_numpy")
     if not isinstance(meta, dict) or not all(k in meta for k in need):
         raise CheckpointError(f"{meta_file}: not a training checkpoint's metadata (needs {list(need)})")
     tensors = []
