@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import Config, ConfigError
+from .config import HCA, Config, ConfigError
 from .model.moe import PackedExperts
 from .model.transformer import Transformer
 from .quant import dequant_fp4_weight, dequant_fp8_weight, quant_fp4_weight, quant_fp8_weight
@@ -75,6 +75,28 @@ _IGNORED = re.compile(r"(rotary_emb|inv_freq)")
 _FP32 = re.compile(r"(hc_\w+_(fn|base|scale)$|attn_sink$|\.ape$|norm\.weight$|gate\.bias$|compressor\.w(kv|gate)\.weight$)")
 
 
+_ATTN_SYNONYMS = {"q_a_proj": "wq_a", "q_b_proj": "wq_b", "kv_proj": "wkv", "gate_proj": "wgate", "o_a_proj": "wo_a",
+                  "o_b_proj": "wo_b", "q_a_norm": "q_norm", "sinks": "attn_sink", "position_bias": "ape"}
+
+
+def _attn_leaf(leaf: str) -> str | None:
+    """An attention leaf spelled in any mix of official and transformers names -> the official leaf, or None.
+
+    transformers' save_pretrained writes such mixes (`attn.compressor.indexer.gate_proj.weight`,
+    `self_attn.norm.weight`): which of its renames it reverses depends on how the model was loaded."""
+    first, *parts = leaf.split(".")
+    if first not in ("attn", "self_attn") or not parts:
+        return None
+    parts = [_ATTN_SYNONYMS.get(p, p) for p in parts if p != "scorer"]
+    if parts[:2] == ["compressor", "indexer"]:  # transformers nests the indexer (and its compressor) in the compressor
+        rest = parts[2:]
+        parts = ["indexer"] + (rest if rest[:1] in (["wq_b"], ["weights_proj"]) else ["compressor"] + rest)
+    if len(parts) > 1 and parts[-2] in ("norm", "kv_norm"):  # kv_norm in attention, norm in a compressor
+        parts[-2] = "norm" if "compressor" in parts else "kv_norm"
+    name = "attn." + ".".join(parts)
+    return name if name in _OFF_TO_HF_LEAF else None
+
+
 def canonical_name(key: str) -> str | None:
     """Any supported checkpoint key -> official name (experts stay per-expert). None for keys to skip."""
     if _IGNORED.search(key):
@@ -89,8 +111,9 @@ def canonical_name(key: str) -> str | None:
         prefix, leaf = m.groups()
         if leaf in _HF_TO_OFF_LEAF:
             return prefix + _HF_TO_OFF_LEAF[leaf]
-        if leaf == "attn.norm.weight":  # transformers' save_pretrained spelling of attn.kv_norm
-            return prefix + "attn.kv_norm.weight"
+        attn = _attn_leaf(leaf)
+        if attn:
+            return prefix + attn
         if leaf == "mlp.experts.gate_up_proj":
             return prefix + "ffn.experts.gate_up"
         if leaf == "mlp.experts.down_proj":
@@ -122,7 +145,10 @@ def build_model(cfg: Config, dtype=torch.float32, device="cpu") -> Transformer:
     for name, p in model.named_parameters():
         if not _fp32_name(name):
             p.data = p.data.to(dtype)
-    return model.to_empty(device=device)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: share the embedding again
+        model.head.weight = model.embed.weight
+    return model
 
 
 def init_random(model: Transformer, std: float = 0.02, seed: int | None = None) -> Transformer:
@@ -198,8 +224,10 @@ class _Loader:
 
     def __init__(self, model: Transformer):
         self.model = model
-        self.params = dict(model.named_parameters())
+        # with tied embeddings `head.weight` is `embed.weight`: either name (or both, equal) loads it
+        self.params = dict(model.named_parameters(remove_duplicate=False))
         self.params.update(dict(model.named_buffers()))
+        self.tied = ("embed.weight", "head.weight") if model.config.tie_word_embeddings else ()
         self.loaded: set[str] = set()
         self.expert_seen: dict[str, set] = {}
         # quantised weights and scales waiting for their partner (which may sit in another shard)
@@ -257,9 +285,14 @@ class _Loader:
         self._check_finite(name, src, t)
         if name.endswith("tid2eid"):
             self._check_expert_ids(name, src, t)
+        if name in self.tied and self.loaded & set(self.tied) and not torch.equal(dst, t.to(dst.dtype)):
+            raise CheckpointError(f"{src}: tie_word_embeddings is true but the checkpoint's head.weight and "
+                                  f"embed.weight differ; set tie_word_embeddings to false in config.json")
         with torch.no_grad():
             dst.copy_(t)
         self.loaded.add(name)
+        if name in self.tied:
+            self.loaded.update(self.tied)
 
     def put_expert(self, base: str, e: int, w: str, t: torch.Tensor | None, src: str, packed=None) -> None:
         name = f"{base}{w}"
@@ -467,9 +500,12 @@ def _dense_state(model: Transformer) -> dict[str, torch.Tensor]:
 def save_model(model: Transformer, path, max_shard_bytes: int = 2 << 30) -> None:
     """Write `model` in the transformers format (config.json + safetensors, sharded with an index).
 
-    MTP weights are kept under `mtp.*` (official names); transformers ignores them on load."""
+    MTP weights are kept under `mtp.*` (official names); transformers ignores them on load. Tied
+    embeddings are written once, as `model.embed_tokens.weight` (as transformers does)."""
     hf = {}
     dense = _dense_state(model)
+    if model.config.tie_word_embeddings:
+        del dense["head.weight"]
     for name, t in dense.items():
         t = t.detach().cpu()
         m = re.match(r"^(layers\.\d+\.)ffn\.experts\.(w[123])$", name)
@@ -506,10 +542,13 @@ def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8:
                   fp4_experts: bool = True) -> None:
     """Write DeepSeek's official layout: official names, FP8 weights with 128x128 UE8M0 scales, routed
     experts FP4 e2m1 packed two per byte with per-32 UE8M0 scales, int64 tid2eid, MTP weights,
-    BF16 for the rest (fp32 where the reference keeps fp32), sharded with an index json."""
+    BF16 for the rest (fp32 where the reference keeps fp32), sharded with an index json. The official
+    config cannot say that embeddings are tied: both tensors are written."""
     out = {}
     for name, t in _dense_state(model).items():
         t = t.detach().cpu()
+        if name == "head.weight" and model.config.tie_word_embeddings:
+            t = t.clone()  # safetensors refuses two names for one storage
         m = re.match(r"^(.*\.ffn\.experts)\.(w[123])$", name)
         if m:
             for e in range(t.shape[0]):
@@ -543,4 +582,8 @@ def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8:
               "scale_fmt": "ue8m0"}
     if cfg.csa_compress_ratio != 4:
         raise ConfigError("the official layout marks CSA layers by compress ratio 4; csa_compress_ratio must be 4")
+    if HCA in cfg.layer_types and cfg.hca_compress_ratio == 4:
+        raise ConfigError("the official layout marks CSA layers by compress ratio 4; hca_compress_ratio must not be 4")
+    if not cfg.norm_topk_prob:
+        raise ConfigError("the official layout always normalises the routing weights; norm_topk_prob must be true")
     _write_dir(Path(path), _shard(out, max_shard_bytes, "model{:05d}-of-{:05d}.safetensors"), config)

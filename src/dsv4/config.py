@@ -299,21 +299,29 @@ class Config:
             d.pop(k)
         d["compress_rates"] = {CSA: self.csa_compress_ratio, HCA: self.hca_compress_ratio}
         d["mlp_layer_types"] = ["hash_moe" if self.is_hash_layer(i) else "moe" for i in range(self.num_hidden_layers)]
-        d["partial_rotary_factor"] = self.qk_rope_head_dim / self.head_dim
-        compress = {"rope_type": "default", "rope_theta": self.compress_rope_theta,
-                    "partial_rotary_factor": self.qk_rope_head_dim / self.head_dim}
+        prf = _rotary_factor(self.qk_rope_head_dim, self.head_dim)
+        d["partial_rotary_factor"] = prf
+        compress = {"rope_type": "default", "rope_theta": self.compress_rope_theta, "partial_rotary_factor": prf}
         if self.rope_factor != 1.0:
             compress.update(rope_type="yarn", factor=self.rope_factor, attention_factor=1.0,
                             original_max_position_embeddings=self.original_max_position_embeddings,
                             beta_fast=self.beta_fast, beta_slow=self.beta_slow)
         d["rope_parameters"] = {
-            "main": {"rope_type": "default", "rope_theta": self.rope_theta,
-                     "partial_rotary_factor": self.qk_rope_head_dim / self.head_dim},
+            "main": {"rope_type": "default", "rope_theta": self.rope_theta, "partial_rotary_factor": prf},
             "compress": compress,
         }
         d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_key_value_heads=1,
                  hidden_act="silu")
         return d
+
+
+def _rotary_factor(rope_dim: int, head_dim: int) -> float:
+    """rope_dim / head_dim, nudged up to the nearest float from which transformers' int(head_dim * factor)
+    gives rope_dim back (e.g. 30 / 44 * 44 is 29.999..., which it truncates to 29). Rounding reads it back too."""
+    f = rope_dim / head_dim
+    while int(head_dim * f) < rope_dim:
+        f = math.nextafter(f, math.inf)
+    return f
 
 
 def _layer_count(kw: dict) -> int:

@@ -89,6 +89,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # one parameter, `embed.weight`
+            self.head.weight = self.embed.weight
         _hc_params(self, "hc_head", cfg.hc_mult, d, cfg.hc_mult, 1)
         self.mtp = nn.ModuleList(MTPBlock(cfg) for _ in range(cfg.num_nextn_predict_layers))
 

@@ -94,7 +94,11 @@ class Checkpointed:
 
         Under FSDP2 every rank calls it (sharded weights and optimiser state are gathered to full tensors)
         and rank 0 writes: the checkpoint is the same as a single process's and resumes under any plan."""
-        model_sd = {k: _full(v).detach().contiguous() for k, v in self.model.state_dict().items()}
+        model_sd, seen = {}, set()
+        for k, v in self.model.state_dict().items():
+            v = _full(v).detach().contiguous()
+            model_sd[k] = v.clone() if v.data_ptr() in seen else v  # tied embeddings: safetensors wants two copies
+            seen.add(v.data_ptr())
         opt_tensors, opt_meta = {}, []
         for i, opt in enumerate(self.opts):
             sd = opt.state_dict()
