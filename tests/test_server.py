@@ -865,3 +865,38 @@ def test_closed_connection_cancels_a_non_streamed_request(server):
     assert not eng.running and not eng.waiting and server[2].state.stats["active"] == 0
     time.sleep(0.5)
     assert server[2].state.stats["errors"] == errors  # a client leaving is not a server error (it raised)
+
+
+def test_user_balance_and_402_once_spent(server):
+    """GET /user/balance in DeepSeek's shape; with --balance-usd each key's balance is spent at the price
+    table and a key whose balance is gone gets 402 Insufficient Balance (Anthropic: billing_error)."""
+    url, _, _, path = server
+    status, body = _get(f"{url}/user/balance")
+    assert status == 200 and body == {"is_available": True, "balance_infos": []}  # no balance configured
+    other = "sk-test-other-key"
+    llm = AsyncLLM(LLMEngine(dsv4.load_model(path, dtype=torch.float32), load_tokenizer(path), EngineConfig()))
+    cfg = ServerConfig(api_keys=[KEY, other], balance_usd=1.0, prices={"deepseek-chat": (0.0, 1e6, 1e6)})
+    with serving(create_app(llm, str(path / "tokenizer.json"), cfg)) as url:
+        status, body = _get(f"{url}/user/balance")
+        assert status == 200 and body == {"is_available": True, "balance_infos": [
+            {"currency": "USD", "total_balance": "1.00", "granted_balance": "1.00", "topped_up_balance": "0.00"}]}
+        chat = dict(model="deepseek-chat", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+        assert post(f"{url}/chat/completions", chat)[0] == 200  # $1 per token: this one overdraws the balance
+        status, body = _get(f"{url}/user/balance")
+        assert body["is_available"] is False and body["balance_infos"][0]["total_balance"] == "0.00"
+        assert post(f"{url}/chat/completions", chat) == (402, {"error": {
+            "message": "Insufficient Balance", "type": "unknown_error", "param": None, "code": "invalid_request_error"}})
+        assert post(f"{url}/beta/completions", {"model": "deepseek-chat", "prompt": "x", "max_tokens": 1})[0] == 402
+        status, body = post(f"{url}/v1/messages", chat)
+        assert status == 402 and body["type"] == "error" and body["error"]["type"] == "billing_error"
+        assert post(f"{url}/chat/completions", chat, key=other)[0] == 200  # each key has its own balance
+    llm.close()
+
+
+def _get(url, key=KEY):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -104,7 +105,10 @@ def serve(args) -> int:
             raise ConfigError(f"--api-key-file: {e}") from None
         if not keys:
             raise ConfigError(f"{args.api_key_file}: no API keys in the file")
-    config = ServerConfig(args.served_model_name, keys, max_concurrency=args.max_concurrency)
+    if args.balance_usd is not None and not (math.isfinite(args.balance_usd) and args.balance_usd >= 0):
+        raise ConfigError(f"--balance-usd: must be a number of USD >= 0 (got {args.balance_usd})")
+    config = ServerConfig(args.served_model_name, keys, max_concurrency=args.max_concurrency,
+                          balance_usd=args.balance_usd)
     if args.prices:
         config.prices.update(_price_table(args.prices))
     tokenizer = _tokenizer(path)  # before the (slow) weights: a missing one is the likelier mistake
@@ -125,7 +129,6 @@ def serve(args) -> int:
 def _price_table(file: str) -> dict:
     """--prices: a JSON object of model name -> [cache hit, cache miss, output] USD per 1M tokens."""
     import json
-    import math
 
     try:
         table = json.loads(Path(file).read_text())
@@ -212,6 +215,9 @@ def main(argv=None) -> int:
     srv.add_argument("--max-concurrency", type=int, default=64)
     srv.add_argument("--prices", help='JSON file: {"model": [hit, miss, output] USD per 1M tokens} (default: '
                                       "DeepSeek's published V4 prices)")
+    srv.add_argument("--balance-usd", type=float,
+                     help="each API key's balance in USD, spent at --prices: GET /user/balance reports what is "
+                          "left, and requests get 402 Insufficient Balance once it is spent (default: no balance)")
     srv.add_argument("--compile", action="store_true",
                      help="compile the batched decode step ahead of time (AOTInductor; minutes the first time, "
                           "then cached on disk): several times faster decoding")

@@ -41,6 +41,8 @@ class ServerConfig:
     keepalive_seconds: float = 5.0
     # USD per 1M tokens: (cache hit, cache miss, output); DeepSeek's published V4 prices from 2026-05-22
     prices: dict = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    # each account's (API key's) balance in USD, spent at those prices; None: no balance, nothing refused
+    balance_usd: float | None = None
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str = "invalid_request_error"):
@@ -51,7 +53,7 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
 ANTHROPIC_PATHS = ("/anthropic/v1/messages", "/v1/messages")
 # Anthropic's error types by status (its SDK raises the matching exception class)
 ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+                    402: "billing_error", 404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
                     429: "rate_limit_error", 503: "overloaded_error"}
 
 
@@ -148,6 +150,31 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         account = authorize(request)
         return {"account": account, **accounts.get(account, {"requests": 0, "cost_usd": 0.0})}
 
+    def remaining(account: str) -> float | None:
+        """The account's balance left in USD (None without a configured balance)."""
+        if cfg.balance_usd is None:
+            return None
+        return max(0.0, cfg.balance_usd - accounts.get(account, {}).get("cost_usd", 0.0))
+
+    def funded(request: Request) -> str:
+        """authorize(), and 402 once the caller's balance is spent (a request may overdraw it: its cost is
+        known only when it ends, as on DeepSeek's platform)."""
+        account = authorize(request)
+        if remaining(account) == 0.0:
+            raise _Reject(error(402, "Insufficient Balance", "unknown_error"))
+        return account
+
+    @app.get("/user/balance")
+    async def balance(request: Request):
+        """DeepSeek's balance shape (amounts as strings): the caller's balance left, all of it granted.
+        Without a configured balance there is nothing to report and nothing is refused."""
+        left = remaining(authorize(request))
+        if left is None:
+            return {"is_available": True, "balance_infos": []}
+        return {"is_available": left > 0, "balance_infos": [{"currency": "USD", "total_balance": f"{left:.2f}",
+                                                             "granted_balance": f"{left:.2f}",
+                                                             "topped_up_balance": "0.00"}]}
+
     async def read_body(request: Request) -> bytes:
         """The body, refused (413) as soon as it passes the size cap: a chunked upload without a
         Content-Length is counted as it arrives, never held whole first."""
@@ -212,7 +239,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
     @app.post("/completions")
     @app.post("/v1/completions")
     async def completions(request: Request):
-        account = authorize(request)
+        account = funded(request)
         body = _json(await read_body(request))
         try:
             r = fim_request(body, request.url.path, plain, cfg.served_model_name)
@@ -255,7 +282,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         return seq, queue
 
     async def complete(request: Request, proto: "_Protocol"):
-        account = authorize(request)
+        account = funded(request)
         body = await read_body(request)
         try:
             d = proto.prepare(body)
