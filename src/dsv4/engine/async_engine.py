@@ -31,6 +31,8 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._closed:  # no thread would ever step it: its stream would wait forever
+                raise RuntimeError("AsyncLLM is closed")
             seq = self.engine.add_request(prompt, params, request_id, user, constraint)
             self._streams[seq.request_id] = (loop, queue, seq)
         self._wake.set()

@@ -59,12 +59,23 @@ class EngineConfig:
 
 
 def model_tag(model: Transformer) -> str:
-    """Identity of a model's weights for keying persisted caches (config + a sample of every tensor)."""
+    """Identity of a model's weights for keying persisted caches: config, and per tensor a sample of its
+    values and the sum of all its bits (a sample alone missed weights that differ in a few rows)."""
     h = hashlib.sha256(json.dumps(model.config.to_hf_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
         h.update(name.encode() + flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+        h.update(str(_bit_sum(flat)).encode())
     return h.hexdigest()[:32]
+
+
+def _bit_sum(t: torch.Tensor) -> int:
+    """The bytes of 1-D t summed as int64 words (wrapping): exact in any order, at memory speed."""
+    b = t.contiguous().view(torch.uint8)
+    if b.storage_offset() % 8:
+        b = b.clone()
+    n = b.numel() // 8 * 8
+    return int(b[:n].view(torch.int64).sum()) + int(b[n:].sum())
 
 
 class LLMEngine:
@@ -81,8 +92,10 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.prefix = None
         if self.cfg.prefix_block:
-            # blocks hold decode state as stored: another layout or dtype (same weights) must not hit them
-            tag = f"{model_tag(model)}|{self.cfg.cache_layout}|{self.cfg.cache_dtype or model.dtype}"
+            # blocks hold decode state as stored: another layout or dtype (same weights) must not hit them, nor
+            # on disk (which outlives this engine) another model's; the weights' tag reads every byte, so only then
+            tag = f"{model_tag(model) if self.cfg.prefix_cache_dir else ''}|{self.cfg.cache_layout}|" \
+                  f"{self.cfg.cache_dtype or model.dtype}"
             self.prefix = PrefixCache(self.cfg.prefix_block, self.cfg.prefix_cache_bytes, self.cfg.prefix_cache_dir,
                                       self.cfg.isolate_users, tag, self.device)
         empty = new_cache(model, self.dtype, self.device, self.cfg.cache_layout)
@@ -332,9 +345,16 @@ class LLMEngine:
         if not live:
             return
         rows = torch.tensor([r for w in live for r in w.rows], device=self.device)
-        nxt = [torch.tensor(w.seq.tokens[w.start + 1:w.start + len(w.rows) + 1], device=self.device) for w in live]
-        hooks = [w.mtp_hook() for w in live]
-        logits, streams = self.model.mtp_step(X[rows], nxt, [w.seq.cache for w in live], hooks)
+        nxt, seg_caches, hooks = [], [], []
+        for w in live:  # split at the blocks completed in this step: each records the MTP layer at its end
+            done = {r.end: r for r in w.recorders if r.end <= w.seq.num_computed}
+            a = w.start
+            for e in sorted(set(done) | {w.start + len(w.rows)}):
+                nxt.append(torch.tensor(w.seq.tokens[a + 1:e + 1], device=self.device))
+                seg_caches.append(w.seq.cache)
+                hooks.append(done.get(e))
+                a = e
+        logits, streams = self.model.mtp_step(X[rows], nxt, seg_caches, hooks)
         ends = torch.tensor([len(w.rows) for w in live]).cumsum(0) - 1
         # not drafted: constrained sequences (their verification would need the grammar per draft) and seeded
         # sampled ones (which drafts get verified depends on the step's token budget, so the seed's random
@@ -443,11 +463,6 @@ class _Work:
             calls.append(self.recorders[-1])
         return _Hooks(calls) if calls else None
 
-    def mtp_hook(self):
-        # a block completed in this step also records the MTP layer (its positions end with the main ones)
-        done = [r for r in self.recorders if r.end <= self.seq.num_computed]
-        return _Hooks(done) if done else None
-
     def commit(self) -> None:
         for r in self.recorders:
             if r.end <= self.seq.num_computed:  # never a block that holds rejected drafts
@@ -478,7 +493,7 @@ class _BlockRecorder:
         parent = seq.block_hashes[-1] if seq.block_hashes else pc.root(seq.user)
         key = pc.child(parent, seq.tokens[self.end - B:self.end])
         seq.block_hashes.append(key)
-        pc.insert(key, self.snap)
+        pc.insert(seq.block_hashes, self.snap)
 
 
 class LLM:

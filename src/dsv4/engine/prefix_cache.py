@@ -23,8 +23,13 @@ from safetensors.torch import save_file
 from ..model.cache import CompressorState, LayerCache, SequenceCache
 
 
-def _digest(tensors: dict) -> str:
-    h = hashlib.sha256()
+def _nbytes(snap: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in snap.values())
+
+
+def _digest(key: str, tensors: dict) -> str:
+    """Checksum of a block's tensors under its key (a valid file of another block, renamed, fails it)."""
+    h = hashlib.sha256(key.encode())
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h.update(k.encode())
@@ -91,6 +96,7 @@ class PrefixCache:
             except OSError as e:
                 raise ValueError(f"prefix cache directory {self.disk}: {e.strerror}") from None
         self.blocks: OrderedDict[str, dict] = OrderedDict()
+        self.depth: dict[str, int] = {}  # each block's index in its chain
         self.bytes = 0
         self.hits = self.queries = 0
 
@@ -104,32 +110,45 @@ class PrefixCache:
         return hashlib.sha256(parent.encode() + struct.pack(f"<{len(tokens)}q", *tokens)).hexdigest()
 
     # ---- storage ----
-    def _put_memory(self, key: str, snap: dict) -> None:
+    def _put_memory(self, chain: list, snap: dict) -> None:
+        """Keep block chain[-1] (chain: the hashes of its chain's blocks, first to last) in memory, LRU."""
+        key = chain[-1]
         if key in self.blocks:
             self.blocks.move_to_end(key)
             return
-        size = sum(t.numel() * t.element_size() for t in snap.values())
-        if size > self.max_bytes:
-            return
-        self.blocks[key] = snap
+        size = _nbytes(snap)
+        while self.bytes + size > self.max_bytes:
+            old = next(iter(self.blocks), None)
+            # never a block of its own chain: that would leave it unreachable, and a chain longer than the
+            # cap would evict its first block, then recompute and re-insert it evicting the next: no hit ever
+            if old is None or chain[self.depth[old]:self.depth[old] + 1] == [old]:
+                return
+            self.bytes -= _nbytes(self.blocks.pop(old))
+            del self.depth[old]
+        self.blocks[key], self.depth[key] = snap, len(chain) - 1
         self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self.blocks.popitem(last=False)
-            self.bytes -= sum(t.numel() * t.element_size() for t in old.values())
 
-    def insert(self, key: str, snap: dict) -> None:
-        self._put_memory(key, snap)
+    def insert(self, chain: list, snap: dict) -> None:
+        """Store block chain[-1] (chain: the hashes of its chain's blocks, first to last)."""
+        self._put_memory(chain, snap)
+        key = chain[-1]
         if self.disk and not (self.disk / f"{key}.safetensors").exists():
-            fd, tmp = tempfile.mkstemp(dir=self.disk, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({k: v.contiguous().cpu() for k, v in snap.items()}, tmp, metadata={"sha256": _digest(snap)})
+            tmp = None
+            try:  # a full disk or a read-only directory only costs the disk copy
+                fd, tmp = tempfile.mkstemp(dir=self.disk, suffix=".tmp")
+                os.close(fd)
+                save_file({k: v.contiguous().cpu() for k, v in snap.items()}, tmp,
+                          metadata={"sha256": _digest(key, snap)})
                 os.replace(tmp, self.disk / f"{key}.safetensors")
+            except (OSError, SafetensorError):
+                pass
             finally:
-                if os.path.exists(tmp):
+                if tmp is not None and os.path.exists(tmp):
                     os.unlink(tmp)
 
-    def get(self, key: str) -> dict | None:
+    def get(self, chain: list) -> dict | None:
+        """Block chain[-1] (chain: the hashes of its chain's blocks, first to last), or None."""
+        key = chain[-1]
         if key in self.blocks:
             self.blocks.move_to_end(key)
             return self.blocks[key]
@@ -141,14 +160,17 @@ class PrefixCache:
         try:
             with safe_open(str(f), framework="pt") as h:
                 snap = {k: h.get_tensor(k) for k in h.keys()}
-                ok = h.metadata().get("sha256") == _digest(snap)
+                ok = (h.metadata() or {}).get("sha256") == _digest(key, snap)
         except (SafetensorError, OSError, ValueError, RuntimeError):
             ok = False
         if not ok:  # corrupt or tampered: drop it and recompute
-            f.unlink(missing_ok=True)
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
             return None
         snap = {k: v.to(self.device) for k, v in snap.items()}
-        self._put_memory(key, snap)
+        self._put_memory(chain, snap)
         return snap
 
     def lookup(self, tokens: list, user: str | None) -> tuple[int, list, list]:
@@ -160,11 +182,12 @@ class PrefixCache:
         B = self.block_size
         for j in range((len(tokens) - 1) // B):
             key = self.child(key, tokens[j * B:(j + 1) * B])
-            snap = self.get(key)
+            hashes.append(key)
+            snap = self.get(hashes)
             if snap is None:
+                hashes.pop()
                 break
             snaps.append(snap)
-            hashes.append(key)
         if snaps:
             self.hits += 1
         return len(snaps) * B, snaps, hashes

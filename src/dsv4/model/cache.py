@@ -83,9 +83,14 @@ class EntryStore:
         return fp4_dequant(unpack_fp4(p[0]), p[1].float(), 32)
 
     def padded(self, rows: int) -> torch.Tensor:
-        """Dense layout: the storage as [rows, dim] (rows >= count), the rows past `count` arbitrary."""
-        self.parts[0] = _grow(self.parts[0], rows)
-        return self.parts[0][:rows]
+        """Dense layout: the entries as [rows, dim] (rows >= count), the rows past `count` arbitrary. A view
+        of the storage where it has room, else a copy: the storage never grows to a longer batch-mate's size."""
+        t = self.parts[0]
+        if t.shape[0] >= rows:
+            return t[:rows]
+        out = t.new_zeros(rows, self.dim)
+        out[: self.count] = t[: self.count]
+        return out
 
     def truncate(self, count: int) -> None:
         self.count = count

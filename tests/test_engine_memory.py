@@ -1,0 +1,148 @@
+"""Engine memory and prefix cache under a self-hoster's conditions: batch-mates of different lengths,
+a chain longer than the cache cap, speculative hits, odd or failing files in the cache dir, a closed AsyncLLM."""
+import asyncio
+import copy
+import errno
+import shutil
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.engine import AsyncLLM
+from dsv4.engine.engine import LLMEngine, model_tag
+from dsv4.model.cache import new_cache
+from helpers import random_model
+
+GREEDY = dsv4.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(dsv4.Config.tiny(index_n_heads=8), seed=0)
+
+
+def prompts(*lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+def cold(model, p):
+    return dsv4.LLM(model, prefix_block=0).generate(p, GREEDY).token_ids
+
+
+def test_batched_decode_does_not_grow_a_short_sequence_to_its_long_batch_mate(model):
+    """The batched decode padded every sequence's entry store to the longest one's size, for good: memory
+    the budget never counted (8 short sequences next to a 2,000-token one held ~5x what used_bytes said)."""
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    _, short = (eng.add_request(p, GREEDY) for p in prompts(600, 5, seed=1))
+    while eng.has_unfinished():
+        eng.step()
+        if short.cache is not None:
+            assert short.cache.nbytes(allocated=True) == new_cache(model).nbytes(allocated=True)
+    assert short.output_ids == cold(model, short.prompt)
+
+
+def test_a_chain_longer_than_the_cache_cap_keeps_hitting_its_first_blocks(model):
+    """LRU evicted a chain's first block to make room for its last ones (leaving them unreachable), and the
+    recompute re-inserted it evicting the next: a prompt longer than the cap never hit again."""
+    p = prompts(16 * 8 + 1, seed=2)[0]  # 8 full blocks
+    probe = dsv4.LLM(model, prefix_block=16)
+    probe.generate(p, GREEDY)
+    block = probe.engine.prefix.bytes // len(probe.engine.prefix.blocks)
+    llm = dsv4.LLM(model, prefix_block=16, prefix_cache_bytes=6 * block + block // 2)  # 6 of the 8 fit
+    llm.generate(p, GREEDY)
+    for _ in range(2):
+        out = llm.generate(p, GREEDY)
+        assert out.cached_tokens == 6 * 16 and out.token_ids == cold(model, p)
+        assert llm.engine.prefix.bytes <= 6 * block + block // 2
+
+
+def test_a_hit_restores_the_mtp_layer_as_of_the_block_end(model):
+    """With speculative decoding, a block recorded the MTP layer's window at the end of the step's MTP
+    segment (here position 100), not at the block's end (96): after a hit the MTP state, so the drafts,
+    differed from a cold run's."""
+    p = prompts(100, seed=3)[0]
+
+    def mtp_window_after_first_step(eng, prompt):
+        s = eng.add_request(prompt, GREEDY)
+        eng.step()  # the whole prompt
+        window = s.cache.mtp[0].window.clone()
+        while eng.has_unfinished():
+            eng.step()
+        assert s.output_ids == cold(model, prompt)
+        return s.cached_tokens, window
+
+    _, want = mtp_window_after_first_step(LLMEngine(model, config=dsv4.EngineConfig(
+        prefix_block=0, num_speculative_tokens=1)), p[:98])
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=16, num_speculative_tokens=1))
+    mtp_window_after_first_step(eng, p)
+    n, got = mtp_window_after_first_step(eng, p[:98])
+    assert n == 96 and (got - want).abs().max() < 1e-4
+
+
+def test_a_block_file_under_another_blocks_name_is_not_a_hit(model, tmp_path):
+    """The checksum covered the tensors, not the key: a valid file of block B renamed to block A passed
+    and restored B's state for A's tokens (wrong output)."""
+    a, b = prompts(100, 100, seed=5)
+    dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(a, GREEDY)
+    fa = next(tmp_path.glob("*.safetensors"))
+    dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(b, GREEDY)
+    fb = next(f for f in tmp_path.glob("*.safetensors") if f != fa)
+    shutil.copy(fb, fa)
+    out = dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(a, GREEDY)
+    assert out.cached_tokens == 0 and out.token_ids == cold(model, a)
+
+
+@pytest.mark.parametrize("odd", ["no metadata", "directory"])
+def test_odd_files_in_the_cache_dir_are_misses(model, tmp_path, odd):
+    """A safetensors file without metadata (AttributeError) or a directory under a block's name
+    (IsADirectoryError) failed the step."""
+    from safetensors.torch import save_file
+
+    p = prompts(100, seed=5)[0]
+    dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY)
+    f = next(tmp_path.glob("*.safetensors"))
+    f.unlink()
+    if odd == "no metadata":
+        save_file({"L0.window": torch.zeros(1)}, str(f))
+    else:
+        f.mkdir()
+    out = dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY)
+    assert out.cached_tokens == 0 and out.token_ids == cold(model, p)
+
+
+def test_a_failed_disk_write_costs_only_the_disk_copy(model, tmp_path, monkeypatch):
+    """A full disk (or a read-only directory) failed the whole step: every request in it ended with an error."""
+    from dsv4.engine import prefix_cache
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(prefix_cache, "save_file", full)
+    llm = dsv4.LLM(model, prefix_cache_dir=str(tmp_path))
+    p = prompts(100, seed=6)[0]
+    assert llm.generate(p, GREEDY).token_ids == cold(model, p)
+    assert llm.generate(p, GREEDY).cached_tokens == 64  # the memory copy still serves
+    assert not list(tmp_path.iterdir())  # no block files, no temporary files left
+
+
+def test_model_tag_tells_apart_weights_that_differ_in_one_row(model):
+    """The tag sampled 64 values per tensor: a model whose weights differ in one embedding row (a
+    fine-tuned special token) shared the other's disk blocks and got wrong tokens from them."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.embed.weight[5] += 1.0
+    assert model_tag(other) != model_tag(model)
+    assert model_tag(copy.deepcopy(model)) == model_tag(model)
+
+
+def test_submit_after_close_is_refused(model):
+    """After close() no thread steps the engine: a request submitted then waited forever."""
+    allm = AsyncLLM(LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0)))
+    allm.close()
+
+    async def main():
+        allm.submit([3, 4, 5], GREEDY)
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(main())
+    assert not allm.engine.requests
