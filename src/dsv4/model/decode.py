@@ -116,8 +116,8 @@ def _core(model, pool: StatePool, ids: torch.Tensor, pos: torch.Tensor, slots: t
         X = hc_post(_moe(block.ffn, block.ffn_norm(h)[0], ids)[None], X, post, C)
     y = model.norm(hc_head(X, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, c.rms_norm_eps,
                            c.hc_eps))[0].float()  # [N, d]
-    if ids.shape[0] == 1:  # one row: a fused reduction streams the head's weights faster than BLAS
-        return (y[:, None, :] * model.head.weight.float()).sum(-1), emitted
+    if ids.shape[0] == 1 and torch.compiler.is_compiling():  # compiled, one row: a fused reduction streams
+        return (y[:, None, :] * model.head.weight.float()).sum(-1), emitted  # the head faster than BLAS (eager: [V, d])
     return F.linear(y, model.head.weight.float()), emitted
 
 
