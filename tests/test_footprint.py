@@ -33,8 +33,9 @@ def test_param_counts_match_the_published_sizes():
     assert round(pro["total"] / 1e12, 3) == 1.573 and round(pro["active"] / 1e9, 1) == 49.8
 
 
-def test_param_count_equals_the_built_model():
-    cfg = dsv4.Config.tiny()
+@pytest.mark.parametrize("tied", [False, True])
+def test_param_count_equals_the_built_model(tied):
+    cfg = dsv4.Config.tiny(tie_word_embeddings=tied)  # tied: the head is the embedding, counted once
     m = build_model(cfg)
     n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for k, b in m.named_buffers()
                                                       if k.endswith("gate.bias"))

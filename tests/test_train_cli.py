@@ -133,6 +133,12 @@ def test_sft_replay_mixes_in_pretraining_rows_and_needs_its_source(tmp_path, cap
     bad.write_text(cfg.read_text().replace(f'replay_from = "{tmp_path / "base.toml"}"', ""))
     assert main(["train", str(bad)]) == 2
     assert "replay_from" in capsys.readouterr().err
+    # a fraction of the chat rows that rounds to no row is a note, not a traceback (np.stack of nothing)
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text(cfg.read_text().replace("replay = 0.5", "replay = 0.0001").replace(str(tmp_path / "sft"),
+                                                                                      str(tmp_path / "sft2")))
+    assert main(["train", str(tiny)]) == 0
+    assert "nothing mixed in" in capsys.readouterr().err
 
 
 def test_train_device_is_checked_and_auto_picks_the_cpu_here(tmp_path, capsys):

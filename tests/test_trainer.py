@@ -28,6 +28,11 @@ def test_loss_decreases_and_mtp_is_trained():
     assert stats[-1]["mtp_loss"] < stats[0]["mtp_loss"]
 
 
+def test_schedule_warms_up_holds_and_decays_to_a_tenth_at_the_last_step():
+    cfg = TrainConfig(steps=10, warmup=2, decay_frac=0.3)  # decay over steps 7, 8, 9
+    assert [cfg.lr_factor(i) for i in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1, 0.55, 0.1])
+
+
 def test_grad_clip_zero_means_no_clipping():
     """grad_clip = 0 turns clipping off (it used to scale every gradient by 0: nothing trained)."""
     torch.manual_seed(0)

@@ -544,6 +544,13 @@ def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8:
     experts FP4 e2m1 packed two per byte with per-32 UE8M0 scales, int64 tid2eid, MTP weights,
     BF16 for the rest (fp32 where the reference keeps fp32), sharded with an index json. The official
     config cannot say that embeddings are tied: both tensors are written."""
+    cfg = model.config  # what the official config cannot say is refused before the (long) quantisation
+    if cfg.csa_compress_ratio != 4:
+        raise ConfigError("the official layout marks CSA layers by compress ratio 4; csa_compress_ratio must be 4")
+    if HCA in cfg.layer_types and cfg.hca_compress_ratio == 4:
+        raise ConfigError("the official layout marks CSA layers by compress ratio 4; hca_compress_ratio must not be 4")
+    if not cfg.norm_topk_prob:
+        raise ConfigError("the official layout always normalises the routing weights; norm_topk_prob must be true")
     out = {}
     for name, t in _dense_state(model).items():
         t = t.detach().cpu()
@@ -563,7 +570,6 @@ def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8:
             out[name] = t
         else:
             out[name] = t.float() if _OFFICIAL_FP32.search(name) else t.to(torch.bfloat16)
-    cfg = model.config
     config = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
               "moe_inter_dim": cfg.moe_intermediate_size, "n_hash_layers": cfg.num_hash_layers,
               "n_mtp_layers": cfg.num_nextn_predict_layers, "n_heads": cfg.num_attention_heads,
@@ -580,10 +586,4 @@ def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8:
               "norm_eps": cfg.rms_norm_eps, "compress_ratios": cfg.compress_ratios,
               "dtype": "fp8" if fp8 else "bf16", "expert_dtype": "fp4" if fp4_experts else "bf16",
               "scale_fmt": "ue8m0"}
-    if cfg.csa_compress_ratio != 4:
-        raise ConfigError("the official layout marks CSA layers by compress ratio 4; csa_compress_ratio must be 4")
-    if HCA in cfg.layer_types and cfg.hca_compress_ratio == 4:
-        raise ConfigError("the official layout marks CSA layers by compress ratio 4; hca_compress_ratio must not be 4")
-    if not cfg.norm_topk_prob:
-        raise ConfigError("the official layout always normalises the routing weights; norm_topk_prob must be true")
     _write_dir(Path(path), _shard(out, max_shard_bytes, "model{:05d}-of-{:05d}.safetensors"), config)

@@ -94,9 +94,10 @@ def _block_params(cfg: Config, layer: int, active: bool) -> int:
 
 
 def param_counts(cfg: Config) -> dict[str, int]:
-    """Total and active (per token: top-k routed experts, embedding and head included) parameter counts."""
+    """Total and active (per token: top-k routed experts, embedding and head included; once if tied) parameter
+    counts."""
     d, n = cfg.hidden_size, cfg.hc_mult
-    top = 2 * cfg.vocab_size * d + d + n * n * d + n + 1
+    top = (1 if cfg.tie_word_embeddings else 2) * cfg.vocab_size * d + d + n * n * d + n + 1
     out = {}
     for key, active in (("total", False), ("active", True)):
         main = top + sum(_block_params(cfg, i, active) for i in range(cfg.num_hidden_layers))
@@ -113,7 +114,8 @@ def prefill_flops(cfg: Config, S: int) -> float:
     scoring of every visible CSA entry."""
     p = param_counts(cfg)
     d, V = cfg.hidden_size, cfg.vocab_size
-    dense = 2 * (p["active"] - 2 * V * d) + 2 * V * d  # embedding lookup is free; the head is a matmul
+    # the embedding lookup is free, the head a matmul
+    dense = 2 * (p["active"] - (1 if cfg.tie_word_embeddings else 2) * V * d) + 2 * V * d
     t = torch.arange(S, dtype=torch.float64)
     H, c = cfg.num_attention_heads, cfg.head_dim
     keys = torch.zeros(S, dtype=torch.float64)

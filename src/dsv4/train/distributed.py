@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 
 def init(backend: str | None = None) -> tuple[int, int]:
-    """Join the process group torchrun set up (no-op when not launched distributed). -> (rank, world)."""
+    """Join the process group torchrun set up (no-op when not launched distributed). -> (rank, world).
+    backend: "nccl" (one GPU per process) or "gloo" (CPU tensors); default nccl when CUDA is present."""
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
             return 0, 1
@@ -30,6 +31,9 @@ class DataParallel:
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
+        # where the process group's collectives take their tensors: NCCL has no CPU backend
+        nccl = world > 1 and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.shape[0] % self.world:
@@ -51,7 +55,7 @@ class DataParallel:
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return (t / self.world).item()
 

@@ -217,7 +217,9 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
 
     from .distributed import DataParallel, init
 
-    rank, world = init()  # under torchrun: data parallel over the launched processes
+    device = train_device(tcfg.device)
+    # under torchrun: data parallel over the launched processes (NCCL for GPUs, gloo for the CPU)
+    rank, world = init("nccl" if device.type == "cuda" else "gloo")
     lead = rank == 0
     ckpt = run / "checkpoint"
     if not resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
@@ -240,7 +242,7 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         raise ConfigError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab_size {model.config.vocab_size}")
     if qat:
         enable_fp4_qat(model, fp8=qat == "fp4+fp8")
-    model.to(train_device(tcfg.device))
+    model.to(device)
     trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None, train_mask)
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         trainer.resume(ckpt)
@@ -441,6 +443,12 @@ def _with_replay(tokens: np.ndarray, mask: np.ndarray, data: dict, tok, tcfg: Tr
     width = tcfg.seq_len + 1
     rows = len(tokens) // width
     n = int(rows * float(data["replay"]))
+    if n == 0:
+        out.write(f"dsv4 train: replay {data['replay']} of {rows} chat rows is no row: nothing mixed in\n")
+        return tokens, mask
+    if len(text) <= width:
+        raise ConfigError(f"config [data] replay_from: {data['replay_from']}'s training corpus has {len(text)} "
+                          f"tokens, fewer than one row of [train] seq_len + 1 = {width}")
     rng = np.random.default_rng(tcfg.seed)
     starts = rng.integers(0, len(text) - width, n)
     extra = np.stack([text[s:s + width] for s in starts]).astype(np.int32)

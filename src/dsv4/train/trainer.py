@@ -64,13 +64,14 @@ class TrainConfig:
                         ("device", self.device, isinstance(self.device, str), "a string: auto, cpu or cuda:N")])
 
     def lr_factor(self, step: int) -> float:
-        """Warmup-stable-decay multiplier for step (0-based)."""
+        """Warmup-stable-decay multiplier for step (0-based): linear warmup, 1, then linearly down to 0.1 at
+        the last step."""
         if step < self.warmup:
             return (step + 1) / self.warmup
         decay_start = int(self.steps * (1 - self.decay_frac))
         if step < decay_start:
             return 1.0
-        return 1.0 - 0.9 * (step - decay_start) / max(1, self.steps - decay_start)
+        return 1.0 - 0.9 * (step - decay_start) / max(1, self.steps - 1 - decay_start)
 
 
 class Checkpointed:
