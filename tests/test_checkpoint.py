@@ -84,6 +84,35 @@ def test_packed_fp4_experts_give_the_same_logits(official):
         assert torch.allclose(dense(ids), packed(ids), atol=1e-6, rtol=0)
 
 
+def test_scales_stored_as_bytes_or_floats_load_alike(official, tmp_path):
+    """UE8M0 scales saved as raw uint8 bytes or as float32 (converters without an e8m0 dtype) give the
+    same weights on both expert paths; uint8 read as numbers was silently wrong (errors up to 730)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, path = official
+    ref = dsv4.load_model(path, dtype=torch.float32).state_dict()
+    for name, conv in (("bytes", lambda t: t.view(torch.uint8)), ("float", lambda t: t.float()),
+                       ("int32", lambda t: t.view(torch.uint8).int()), ("inexact", lambda t: t.float() * 1.5)):
+        out = tmp_path / name
+        shutil.copytree(path, out)
+        for f in out.glob("*.safetensors"):
+            save_file({k: conv(v) if k.endswith(".scale") else v for k, v in load_file(str(f)).items()}, str(f))
+        if name == "int32":
+            with pytest.raises(dsv4.CheckpointError, match="int32"):
+                dsv4.load_model(out, dtype=torch.float32)
+            continue
+        if name == "inexact":  # float scales that are no powers of two: fine dequantised, not as UE8M0
+            with pytest.raises(dsv4.CheckpointError, match="powers of two"):
+                dsv4.load_model(out, dtype=torch.float32, fp4_experts=True)
+            continue
+        got = dsv4.load_model(out, dtype=torch.float32).state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), name
+        packed = dsv4.load_model(out, dtype=torch.float32, fp4_experts=True).layers[1].ffn.experts
+        assert torch.equal(packed.weights(0, torch.float32)[0], ref["layers.1.ffn.experts.w1"][0]), name
+
+
 def test_bf16_load_runs(official):
     _, path = official
     m = dsv4.load_model(path)  # default bf16

@@ -312,6 +312,12 @@ class _Loader:
             if tuple(dst.shape[1:]) != tuple(v.shape):
                 raise CheckpointError(f"{src}: '{name}' expert {e} has shape {tuple(v.shape)}, the config expects "
                                       f"{tuple(dst.shape[1:])}")
+            if packed is not None and dst.dtype == torch.float8_e8m0fnu and v.dtype != dst.dtype:  # a float scale
+                e8m0 = v.to(dst.dtype)
+                if not torch.equal(e8m0.float(), v.float()):
+                    raise CheckpointError(f"{src}: '{name}' expert {e} has scales that are not powers of two, which "
+                                          f"fp4_experts=True keeps as UE8M0; load without fp4_experts")
+                v = e8m0
             with torch.no_grad():
                 dst[e].copy_(v.view(dst.dtype) if packed is not None else v)
         self.expert_seen.setdefault(name, set()).add(e)
@@ -319,6 +325,11 @@ class _Loader:
     def put_quantised(self, wname: str, w: torch.Tensor, s: torch.Tensor, src: str) -> None:
         m = _EXPERT.match(wname)
         fmt = "FP4" if w.dtype == torch.int8 else "FP8"
+        if s.dtype == torch.uint8:  # UE8M0 exponents stored as raw bytes (converters without an e8m0 dtype)
+            s = s.view(torch.float8_e8m0fnu)
+        elif not s.dtype.is_floating_point:
+            raise CheckpointError(f"{src}: the scale of {fmt} tensor '{wname}' has dtype {s.dtype}; expected "
+                                  f"float8_e8m0fnu (or its bytes as uint8) or a float type")
         if w.dim() != 2:  # block scales are per row and column block
             raise CheckpointError(f"{src}: {fmt} tensor '{wname}' has shape {tuple(w.shape)}, expected a matrix")
         if fmt == "FP4":  # packed routed expert
