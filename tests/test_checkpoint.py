@@ -237,6 +237,49 @@ def test_fp4_experts_need_an_fp4_checkpoint(tmp_path):
         dsv4.load_model(tmp_path, fp4_experts=True)
 
 
+@pytest.mark.parametrize("crash_at", range(4))
+def test_a_save_killed_at_any_step_leaves_a_whole_model(tmp_path, monkeypatch, crash_at):
+    """Killed at each of save_model's renames and removals in turn (changing the shard layout, which used to
+    leave an index naming deleted shards, or a silent mix of old and new shards): the directory loads as the
+    old model or the new one, its tokenizer.json kept, and the next save cleans up and succeeds."""
+    import os
+    import shutil
+
+    import dsv4.checkpoint as ck
+
+    path = tmp_path / "model"
+    a, b, c = (random_model(CFG, seed=s) for s in (1, 2, 3))
+    dsv4.save_model(a, path)  # one file
+    (path / "tokenizer.json").write_text("{}")
+    ops, real_replace, real_rmtree = [], os.replace, shutil.rmtree
+
+    class Killed(BaseException):
+        pass
+
+    def op(real):
+        def run(*args, **kw):
+            ops.append(args[0])
+            if len(ops) - 1 == crash_at:
+                raise Killed
+            if len(ops) - 1 > crash_at:  # dead: nothing after the kill happens, its `finally` cleanup included
+                return None
+            return real(*args, **kw)
+        return run
+    monkeypatch.setattr(ck.os, "replace", op(real_replace))
+    monkeypatch.setattr(ck.shutil, "rmtree", op(real_rmtree))
+    with pytest.raises(Killed):
+        dsv4.save_model(b, path, max_shard_bytes=150_000)  # sharded: another layout
+    monkeypatch.undo()
+    with pytest.warns(UserWarning) if not path.exists() else __import__("contextlib").nullcontext():
+        got = dsv4.load_model(path, dtype=torch.float32).embed.weight
+    assert torch.equal(got, a.embed.weight) or torch.equal(got, b.embed.weight)
+    assert (path if path.exists() else tmp_path / "model.old").joinpath("tokenizer.json").exists()
+    dsv4.save_model(c, path)
+    assert torch.equal(dsv4.load_model(path, dtype=torch.float32).embed.weight, c.embed.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
 def test_save_is_atomic_previous_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
     model = random_model(CFG, seed=1)
     dsv4.save_model(model, tmp_path)

@@ -429,6 +429,10 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
     quantisation points.
     Only safetensors are read."""
     path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():  # a save killed between its renames: the previous model is whole there
+        warnings.warn(f"{path} is missing; loading the previous save, {old}", stacklevel=2)
+        path = old
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     cfg = _read_config(path)
@@ -451,12 +455,24 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
 
 # ---------------------------------------------------------------- writing
 
-def _write_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], config: dict, shard_meta=None) -> None:
-    """Write shards + index + config into a temporary sibling directory, then move them in place.
+def _write_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], config: dict) -> None:
+    """Write shards + index + config as a whole new directory that replaces `path`.
 
-    A crash mid-save leaves any previous checkpoint in `path` intact."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path))
+    A sibling temporary gets the new files, plus hard links to whatever else `path` holds (a tokenizer.json,
+    subdirectories) but its old weights; then `path` is renamed to `path`.old, the temporary to `path`, and
+    `path`.old removed. A kill at any point leaves the previous checkpoint whole: in `path`, or between the
+    renames in `path`.old, which load_model then reads. The next save clears what a kill left behind."""
+    path = Path(path)
+    if Path.cwd().resolve().is_relative_to(path.resolve()):  # renaming it would pull the ground from under us
+        raise ConfigError(f"{path}: save a model into a directory of its own, not the current one or above it")
+    old = path.with_name(path.name + ".old")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if path.is_dir() and old.is_dir():  # `path` only ever appears whole: `old` is a kill's leftover
+        shutil.rmtree(old)
+    previous = path if path.is_dir() else old if old.is_dir() else None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         weight_map = {}
         for fname, tensors in files.items():
@@ -467,15 +483,32 @@ def _write_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], config: di
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for old in list(path.glob("*.safetensors")) + [path / "model.safetensors.index.json"]:
-            if old.exists() and old.name not in files and old.name != "model.safetensors.index.json":
-                old.unlink()
-        for f in tmp.iterdir():
-            os.replace(f, path / f.name)
-        if len(files) == 1 and (path / "model.safetensors.index.json").exists():
-            (path / "model.safetensors.index.json").unlink()
+        if previous is not None:
+            for f in previous.iterdir():
+                if not (f.name.endswith(".safetensors") or f.name in ("model.safetensors.index.json", "config.json")
+                        or f.name.startswith(".tmp-")):
+                    _link_tree(f, tmp / f.name)
+        if previous == path:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """dst as a copy of src made of hard links (plain copies where the file system has none)."""
+    if src.is_dir() and not src.is_symlink():
+        dst.mkdir()
+        for f in src.iterdir():
+            _link_tree(f, dst / f.name)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int, pattern: str) -> dict[str, dict[str, torch.Tensor]]:
