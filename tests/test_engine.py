@@ -534,3 +534,52 @@ async def _drain(stream):
     async for out in stream:
         last = out
     return last
+
+
+def test_a_long_prefill_is_not_starved_by_later_short_ones(model):
+    """Prefill chunks go in admission order after the decodes: shortest-first gave a 64-token prompt no
+    token for as long as 16-token prompts kept arriving to fill the budget."""
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, max_num_batched_tokens=16))
+    sp = dsv4.SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    first = eng.add_request(prompts(64)[0], sp)
+    for i in range(8):
+        eng.add_request(prompts(16, seed=i + 1)[0], sp)
+        eng.step()
+    assert first.status == dsv4.engine.sequence.Status.FINISHED
+
+
+def test_text_prompt_past_the_models_vocab_is_refused_alone(model):
+    """A tokenizer with more ids than the model's vocab: that prompt is a RequestError, not a failed step."""
+    from tokenizers import Tokenizer, models
+
+    big = Tokenizer(models.WordLevel({"hi": 3, "far": model.config.vocab_size + 5}, unk_token="hi"))
+    eng = LLMEngine(model, big, dsv4.EngineConfig(prefix_block=0))
+    ok = eng.add_request(prompts(5)[0], GREEDY)
+    with pytest.raises(dsv4.RequestError, match="past the model's vocab_size"):
+        eng.add_request("far", GREEDY)
+    while eng.has_unfinished():
+        eng.step()
+    assert len(ok.output_ids) == GREEDY.max_tokens
+
+
+def test_constrained_logprobs_are_the_models(model):
+    """A constraint masks what is sampled, not the logprobs: they are the model's own (no -inf alternatives)."""
+    class OnlyTwo:
+        def mask(self, logits, remaining):
+            out = torch.full_like(logits, float("-inf"))
+            out[[7, 9]] = logits[[7, 9]]
+            return out
+
+        def accept(self, t):
+            pass
+
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    s = eng.add_request([3, 4, 5], dsv4.SamplingParams(max_tokens=1, temperature=0, logprobs=5, ignore_eos=True),
+                        constraint=OnlyTwo())
+    while eng.has_unfinished():
+        eng.step()
+    lp = s.logprobs[0]
+    with torch.no_grad():
+        own = torch.log_softmax(full_logits(model, torch.tensor([[3, 4, 5]]))[0, -1].float(), -1)
+    assert lp.token_id in (7, 9) and abs(lp.logprob - own[lp.token_id].item()) < 1e-4
+    assert [t for t, _ in lp.top] == own.topk(5).indices.tolist()

@@ -146,7 +146,11 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer; pass token ids")
-            return self.tokenizer.encode(prompt).ids
+            ids = self.tokenizer.encode(prompt).ids
+            if any(t >= self.mcfg.vocab_size for t in ids):  # else the step fails, for every batch-mate
+                raise RequestError(f"the tokenizer gave token id {max(ids)}, past the model's vocab_size "
+                                   f"{self.mcfg.vocab_size}: the tokenizer does not belong to this model")
+            return ids
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
@@ -243,7 +247,9 @@ class LLMEngine:
                 continue
             self._admit(self.waiting.popleft())
         plan = []
-        for seq in sorted(self.running, key=lambda s: s.pending):  # decodes first, then prefills
+        # decodes first, then prefill chunks in admission order (shortest first starved a long prompt for as
+        # long as shorter ones kept arriving)
+        for seq in sorted(self.running, key=lambda s: s.pending > 1):
             if budget <= 0:
                 break
             n = min(seq.pending + (len(seq.drafts) if seq.pending == 1 else 0), budget)
@@ -389,13 +395,16 @@ class LLMEngine:
         for s in seqs:
             self._ensure_counts(s)
         failed = {}  # an output constraint that fails ends its own request, not the step's others
+        # logprobs report the model's distribution, not the constraint's mask (as for top-k / top-p)
+        unmasked = logits.clone() if any(s.constraint and s.logprobs is not None for s in seqs) else None
         for i, s in enumerate(seqs):
             if s.constraint is not None:
                 try:
                     logits[i] = s.constraint.mask(logits[i], s.params.max_tokens - len(s.output_ids))
                 except Exception as e:
                     failed[i] = e
-        toks, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs])
+        toks, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs],
+                           unmasked)
         for i, (s, t) in enumerate(zip(seqs, toks.tolist())):
             try:
                 if i in failed:

@@ -87,23 +87,29 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def draw(pr: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a probability vector [V]."""
-    return int(torch.multinomial(pr, 1, generator=generator))
+    """One token from a probability vector [V]. A seeded draw runs on the CPU, where its generator lives
+    (the same tokens for a seed whatever the device)."""
+    return int(torch.multinomial(pr.cpu() if generator is not None else pr, 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, params: list, generators: list,
-           counts: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample(logits: torch.Tensor, params: list, generators: list, counts: list,
+           unmasked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V] -> (tokens [B], logprobs [B, V] of the penalised distribution before truncation,
     or None when no request asks for logprobs).
 
-    counts[i]: [V] float counts of the tokens sequence i generated so far (for penalties), or None."""
-    if any(c is not None for c in counts):
-        rows = torch.stack([penalised(logits[i], p, c) for i, (p, c) in enumerate(zip(params, counts))])
-    else:
-        rows = logits.float()
+    counts[i]: [V] float counts of the tokens sequence i generated so far (for penalties), or None.
+    unmasked: the logits before output constraints masked them, for the logprobs (default: logits)."""
+    rows = _penalised_rows(logits, params, counts)
     out = rows.argmax(-1)  # greedy rows, all at once
     for i, p in enumerate(params):
         if not p.greedy:
             out[i] = draw(probs(rows[i], p), generators[i])
-    wanted = any(p.logprobs is not None for p in params)
-    return out, torch.log_softmax(rows, -1) if wanted else None
+    if not any(p.logprobs is not None for p in params):
+        return out, None
+    return out, torch.log_softmax(rows if unmasked is None else _penalised_rows(unmasked, params, counts), -1)
+
+
+def _penalised_rows(logits: torch.Tensor, params: list, counts: list) -> torch.Tensor:
+    if any(c is not None for c in counts):
+        return torch.stack([penalised(logits[i], p, c) for i, (p, c) in enumerate(zip(params, counts))])
+    return logits.float()
