@@ -213,21 +213,25 @@ def test_user_id_scopes_cache_hits_when_users_are_isolated(server):
     llm.close()
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_anthropic_forced_tool_use_round_trip(claude, stream):
-    """tool_choice {"type": "tool"} on Messages: a tool_use block whose input follows the input_schema
-    (constrained decoding, even from the random dev model), streamed or not; its tool_result goes back."""
+@pytest.mark.parametrize("stream,choice,thinking", [(False, "tool", "disabled"), (True, "tool", "disabled"),
+                                                    (False, "any", "disabled"), (True, "any", "enabled")])
+def test_anthropic_forced_tool_use_round_trip(claude, stream, choice, thinking):
+    """tool_choice {"type": "tool"} or {"type": "any"} (which deepseek-recipe converts as auto: it used to
+    answer with text) on Messages: a tool_use block whose input follows the input_schema (constrained
+    decoding, even from the random dev model), streamed or not; its tool_result goes back."""
     tool = {"name": "set_light", "description": "Switch a light",
             "input_schema": {"type": "object", "properties": {"on": {"type": "boolean"},
                                                               "room": {"type": "string", "enum": ["kitchen", "hall"]}},
                              "required": ["on", "room"], "additionalProperties": False}}
     ask = [{"role": "user", "content": "Turn on the kitchen light."}]
-    kw = dict(model="deepseek-v4-flash", max_tokens=120, tools=[tool], thinking={"type": "disabled"})
+    kw = dict(model="deepseek-v4-flash", max_tokens=120 if thinking == "disabled" else 400, tools=[tool],
+              thinking={"type": thinking} | ({"budget_tokens": 1024} if thinking == "enabled" else {}))
+    tool_choice = {"type": "tool", "name": "set_light"} if choice == "tool" else {"type": "any"}
     if stream:
-        with claude.messages.stream(tool_choice={"type": "tool", "name": "set_light"}, messages=ask, **kw) as s:
+        with claude.messages.stream(tool_choice=tool_choice, messages=ask, **kw) as s:
             r = s.get_final_message()
     else:
-        r = claude.messages.create(tool_choice={"type": "tool", "name": "set_light"}, messages=ask, **kw)
+        r = claude.messages.create(tool_choice=tool_choice, messages=ask, **kw)
     uses = [b for b in r.content if b.type == "tool_use"]
     assert r.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "set_light"
     assert set(uses[0].input) == {"on", "room"} and isinstance(uses[0].input["on"], bool)
@@ -236,6 +240,24 @@ def test_anthropic_forced_tool_use_round_trip(claude, stream):
                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "done"}]}]
     after = claude.messages.create(messages=back, **kw | {"max_tokens": 4})
     assert after.type == "message" and after.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+def test_request_checks_deepseek_recipe_leaves_to_the_server(server, claude):
+    """api.md section 2: at most 128 tools, names of at most 64 characters, no json_schema response format;
+    and deepseek-chat / deepseek-reasoner select the thinking mode on the Anthropic route as on Chat."""
+    url = server[0]
+    fn = lambda name: {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}  # noqa: E731
+    chat = dict(model="deepseek-chat", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+    for extra, named in (({"tools": [fn(f"f{i}") for i in range(129)]}, "128 tools"),
+                         ({"tools": [fn("x" * 65)]}, "64 characters"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+                          "json_schema")):
+        status, body = post(f"{url}/chat/completions", chat | extra)
+        assert status == 400 and named in body["error"]["message"]
+    assert post(f"{url}/chat/completions", chat | {"tools": [fn(f"f{i}") for i in range(128)]})[0] == 200
+    for model, thinks in (("deepseek-chat", False), ("deepseek-reasoner", True)):
+        r = claude.messages.create(model=model, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        assert (r.content[0].type == "thinking") == thinks, model
+    assert _get(f"{url}/v1/user/balance")[0] == 200  # the /v1 alias, as for the other routes
 
 # ---- FIM / completions / metrics ----
 
@@ -654,6 +676,11 @@ def test_request_beyond_the_decode_state_budget_is_503(server, client):
         status, body = post(f"{server[0]}/beta/completions", {"model": "deepseek-v4-flash", "prompt": "x",
                                                               "max_tokens": 2})
         assert status == 503 and "overloaded" in body["error"]["message"].lower()
+        # streamed: the 503 comes before the stream starts (it used to be a 200, then an error event)
+        for path in ("/chat/completions", "/v1/messages"):
+            status, body = post(f"{server[0]}{path}", {"model": "deepseek-chat", "max_tokens": 2, "stream": True,
+                                                       "messages": [{"role": "user", "content": "x"}]})
+            assert status == 503, path
     finally:
         eng.cfg.kv_budget_bytes = budget
 

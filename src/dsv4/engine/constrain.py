@@ -88,9 +88,15 @@ def text_or_tool_call_grammar(tools: list):
     import xgrammar as xgr
 
     text = xgr.Grammar.from_ebnf('root ::= [^｜]*')
-    block = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f"root ::= {_lit(chr(10) + chr(10) + f'<{DSML}tool_calls>' + chr(10))}"),
-                               tool_call_grammar(tools))
-    return xgr.Grammar.concat(text, xgr.Grammar.union(block, xgr.Grammar.from_ebnf('root ::= ""')))
+    return xgr.Grammar.concat(text, xgr.Grammar.union(tool_block_grammar(tools), xgr.Grammar.from_ebnf('root ::= ""')))
+
+
+def tool_block_grammar(tools: list):
+    """A whole DSML tool-call block, opener included, with one call under the tools' schemas."""
+    import xgrammar as xgr
+
+    opener = xgr.Grammar.from_ebnf(f"root ::= {_lit(chr(10) + chr(10) + f'<{DSML}tool_calls>' + chr(10))}")
+    return xgr.Grammar.concat(opener, tool_call_grammar(tools))
 
 
 class SchemaError(ValueError):
@@ -153,7 +159,8 @@ class GrammarConstraint:
     pieces of the markers' fullwidth bar, so DSML tags can only come out as the special token (the
     output parser only honours that form)."""
 
-    def __init__(self, tokenizer, eos: int, grammar, start_after: int | None = None, ban_spelled_markers=True):
+    def __init__(self, tokenizer, eos: int, grammar, start_after: int | None = None, ban_spelled_markers=True,
+                 reply_reserve: int = 16):
         import xgrammar as xgr
 
         self.vocab = vocab_for(tokenizer, eos)
@@ -163,18 +170,17 @@ class GrammarConstraint:
         self.start_after = start_after
         self.active = start_after is None
         self.ban = ban_spelled_markers
-
-    REPLY_RESERVE = 16  # tokens kept for the constrained reply: the reasoning is closed before them
+        self.reply_reserve = reply_reserve  # tokens kept for the constrained reply: the reasoning closes before them
 
     def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
         """logits [V] -> a new tensor with the tokens the grammar forbids at -inf.
 
         Before `start_after` (the reasoning): no end of sequence, and `start_after` is forced once only
-        REPLY_RESERVE tokens remain, so the constrained reply always gets its turn."""
+        reply_reserve tokens remain, so the constrained reply always gets its turn."""
         if not self.active:
             out = logits.clone()
             out[self.vocab.eos] = float("-inf")
-            if remaining <= self.REPLY_RESERVE:
+            if remaining <= self.reply_reserve:
                 out.fill_(float("-inf"))
                 out[self.start_after] = 0.0
             return out

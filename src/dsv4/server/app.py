@@ -165,6 +165,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         return account
 
     @app.get("/user/balance")
+    @app.get("/v1/user/balance")
     async def balance(request: Request):
         """DeepSeek's balance shape (amounts as strings): the caller's balance left, all of it granted.
         Without a configured balance there is nothing to report and nothing is refused."""
@@ -273,6 +274,9 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         if state["active"] >= cfg.max_concurrency:
             raise _Reject(error(429, "Rate limit reached: too many concurrent requests", "rate_limit_error",
                                 "rate_limit_exceeded"))
+        if engine.estimate_bytes(len(ids) + params.max_tokens) > engine.cfg.kv_budget_bytes:
+            # the engine would refuse it once scheduled; known now, a stream gets its 503 before its 200
+            raise _Overloaded("exceeds the decode-state memory budget")
         try:
             seq, queue = llm.submit(ids, params, user=user, constraint=constraint)
         except RequestError as e:
@@ -291,6 +295,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
             user = (_user_id(d.get("user_id")) if proto is CHAT else
                     _metadata_user_id(meta.get("user_id") if isinstance(meta, dict) else None))
             model = req.model
+            _check_tools_and_format(d)
             conv = req.convert(options)
         except dr.ConversionError as e:
             return shaped(request, Response(e.body, status_code=e.status_code, media_type="application/json"))
@@ -315,7 +320,8 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         except RequestError as e:
             raise _Reject(error(422, str(e))) from None
         try:
-            constraint = _constraint(io.output_constraint, conv, po, engine, d.get("tools"))
+            constraint = _constraint(io.output_constraint, conv, po, engine, d.get("tools"),
+                                     required=proto is MESSAGES and _tool_choice_any(d))
         except SchemaError as e:
             raise _Reject(error(400, f"Invalid request: {e}")) from None
         seq, queue = admit(ids, params, user, constraint)
@@ -562,6 +568,24 @@ def _json(body: bytes) -> dict:
     return d
 
 
+def _check_tools_and_format(d: dict) -> None:
+    """api.md section 2's limits deepseek-recipe does not check: at most 128 tools, names of at most 64
+    characters, no `response_format` json_schema (json_object only)."""
+    tools = d.get("tools")
+    if isinstance(tools, list):
+        if len(tools) > 128:
+            raise _Reject(error(400, f"Invalid request: at most 128 tools are supported (got {len(tools)})"))
+        for t in tools:
+            fn = t.get("function", t) if isinstance(t, dict) else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if isinstance(name, str) and len(name) > 64:
+                raise _Reject(error(400, f"Invalid request: tool name {name[:16]!r}... is longer than 64 characters"))
+    fmt = d.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        raise _Reject(error(400, "Invalid request: response_format type 'json_schema' is not supported; use "
+                                 "'json_object' (and describe the fields in the prompt)"))
+
+
 def _user_id(user):
     """The request's end-user id (chat and FIM: `user_id`; Messages: `metadata.user_id`), which scopes
     context-cache hits when the engine isolates users; None when absent."""
@@ -583,8 +607,9 @@ def _metadata_user_id(user):
 
 
 def _claude_names(body: bytes):
-    """Anthropic side: claude-opus* -> deepseek-v4-pro, other claude-* -> deepseek-v4-flash; '[1m]' suffixes dropped."""
-    d = _json(body)
+    """Anthropic side: claude-opus* -> deepseek-v4-pro, other claude-* -> deepseek-v4-flash; '[1m]' suffixes dropped;
+    deepseek-chat / deepseek-reasoner select the thinking mode as on the Chat side."""
+    d = _chat_aliases(body)
     model = d.get("model")
     if isinstance(model, str):
         name = model.split("[")[0]
@@ -685,15 +710,23 @@ def fim_request(body: dict, path: str, plain, served: str) -> _TextRequest:
                         prompt if echo else "")
 
 
-def _constraint(oc, conv, po, engine, request_tools=None):
+def _tool_choice_any(d: dict) -> bool:
+    choice = d.get("tool_choice")
+    return isinstance(choice, dict) and choice.get("type") == "any" and bool(d.get("tools"))
+
+
+def _constraint(oc, conv, po, engine, request_tools=None, required: bool = False):
     """The engine-side output constraint for deepseek-recipe's OutputConstraint, or None.
 
     json: a valid JSON object (after the thinking, if any). tool_call_required (tool_choice required
     or a named function): the DSML tool-call block the prompt opened, under the tools' schemas.
-    `request_tools`: the request's own tool list, whose `$defs` the strict conversion drops."""
+    `request_tools`: the request's own tool list, whose `$defs` the strict conversion drops.
+    required: a call is due though the prompt opened no block (Anthropic tool_choice any, which
+    deepseek-recipe converts as auto): the answer is the block, opener included."""
     if oc is None:
         return None
-    from ..engine.constrain import GrammarConstraint, JSONObjectConstraint, text_or_tool_call_grammar, tool_call_grammar
+    from ..engine.constrain import (GrammarConstraint, JSONObjectConstraint, text_or_tool_call_grammar,
+                                    tool_block_grammar, tool_call_grammar)
 
     think_end = engine.tokenizer.token_to_id(dr.SpecialToken.ThinkingEnd.default_str())
     if oc.kind == "json":
@@ -704,8 +737,10 @@ def _constraint(oc, conv, po, engine, request_tools=None):
     if oc.kind == "tool_call_required":
         start = None if po.starts_in_tool_calls else think_end
         return GrammarConstraint(engine.tokenizer, engine.eos, tool_call_grammar(tools), start)
-    # auto: free text, and any call it makes follows the tools' schemas
     start = think_end if conv.conversation.thinking_mode else None
+    if required:  # room after the reasoning for a whole call, not only a short JSON reply
+        return GrammarConstraint(engine.tokenizer, engine.eos, tool_block_grammar(tools), start, reply_reserve=128)
+    # auto: free text, and any call it makes follows the tools' schemas
     return GrammarConstraint(engine.tokenizer, engine.eos, text_or_tool_call_grammar(tools), start)
 
 
