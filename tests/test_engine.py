@@ -529,6 +529,43 @@ def test_closing_the_async_engine_ends_open_streams(model):
     assert last.finished and last.finish_reason == "abort" and not allm.engine.has_unfinished()
 
 
+def test_submit_and_abort_never_wait_for_a_running_step(model):
+    """The server's event loop hands requests and cancellations over without the engine's lock: a long
+    step (a big prefill) used to stall every stream, keep-alive and health check for its whole length."""
+    import asyncio
+    import threading
+    import time
+
+    from dsv4.engine import AsyncLLM
+
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    real, stepping = eng.step, threading.Event()
+
+    def slow_step():
+        stepping.set()
+        time.sleep(0.5)
+        return real()
+    eng.step = slow_step
+    allm = AsyncLLM(eng)
+
+    async def main():
+        first, q1 = allm.submit(prompts(10)[0], GREEDY)
+        while not stepping.is_set():
+            await asyncio.sleep(0.001)
+        t = time.perf_counter()
+        second, q2 = allm.submit(prompts(12)[0], GREEDY)
+        allm.abort(first.request_id)
+        waited = time.perf_counter() - t
+        return waited, await _drain(allm.stream(first, q1)), await _drain(allm.stream(second, q2))
+
+    try:
+        waited, first, second = asyncio.run(main())
+    finally:
+        allm.close()
+    assert waited < 0.1
+    assert first.finish_reason == "abort" and second.finished and second.finish_reason == "length"
+
+
 async def _drain(stream):
     last = None
     async for out in stream:

@@ -125,6 +125,11 @@ class LLMEngine:
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     user: str | None = None, constraint=None) -> Sequence:
         """Queue a request. constraint: an output constraint (e.g. JSONObjectConstraint) masking each sample."""
+        return self.enqueue(self.new_request(prompt, params, request_id, user, constraint))
+
+    def new_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    user: str | None = None, constraint=None) -> Sequence:
+        """A checked request, not queued yet (`enqueue`): RequestError names what is wrong with it."""
         params = params or SamplingParams()
         ids = self._encode(prompt)
         if not ids:
@@ -134,10 +139,14 @@ class LLMEngine:
                                f"context length of {self.max_len} tokens")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
-        if request_id is not None and request_id in self.requests:
-            raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(ids, params, request_id, user)
         seq.constraint = constraint
+        return seq
+
+    def enqueue(self, seq: Sequence) -> Sequence:
+        """Queue a request made by `new_request`."""
+        if seq.request_id in self.requests:
+            raise RequestError(f"request id {seq.request_id!r} is already in use")
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
         return seq
