@@ -414,7 +414,8 @@ def test_memory_budget_exhausted_requests_wait_or_are_preempted_and_finish_exact
         eng.step()
         most_running = max(most_running, len(eng.running))
         waited |= bool(eng.waiting)
-        assert eng.used_bytes() == sum(s.cache.nbytes() for s in eng.running)  # what the caches hold
+        # what the caches hold, their entry stores' spare rows included
+        assert eng.used_bytes() == sum(s.cache.nbytes(allocated=True) for s in eng.running)
         assert eng.used_bytes() <= budget + probe.estimate_bytes(132)
     assert waited and most_running < len(ps)
     for p, s in zip(ps, seqs):
@@ -426,7 +427,7 @@ def test_preempted_request_that_fits_alone_is_readmitted(model):
     counted twice) and failed it with 'exceeds the memory budget' though it fits alone."""
     probe = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
     P, M = 10, 600
-    budget = 2 * probe.fixed_bytes + int(probe.per_token * (2 * P + M)) + 1000  # one fits, two do not
+    budget = probe.estimate_bytes(P) + probe.estimate_bytes(P + M)  # one fits, two do not
     eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, kv_budget_bytes=budget))
     sp = dsv4.SamplingParams(max_tokens=M, temperature=0, ignore_eos=True)
     seqs = [eng.add_request(p, sp) for p in prompts(P, P, seed=21)]

@@ -146,3 +146,20 @@ def test_submit_after_close_is_refused(model):
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(main())
     assert not allm.engine.requests
+
+
+@pytest.mark.parametrize("n,length", [(8, 20), (3, 1100)])
+def test_allocated_decode_state_stays_within_the_budget(model, n, length):
+    """The budget counts the rows allocated for entries (64 at first, then growth by 25%), not only the
+    rows filled: sized for n sequences by the engine's own estimate, they used to hold up to 2.2x of it."""
+    probe = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    budget = n * probe.estimate_bytes(length + 4)
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, kv_budget_bytes=budget, max_num_batched_tokens=4096))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        eng.add_request(torch.randint(2, 500, (length,), generator=g).tolist(),
+                        dsv4.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+        held = sum(s.cache.nbytes(allocated=True) for s in eng.running if s.cache is not None)
+        assert held <= budget and eng.used_bytes() == held

@@ -104,6 +104,7 @@ class LLMEngine:
         self.decoder = (BatchDecoder(model, self.pool, self.cfg.compile)
                         if supports(model, self.cfg.cache_layout, self.dtype) else None)
         self.fixed_bytes, self.per_token = empty.nbytes(), empty.bytes_per_token()
+        self._entry_bytes_at = empty.entry_bytes_at
         self.eos = self.mcfg.eos_token_id
         self.k = self.cfg.num_speculative_tokens
         if self.k and not len(model.mtp):
@@ -203,13 +204,14 @@ class LLMEngine:
     # ---- memory ----
     def used_bytes(self) -> int:
         """Decode-state bytes held: per running sequence the fixed part (window ring, open windows: the same
-        for every sequence) and its entries (walking every state tensor each step cost ~1 ms at 32 sequences)."""
+        for every sequence) and the rows allocated for its entries (walking every state tensor each step cost
+        ~1 ms at 32 sequences)."""
         held = [s.cache for s in self.running if s.cache is not None]
         return len(held) * self.fixed_bytes + sum(c.entry_bytes() for c in held)
 
     def estimate_bytes(self, n_tokens: int) -> int:
-        """Decode-state bytes of one sequence at n_tokens (window + buffers + entries)."""
-        return int(self.fixed_bytes + self.per_token * n_tokens) + 1
+        """Decode-state bytes of one sequence at n_tokens (window + buffers + the rows allocated for entries)."""
+        return self.fixed_bytes + self._entry_bytes_at(n_tokens)
 
     # ---- scheduling ----
     def _admit(self, seq: Sequence) -> None:

@@ -51,6 +51,12 @@ class EntryStore:
         else:
             raise ValueError(f"unknown entry layout {fmt!r} (dense, fp8, fp4)")
         self.bytes_per_entry = sum(t[0].numel() * t.element_size() for t in self.parts)
+        self.rows = 64  # allocated
+
+    @staticmethod
+    def rows_at(count: int) -> int:
+        """An upper bound of the rows allocated for `count` entries (64 at first, then growth by 25%)."""
+        return max(64, -(-count * 5 // 4))
 
     def _encode(self, x: torch.Tensor) -> list:
         if self.fmt == "dense":
@@ -70,6 +76,7 @@ class EntryStore:
             self.parts[i] = _grow(self.parts[i], self.count + k)
             self.parts[i][self.count:self.count + k] = part
         self.count += k
+        self.rows = self.parts[0].shape[0]
         self.version += 1
 
     def read(self, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -97,9 +104,9 @@ class EntryStore:
         self.version += 1
 
     def nbytes(self, allocated: bool = False) -> int:
-        if not allocated:  # read every engine step for every sequence: kept cheap
-            return self.count * self.bytes_per_entry
-        return sum(t.shape[0] * t[0].numel() * t.element_size() for t in self.parts)
+        """Bytes of the entries (allocated=True: of the rows allocated for them). Read every engine step for
+        every sequence: kept cheap."""
+        return (self.rows if allocated else self.count) * self.bytes_per_entry
 
 
 
@@ -165,8 +172,14 @@ class SequenceCache:
         return [st for c in self.layers + self.mtp for st in (c.comp, c.index) if st is not None]
 
     def entry_bytes(self) -> int:
-        """Bytes of its compressed entries: the part of `nbytes()` that grows with the context."""
-        return sum(st.store.nbytes() for st in self.compressors())
+        """Bytes allocated for its compressed entries (spare rows included): the part of the state that grows
+        with the context, as a memory budget must count it."""
+        return sum(st.store.nbytes(allocated=True) for st in self.compressors())
+
+    def entry_bytes_at(self, n_tokens: int) -> int:
+        """An upper bound of `entry_bytes()` once n_tokens are processed."""
+        return sum(EntryStore.rows_at(n_tokens // st.buf_kv.shape[0]) * st.store.bytes_per_entry
+                   for st in self.compressors())
 
     def bytes_per_token(self) -> float:
         """Growth of the state per context token: each compressor's entry bytes / its ratio."""
