@@ -91,12 +91,14 @@ def test_serve_options_reach_the_engine(monkeypatch, tmp_path, capsys):
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
-    assert main(["serve", "--cache-dir", str(tmp_path / "cc"), "--cache-gib", "0.5", "--isolate-users",
+    assert main(["serve", "--cache-dir", str(tmp_path / "cc"), "--cache-gib", "0.5", "--cache-disk-gib", "2",
+                 "--isolate-users",
                  "--speculative-tokens", "2", "--kv-budget-gib", "1"]) == 0
     engine = served["app"].state.llm.engine
     assert served["host"] == "127.0.0.1"
     assert engine.k == 2 and engine.prefix.isolate and engine.prefix.max_bytes == 1 << 29
     assert engine.prefix.disk == tmp_path / "cc" and (tmp_path / "cc").is_dir()
+    assert engine.prefix.max_disk_bytes == 2 << 30
     assert engine.cfg.kv_budget_bytes == 1 << 30 and engine.cfg.cache_layout == "dense"
     served.pop("app").state.llm.close()
     capsys.readouterr()
@@ -104,6 +106,7 @@ def test_serve_options_reach_the_engine(monkeypatch, tmp_path, capsys):
     assert main(["serve", "--cache-layout", "fp8"]) == 2
     assert "'fp8'" in capsys.readouterr().err and "app" not in served
     for bad, named in ((["--speculative-tokens", "-1"], "--speculative-tokens"), (["--cache-gib", "0"], "--cache-gib"),
+                       (["--cache-disk-gib", "0"], "--cache-disk-gib"),
                        (["--api-key-file", str(tmp_path / "none")], "--api-key-file"),
                        (["--model", str(tmp_path / "none")], "not a checkpoint directory")):
         assert main(["serve", *bad]) == 2

@@ -163,3 +163,38 @@ def test_allocated_decode_state_stays_within_the_budget(model, n, length):
         eng.step()
         held = sum(s.cache.nbytes(allocated=True) for s in eng.running if s.cache is not None)
         assert held <= budget and eng.used_bytes() == held
+
+
+def test_the_disk_cache_stays_under_its_cap_least_recently_used_first(model, tmp_path):
+    """Without a cap the directory grew with every distinct prompt; killed writes' .tmp files stayed."""
+    import os
+    import time
+
+    stale = tmp_path / "killed-write.tmp"
+    stale.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    probe = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=16, prefix_cache_dir=str(tmp_path / "one")))
+    probe.add_request(prompts(17)[0], GREEDY)
+    while probe.has_unfinished():
+        probe.step()
+    block = sum(f.stat().st_size for f in (tmp_path / "one").iterdir())  # one block's file
+    cap = int(3.5 * block)
+    cfg = dsv4.EngineConfig(prefix_block=16, prefix_cache_dir=str(tmp_path), prefix_cache_disk_bytes=cap,
+                            prefix_cache_bytes=0)  # memory holds nothing: every hit comes from disk
+    eng = LLMEngine(model, config=cfg)
+    assert not stale.exists()
+    files = lambda: {f.name: f.stat().st_size for f in tmp_path.glob("*.safetensors")}  # noqa: E731
+
+    def run(p):
+        s = eng.add_request(p, GREEDY)
+        while eng.has_unfinished():
+            eng.step()
+        return s
+
+    first = prompts(17, seed=100)[0]
+    run(first)
+    for i in range(8):
+        run(prompts(17, seed=200 + i)[0])  # a new block on disk
+        assert sum(files().values()) <= cap
+        assert run(first).cached_tokens == 16  # from disk, and now the most recently used: kept
+    assert 2 <= len(files()) <= 3

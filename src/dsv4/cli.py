@@ -66,7 +66,7 @@ def engine_config(args):
     """`dsv4 serve`'s options -> the engine's configuration."""
     from .engine import EngineConfig
 
-    for name in ("kv_budget_gib", "cache_gib", "max_concurrency"):
+    for name in ("kv_budget_gib", "cache_gib", "cache_disk_gib", "max_concurrency"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.speculative_tokens < 0:
@@ -74,6 +74,7 @@ def engine_config(args):
     return EngineConfig(max_num_seqs=args.max_concurrency, compile=args.compile,
                         kv_budget_bytes=int(args.kv_budget_gib * 2**30), cache_layout=args.cache_layout,
                         prefix_cache_bytes=int(args.cache_gib * 2**30), prefix_cache_dir=args.cache_dir,
+                        prefix_cache_disk_bytes=int(args.cache_disk_gib * 2**30),
                         isolate_users=args.isolate_users, num_speculative_tokens=args.speculative_tokens)
 
 
@@ -228,6 +229,8 @@ def main(argv=None) -> int:
     srv.add_argument("--cache-gib", type=float, default=1.0, help="context (prefix) cache memory cap (GiB)")
     srv.add_argument("--cache-dir", help="also keep the context cache on disk here (checksummed): hits survive "
                                          "restarts, as DeepSeek's context caching on disk")
+    srv.add_argument("--cache-disk-gib", type=float, default=16.0,
+                     help="cap of the context cache on disk (GiB; least recently used blocks go first)")
     srv.add_argument("--isolate-users", action="store_true",
                      help="context-cache hits only within one end user (the request's user_id)")
     srv.add_argument("--speculative-tokens", type=int, default=0,

@@ -39,6 +39,7 @@ class EngineConfig:
     prefix_block: int = 64  # prefix-cache granularity in tokens; 0 disables the prefix cache
     prefix_cache_bytes: int = 1 << 30
     prefix_cache_dir: str | None = None  # persist prefix blocks on disk
+    prefix_cache_disk_bytes: int | None = None  # cap of the blocks on disk (least recently used go first)
     isolate_users: bool = False
     num_speculative_tokens: int = 0  # MTP drafts verified per decode step (0: off)
     compile: bool = False  # compile the batched decode step ahead of time (minutes, once; several x faster)
@@ -52,6 +53,8 @@ class EngineConfig:
                    "None or an integer >= 2"),
                   ("prefix_block", is_int(self.prefix_block, 0), "an integer >= 0 (0: no prefix cache)"),
                   ("prefix_cache_bytes", is_int(self.prefix_cache_bytes, 0), "an integer >= 0"),
+                  ("prefix_cache_disk_bytes", self.prefix_cache_disk_bytes is None
+                   or is_int(self.prefix_cache_disk_bytes, 1), "None or an integer >= 1"),
                   ("num_speculative_tokens", is_int(self.num_speculative_tokens, 0), "an integer >= 0"),
                   ("isolate_users", isinstance(self.isolate_users, bool), "a bool"),
                   ("compile", isinstance(self.compile, bool), "a bool")]
@@ -97,7 +100,7 @@ class LLMEngine:
             tag = f"{model_tag(model) if self.cfg.prefix_cache_dir else ''}|{self.cfg.cache_layout}|" \
                   f"{self.cfg.cache_dtype or model.dtype}"
             self.prefix = PrefixCache(self.cfg.prefix_block, self.cfg.prefix_cache_bytes, self.cfg.prefix_cache_dir,
-                                      self.cfg.isolate_users, tag, self.device)
+                                      self.cfg.isolate_users, tag, self.device, self.cfg.prefix_cache_disk_bytes)
         empty = new_cache(model, self.dtype, self.device, self.cfg.cache_layout)
         self.pool = StatePool(model, self.cfg.max_num_seqs, self.dtype, self.device)
         # steps where every scheduled sequence decodes one token go through one batched function

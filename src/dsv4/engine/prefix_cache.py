@@ -13,6 +13,7 @@ import hashlib
 import os
 import struct
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -83,18 +84,25 @@ def restore(template: SequenceCache, blocks: list, n: int) -> SequenceCache:
 
 
 class PrefixCache:
+    """Blocks of decode state by the hash chain of their tokens: in memory (LRU under max_bytes) and, with
+    disk_dir, as checksummed files there (least recently used removed past max_disk_bytes, if given)."""
+
+    STALE_TMP = 3600  # seconds after which a `.tmp` file is a write some killed process left behind
+
     def __init__(self, block_size: int = 64, max_bytes: int = 1 << 30, disk_dir: str | None = None,
-                 isolate_users: bool = False, model_tag: str = "", device: torch.device | str = "cpu"):
+                 isolate_users: bool = False, model_tag: str = "", device: torch.device | str = "cpu",
+                 max_disk_bytes: int | None = None):
         if block_size < 1:
             raise ValueError("prefix cache block_size must be >= 1")
         self.block_size, self.max_bytes, self.isolate = block_size, max_bytes, isolate_users
         self.model_tag, self.device = model_tag, torch.device(device)
-        self.disk = Path(disk_dir) if disk_dir else None
+        self.disk, self.max_disk_bytes = (Path(disk_dir) if disk_dir else None), max_disk_bytes
         if self.disk:
             try:
                 self.disk.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"prefix cache directory {self.disk}: {e.strerror}") from None
+            self._trim_disk()
         self.blocks: OrderedDict[str, dict] = OrderedDict()
         self.depth: dict[str, int] = {}  # each block's index in its chain
         self.bytes = 0
@@ -140,11 +148,40 @@ class PrefixCache:
                 save_file({k: v.contiguous().cpu() for k, v in snap.items()}, tmp,
                           metadata={"sha256": _digest(key, snap)})
                 os.replace(tmp, self.disk / f"{key}.safetensors")
+                self.disk_bytes += _nbytes(snap)
             except (OSError, SafetensorError):
                 pass
             finally:
                 if tmp is not None and os.path.exists(tmp):
                     os.unlink(tmp)
+            if self.max_disk_bytes is not None and self.disk_bytes > self.max_disk_bytes:
+                self._trim_disk()
+
+    def _trim_disk(self) -> None:
+        """Remove the least recently used block files until the directory holds at most 90% of
+        max_disk_bytes (a hit refreshes a file's time), and `.tmp` files of writes killed long ago. Other
+        processes sharing the directory may write meanwhile: what is measured is the directory itself."""
+        files, now = [], time.time()
+        for f in self.disk.iterdir():
+            try:
+                st = f.stat()
+                if f.suffix == ".tmp" and now - st.st_mtime > self.STALE_TMP:
+                    f.unlink()
+                elif f.suffix == ".safetensors":
+                    files.append((st.st_mtime, st.st_size, f))
+            except OSError:  # gone meanwhile (another process), or not ours to remove
+                pass
+        self.disk_bytes = sum(size for _, size, _ in files)
+        if self.max_disk_bytes is None or self.disk_bytes <= self.max_disk_bytes:
+            return
+        for _, size, f in sorted(files):
+            if self.disk_bytes <= 0.9 * self.max_disk_bytes:
+                break
+            try:
+                f.unlink()
+                self.disk_bytes -= size
+            except OSError:
+                pass
 
     def get(self, chain: list) -> dict | None:
         """Block chain[-1] (chain: the hashes of its chain's blocks, first to last), or None."""
@@ -169,6 +206,10 @@ class PrefixCache:
             except OSError:
                 pass
             return None
+        try:
+            os.utime(f)  # recently used: the last file a trim removes
+        except OSError:
+            pass
         snap = {k: v.to(self.device) for k, v in snap.items()}
         self._put_memory(chain, snap)
         return snap
