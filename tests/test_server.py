@@ -681,6 +681,12 @@ def test_request_beyond_the_decode_state_budget_is_503(server, client):
             status, body = post(f"{server[0]}{path}", {"model": "deepseek-chat", "max_tokens": 2, "stream": True,
                                                        "messages": [{"role": "user", "content": "x"}]})
             assert status == 503, path
+        # with Retry-After, which the SDKs' retries wait for (kept in Anthropic's error shape too)
+        req = urllib.request.Request(f"{server[0]}/v1/messages", headers={"x-api-key": KEY}, data=json.dumps(
+            {"model": "deepseek-chat", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.headers["Retry-After"] == "1" and json.loads(e.value.read())["error"]["type"] == "overloaded_error"
     finally:
         eng.cfg.kv_budget_bytes = budget
 

@@ -47,7 +47,8 @@ class ServerConfig:
 
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str = "invalid_request_error"):
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status)
+    # busy (429, 503): the SDKs' retries wait as long as Retry-After says
+    return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status in (429, 503) else None)
 
 
 ANTHROPIC_PATHS = ("/anthropic/v1/messages", "/v1/messages")
@@ -65,7 +66,8 @@ def shaped(request: Request, response: JSONResponse) -> JSONResponse:
     message = json.loads(response.body)["error"]["message"]
     kind = ANTHROPIC_ERRORS.get(response.status_code, "api_error")
     return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
-                        status_code=response.status_code)
+                        status_code=response.status_code,
+                        headers={k: v for k, v in response.headers.items() if k.lower() == "retry-after"})
 
 
 @dataclass
