@@ -198,3 +198,21 @@ def test_the_disk_cache_stays_under_its_cap_least_recently_used_first(model, tmp
         assert sum(files().values()) <= cap
         assert run(first).cached_tokens == 16  # from disk, and now the most recently used: kept
     assert 2 <= len(files()) <= 3
+
+
+def test_the_batched_decoders_copy_counts_against_the_budget(model):
+    """The batched decode step pads every sequence's entries to the longest one's, beside their own state:
+    it runs only where that copy fits in the budget, else the sequences decode one by one (same tokens)."""
+    ps = prompts(300, 10, 10, 10, seed=5)
+    alone = [cold(model, p) for p in ps]
+    probe = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    budget = sum(probe.estimate_bytes(len(p) + GREEDY.max_tokens) for p in ps)  # the states, not the copy
+    for kv, batched in ((budget, False), (8 << 30, True)):
+        eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, kv_budget_bytes=kv))
+        seqs = [eng.add_request(p, GREEDY) for p in ps]
+        used = False
+        while eng.has_unfinished():
+            eng.step()
+            used |= eng.decoder._batched is not None
+        assert used == batched
+        assert [s.output_ids for s in seqs] == alone

@@ -279,8 +279,13 @@ class LLMEngine:
             return []
         ids, caches, hooks, work = [], [], [], []
         B = self.prefix.block_size if self.prefix else 0
-        # one token for every sequence and no drafts: the batched decode function (no token tensors needed)
+        # one token for every sequence and no drafts: the batched decode function (no token tensors needed), if
+        # its padded copy of their entries fits beside their state in the memory budget (else one at a time)
         batched = self.decoder is not None and not self.k and all(n == 1 and s.pending == 1 for s, n in plan)
+        if batched and (self.decoder.copy_bytes([s.cache for s, _ in plan])
+                        > self.cfg.kv_budget_bytes - self.used_bytes()):
+            batched = False
+            self.decoder.drop()
         for seq, n in plan:
             start = seq.num_computed
             drafts = seq.drafts[: n - 1] if seq.pending == 1 else []

@@ -52,7 +52,7 @@ class BatchDecoder:
     def __call__(self, caches: list, slots: list, tokens: list, hooks: list | None = None) -> torch.Tensor:
         dev = self.pool.device
         pos = [c.n for c in caches]
-        entries = self._entries(caches, pos)
+        entries = self._entries(caches)
         with torch.no_grad():
             logits, emitted = self.core(self.model, self.pool, torch.tensor(tokens, device=dev),
                                         torch.tensor(pos, device=dev), torch.tensor(slots, device=dev), entries)
@@ -81,19 +81,29 @@ class BatchDecoder:
     def _versions(self, caches: list) -> list:
         return [st.store.version for c in caches for lc in c.layers for st in (lc.comp, lc.index) if st is not None]
 
-    def _entries(self, caches: list, pos: list) -> list:
+    def _rows(self, caches: list) -> list:
+        """Per compressed layer (layer, T, its stores' names): the rows of its batch copy, a multiple of 64
+        with room for this step's entry (it grows in steps: the compiled graph sees few distinct sizes)."""
+        last = max(c.n for c in caches)
+        return [(i, -(-max(last // m + 1, topk) // 64) * 64, names) for i, m, topk, names in self._layers]
+
+    def copy_bytes(self, caches: list) -> int:
+        """Bytes of the padded batch copy of the entries that a step over `caches` holds (every sequence's
+        rows as many as the longest one's): memory beside their own decode state."""
+        return sum(len(caches) * T * getattr(caches[0].layers[i], name).store.bytes_per_entry
+                   for i, T, names in self._rows(caches) for name in names)
+
+    def _entries(self, caches: list) -> list:
         """Per layer, each compressor's entries of all sequences as [N, T, c] (rows past a sequence's
-        count arbitrary; T a multiple of 64 with room for this step's entry). Kept between steps: a step
-        with the same sequences, whose entries changed only by that step's own appends, reuses them."""
-        last = max(pos)
-        need = [(i, max(last // m + 1, topk), names) for i, m, topk, names in self._layers]
+        count arbitrary). Kept between steps: a step with the same sequences, whose entries changed only
+        by that step's own appends, reuses them."""
+        need = self._rows(caches)
         if (self._batched is not None and len(self._caches) == len(caches)
                 and all(a is b for a, b in zip(self._caches, caches)) and self._versions_seen == self._versions(caches)
                 and all(self._batched[i][0].shape[1] >= T for i, T, _ in need)):
             return self._batched
         entries = [None] * len(self.model.layers)
         for i, T, names in need:
-            T = -(-T // 64) * 64  # grows in steps, so the compiled graph sees few distinct sizes
             rows = [[getattr(c.layers[i], name).store.padded(T) for c in caches] for name in names]
             entries[i] = tuple(torch.stack(r) for r in rows)
         self._caches, self._batched = list(caches), entries
