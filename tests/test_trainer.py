@@ -149,6 +149,7 @@ def test_compiled_training_matches_eager():
 def test_a_kill_at_any_point_of_save_leaves_a_checkpoint_and_later_saves_work(tmp_path, monkeypatch):
     """Each file operation of save() in turn is where the process dies (nothing after it runs, `finally` blocks
     included), with a stale ckpt.old and temporary from an earlier kill already there."""
+    import os
     import shutil
 
     import dsv4.train.trainer as tr
@@ -157,7 +158,7 @@ def test_a_kill_at_any_point_of_save_leaves_a_checkpoint_and_later_saves_work(tm
     t.step()
     t.save(tmp_path / "ckpt")
     t.step()
-    real = {"save_file": tr.save_file, "replace": tr.os.replace, "rmtree": tr.shutil.rmtree}
+    real = {"save_file": tr.save_file, "replace": os.replace, "rmtree": shutil.rmtree}
 
     class Killed(BaseException):
         pass
@@ -179,7 +180,7 @@ def test_a_kill_at_any_point_of_save_leaves_a_checkpoint_and_later_saves_work(tm
                     return real[name](*a, **k)
             return op
         with monkeypatch.context() as m:
-            for name, target in (("save_file", tr), ("replace", tr.os), ("rmtree", tr.shutil)):
+            for name, target in (("save_file", tr), ("replace", os), ("rmtree", shutil)):
                 m.setattr(target, name, dying(name))
             with pytest.raises(Killed):
                 t.save(run / "ckpt")

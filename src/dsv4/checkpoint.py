@@ -10,6 +10,7 @@ ignores those; we keep them).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -456,24 +457,14 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
 # ---------------------------------------------------------------- writing
 
 def _write_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], config: dict) -> None:
-    """Write shards + index + config as a whole new directory that replaces `path`.
-
-    A sibling temporary gets the new files, plus hard links to whatever else `path` holds (a tokenizer.json,
-    subdirectories) but its old weights; then `path` is renamed to `path`.old, the temporary to `path`, and
-    `path`.old removed. A kill at any point leaves the previous checkpoint whole: in `path`, or between the
-    renames in `path`.old, which load_model then reads. The next save clears what a kill left behind."""
+    """Write shards + index + config as a whole new directory that replaces `path` (`replacing_dir`),
+    keeping whatever else `path` holds (a tokenizer.json, subdirectories) but its old weights."""
     path = Path(path)
     if Path.cwd().resolve().is_relative_to(path.resolve()):  # renaming it would pull the ground from under us
         raise ConfigError(f"{path}: save a model into a directory of its own, not the current one or above it")
-    old = path.with_name(path.name + ".old")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if path.is_dir() and old.is_dir():  # `path` only ever appears whole: `old` is a kill's leftover
-        shutil.rmtree(old)
-    previous = path if path.is_dir() else old if old.is_dir() else None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    ours = ("model.safetensors.index.json", "config.json")
+    with replacing_dir(path, keep=lambda name: not (name.endswith(".safetensors") or name in ours
+                                                    or name.startswith(".tmp-"))) as tmp:
         weight_map = {}
         for fname, tensors in files.items():
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname), metadata={"format": "pt"})
@@ -483,12 +474,31 @@ def _write_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], config: di
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if previous is not None:
+
+
+@contextlib.contextmanager
+def replacing_dir(path: Path, keep=None):
+    """Yields an empty temporary directory beside `path` to fill; when the block ends, it replaces `path`
+    whole: `path` is renamed to `path`.old, the temporary to `path`, and `path`.old removed. A kill at any
+    point leaves the previous directory whole, in `path` or (between the renames) in `path`.old, where
+    load_model and Checkpointed.resume look; the next call clears what a kill left behind.
+
+    keep(name): whether an entry of the previous directory goes into the new one (as hard links)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a kill before the renames (one writer)
+        shutil.rmtree(stale, ignore_errors=True)
+    old = path.with_name(path.name + ".old")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        previous = path if path.is_dir() else old if old.is_dir() else None
+        if keep is not None and previous is not None:
             for f in previous.iterdir():
-                if not (f.name.endswith(".safetensors") or f.name in ("model.safetensors.index.json", "config.json")
-                        or f.name.startswith(".tmp-")):
+                if keep(f.name):
                     _link_tree(f, tmp / f.name)
-        if previous == path:
+        if path.exists():
+            if old.exists():  # `path` only ever appears whole, so an `old` beside it is a kill's leftover
+                shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import CSA, HCA, SLIDING, Config, ConfigError
+from .config import CSA, HCA, SLIDING, Config, ConfigError, is_number
 from .footprint import CONVENTIONS, kv_bytes_at, kv_bytes_per_token, param_counts, v32_bytes_per_token
 
 PRESETS = {"flash": Config.flash, "pro": Config.pro, "tiny": Config.tiny}
@@ -106,7 +105,7 @@ def serve(args) -> int:
             raise ConfigError(f"--api-key-file: {e}") from None
         if not keys:
             raise ConfigError(f"{args.api_key_file}: no API keys in the file")
-    if args.balance_usd is not None and not (math.isfinite(args.balance_usd) and args.balance_usd >= 0):
+    if args.balance_usd is not None and not is_number(args.balance_usd):
         raise ConfigError(f"--balance-usd: must be a number of USD >= 0 (got {args.balance_usd})")
     config = ServerConfig(args.served_model_name, keys, max_concurrency=args.max_concurrency,
                           balance_usd=args.balance_usd)
@@ -138,8 +137,7 @@ def _price_table(file: str) -> dict:
     if not isinstance(table, dict):
         raise ConfigError(f"{file}: a price table is a JSON object of model name -> [cache hit, cache miss, output]")
     for model, v in table.items():
-        if not (isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in v)):
+        if not (isinstance(v, list) and len(v) == 3 and all(is_number(x) for x in v)):
             raise ConfigError(f"{file}: {model!r} must map to three prices >= 0 in USD per 1M tokens "
                               f"[cache hit, cache miss, output], not {v!r}")
     return {m: tuple(float(x) for x in v) for m, v in table.items()}

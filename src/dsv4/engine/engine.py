@@ -19,7 +19,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 
 from ..config import check_fields, is_int
-from ..model.cache import StatePool, new_cache
+from ..model.cache import EntryStore, StatePool, new_cache
 from ..model.decode import BatchDecoder, supports
 from ..model.transformer import Transformer
 from .prefix_cache import PrefixCache, layer_snapshot, restore
@@ -107,7 +107,7 @@ class LLMEngine:
         self.decoder = (BatchDecoder(model, self.pool, self.cfg.compile)
                         if supports(model, self.cfg.cache_layout, self.dtype) else None)
         self.fixed_bytes, self.per_token = empty.nbytes(), empty.bytes_per_token()
-        self._entry_bytes_at = empty.entry_bytes_at
+        self._stores = [(st.store.bytes_per_entry, st.buf_kv.shape[0]) for st in empty.compressors()]  # (B, ratio)
         self.eos = self.mcfg.eos_token_id
         self.k = self.cfg.num_speculative_tokens
         if self.k and not len(model.mtp):
@@ -156,14 +156,14 @@ class LLMEngine:
         return seq
 
     def _encode(self, prompt) -> list:
+        V = self.mcfg.vocab_size
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer; pass token ids")
-            ids = self.tokenizer.encode(prompt).ids
-            if any(t >= self.mcfg.vocab_size for t in ids):  # else the step fails, for every batch-mate
-                raise RequestError(f"the tokenizer gave token id {max(ids)}, past the model's vocab_size "
-                                   f"{self.mcfg.vocab_size}: the tokenizer does not belong to this model")
-            return ids
+            prompt = self.tokenizer.encode(prompt).ids
+            bad = f"the tokenizer gave token ids past the model's vocab_size {V}: the tokenizer does not belong to it"
+        else:
+            bad = f"prompt token ids must be integers in [0, {V})"
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)):
@@ -172,8 +172,9 @@ class LLMEngine:
             ids = [operator.index(t) for t in prompt if not isinstance(t, bool)]
         except TypeError:
             ids = []
-        if len(ids) != len(prompt) or not all(0 <= t < self.mcfg.vocab_size for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {self.mcfg.vocab_size})")
+        # checked for text too: an id past the vocab would fail the step, for every batch-mate
+        if len(ids) != len(prompt) or not all(0 <= t < V for t in ids):
+            raise RequestError(bad)
         return ids
 
     def abort(self, request_id: str) -> None:
@@ -214,7 +215,7 @@ class LLMEngine:
 
     def estimate_bytes(self, n_tokens: int) -> int:
         """Decode-state bytes of one sequence at n_tokens (window + buffers + the rows allocated for entries)."""
-        return self.fixed_bytes + self._entry_bytes_at(n_tokens)
+        return self.fixed_bytes + sum(EntryStore.rows_at(n_tokens // m) * b for b, m in self._stores)
 
     # ---- scheduling ----
     def _admit(self, seq: Sequence) -> None:

@@ -176,11 +176,6 @@ class SequenceCache:
         with the context, as a memory budget must count it."""
         return sum(st.store.nbytes(allocated=True) for st in self.compressors())
 
-    def entry_bytes_at(self, n_tokens: int) -> int:
-        """An upper bound of `entry_bytes()` once n_tokens are processed."""
-        return sum(EntryStore.rows_at(n_tokens // st.buf_kv.shape[0]) * st.store.bytes_per_entry
-                   for st in self.compressors())
-
     def bytes_per_token(self) -> float:
         """Growth of the state per context token: each compressor's entry bytes / its ratio."""
         return sum(st.store.bytes_per_entry / st.buf_kv.shape[0] for st in self.compressors())

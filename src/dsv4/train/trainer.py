@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, replacing_dir
 from ..config import check_fields, is_int, is_number
 from ..model.moe import MoE
 from ..model.transformer import Transformer
@@ -87,11 +84,8 @@ class Checkpointed:
         """Hook: restore what `_progress` saved."""
 
     def save(self, path) -> None:
-        """Write atomically: a temporary directory renamed over `path`; a crash leaves the previous one.
-
-        The previous checkpoint is renamed to `path`.old, the new one into place, then the old one removed.
-        A kill at any point leaves `path` or `path`.old complete (resume falls back to the latter), plus perhaps
-        leftovers that the next save removes: temporaries, and a `path`.old made stale by the newer `path`.
+        """Write atomically (`checkpoint.replacing_dir`): a kill at any point leaves `path` or `path`.old
+        complete (resume falls back to the latter), plus leftovers that the next save removes.
 
         Under FSDP2 every rank calls it (sharded weights and optimiser state are gathered to full tensors)
         and rank 0 writes: the checkpoint is the same as a single process's and resumes under any plan."""
@@ -112,12 +106,7 @@ class Checkpointed:
             opt_meta.append([i, "groups", sd["param_groups"]])
         if self.parallel is not None and self.parallel.rank != 0:
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a save killed before its renames (one writer)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with replacing_dir(Path(path)) as tmp:
             save_file(model_sd, str(tmp / "model.safetensors"))
             opt_tensors["rng.torch"] = torch.get_rng_state()
             if self.device.type == "cuda":
@@ -128,16 +117,6 @@ class Checkpointed:
                     "model": asdict(self.model.config), "optimizer": opt_meta, "rng_python": random.getstate(),
                     "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
             (tmp / "trainer.json").write_text(json.dumps(meta))
-            old = path.with_name(path.name + ".old")
-            if path.exists():
-                # `path` only ever appears complete (renamed from a finished temporary), so an `old` beside it is
-                # stale: a save killed after its second rename. Without `path`, `old` is the last checkpoint: kept.
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def resume(self, path) -> None:
         """Continue from a checkpoint written by save(). If `path` is missing or damaged and `path`.old is intact
