@@ -32,8 +32,41 @@ def random_model(cfg: Config, seed: int = 0, std: float = 0.05) -> torch.nn.Modu
 
 
 def hf_model(path):
+    """transformers' model, its indexer's ties broken as dsv4 breaks them (`ties_to_the_earlier_entry`)."""
     from transformers import DeepseekV4ForCausalLM
-    return DeepseekV4ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = DeepseekV4ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    forward = model.forward
+
+    def forward_with_dsv4_ties(*args, **kwargs):
+        with ties_to_the_earlier_entry():
+            return forward(*args, **kwargs)
+    model.forward = forward_with_dsv4_ties
+    return model
+
+
+@contextlib.contextmanager
+def ties_to_the_earlier_entry():
+    """`Tensor.topk` over the last dim with scores of exactly 0 ranked by position, as dsv4's indexer ranks them.
+
+    With random weights many indexer scores are exactly 0 (ReLUs all 0), so the k-th best score often ties.
+    The architecture leaves the choice among equal scores open; transformers takes `topk`'s, which depends on
+    the row's length and layout, dsv4 takes the earlier entry (the same whatever the row's length, so that
+    prefill, decode and speculation agree). The oracle's choice is aligned here; where no score is 0
+    this `topk` returns what torch's does."""
+    from dsv4.model.compressor import zeros_in_entry_order
+
+    topk = torch.Tensor.topk
+
+    def ordered_topk(self, k, dim=-1, largest=True, sorted=True):
+        if not (largest and self.is_floating_point() and dim in (-1, self.dim() - 1)):
+            return topk(self, k, dim, largest, sorted)
+        idx = topk(zeros_in_entry_order(self), k, dim, largest, sorted).indices
+        return torch.return_types.topk((self.gather(-1, idx), idx))
+    torch.Tensor.topk = ordered_topk
+    try:
+        yield
+    finally:
+        torch.Tensor.topk = topk
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import torch
 import dsv4
 import dsv4.model.attention as attention
 from dsv4.model.attention import sparse_attention
-from dsv4.model.compressor import pool_windows
+from dsv4.model.compressor import pool_windows, top_entries
 from dsv4.quant import rotate_fp4
 from helpers import random_model
 
@@ -105,6 +105,28 @@ def test_quant_simulation_points_hand_computed():
     e0 = torch.zeros(128)
     e0[0] = 1.0
     assert torch.all(rotate_fp4(e0) == 0.09375)
+
+
+def test_indexer_top_entries_rank_equal_scores_by_position():
+    """Hand case: 2.0, 1.0, then the three zeros (-0.0 is 0) in entry order; and on random rows with many
+    exact ties, the first k of a stable descending sort."""
+    s = torch.tensor([[0.0, -0.0, 1.0, -1.0, 0.0, 2.0, float("-inf"), -2.0, 0.0]])
+    assert top_entries(s, 5).tolist() == [[5, 2, 0, 1, 4]]
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    x[x.abs() < 0.5] = 0
+    for k in (1, 7, 300):
+        assert torch.equal(top_entries(x, k), torch.sort(x, descending=True, stable=True).indices[:, :k])
+
+
+def test_quant_simulated_logits_do_not_depend_on_later_tokens():
+    """FP4 indexer keys tie often (ReLUs of coarse dot products are exactly 0); a query's picks among ties
+    used to depend on how many entries were scored, i.e. on the tokens after it (errors up to 0.46)."""
+    model = random_model(dsv4.Config.tiny(head_dim=80, qk_rope_head_dim=16, quant_simulation=True), seed=1)
+    ids = torch.randint(0, 512, (1, 90), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)[0]
+        for t in (40, 50, 60, 70):
+            assert (model(ids[:, :t + 1])[0] - full[:t + 1]).abs().max() <= 1e-4, t
 
 
 def test_quant_simulation_changes_logits_only_slightly():

@@ -146,3 +146,14 @@ def test_speculation_needs_mtp(model, tmp_path):
     cfg = dsv4.Config.tiny(num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="MTP"):
         dsv4.LLM(random_model(cfg), num_speculative_tokens=1)
+
+
+def test_speculative_greedy_equals_plain_greedy_where_indexer_scores_tie():
+    """With random weights many indexer scores are exactly 0 (every head's ReLU 0) and the k-th best score
+    often ties. A verify step scores rows of another length than a decode step, and torch.topk's choice
+    among equal scores depends on the row: speculation once left plain greedy at token 22 here."""
+    model = random_model(dsv4.Config.tiny(head_dim=80, qk_rope_head_dim=16), seed=2)
+    ps = [list(range(3, 50)), list(range(100, 170)), [5, 9, 11]]
+    sp = dsv4.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = [o.token_ids for o in dsv4.LLM(model).generate(ps, sp)]
+    assert [o.token_ids for o in dsv4.LLM(model, num_speculative_tokens=2).generate(ps, sp)] == plain

@@ -147,7 +147,7 @@ class Indexer(nn.Module):
             scores = torch.matmul(w[:, s0:s1].unsqueeze(2), scores).squeeze(2)  # sum_h w_h relu(.): [B,l,Tc]
             limit = ((torch.arange(start + s0, start + s1, device=q.device) + 1) // self.ratio)[:, None]  # [l, 1]
             invisible = torch.arange(Tc, device=q.device)[None, :] >= limit
-            idx = scores.masked_fill(invisible, float("-inf")).topk(min(k, Tc), dim=-1).indices
+            idx = top_entries(scores.masked_fill(invisible, float("-inf")), min(k, Tc))
             idx = torch.where(idx >= limit, torch.full_like(idx, -1), idx)
             if idx.shape[-1] < k:
                 idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], k - idx.shape[-1]), -1)], dim=-1)
@@ -164,5 +164,23 @@ class Indexer(nn.Module):
             return torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
         scores = F.relu(torch.einsum("nhc,ntc->nht", q.float(), keys.float()))
         scores = torch.einsum("nh,nht->nt", w, scores).masked_fill(~valid, float("-inf"))
-        idx = scores.topk(k, dim=-1).indices
+        idx = top_entries(scores, k)
         return torch.where(valid.gather(1, idx), idx, torch.full_like(idx, -1))
+
+
+def top_entries(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores along the last dim [..., T] -> [..., k]; among scores of exactly 0,
+    the earlier entry first.
+
+    With ReLU scores many entries score exactly 0 (every head's ReLU 0), and `torch.topk`'s choice among equal
+    values depends on the row's length and layout: prefill, chunked prefill, decode and speculation (rows of
+    different lengths) would attend to different entries. So a 0 becomes a distinct tiny negative, below 0 and
+    above any real negative score, higher for the earlier entry: -2^-100 * (1 + j / T) for entry j."""
+    return zeros_in_entry_order(scores).topk(k, dim=-1).indices
+
+
+def zeros_in_entry_order(scores: torch.Tensor) -> torch.Tensor:
+    """scores [..., T] with each exact 0 (or -0) at entry j replaced by -2^-100 * (1 + j / T)."""
+    T = scores.shape[-1]
+    rank = torch.arange(T, device=scores.device, dtype=torch.float32) / T + 1  # increasing in j whatever T
+    return torch.where(scores == 0, rank * -2.0 ** -100, scores)
