@@ -207,6 +207,42 @@ def test_bad_tensors_are_reported_by_name(official, tmp_path, layout, tensors, m
         dsv4.load_model(tmp_path)
 
 
+def test_a_tensor_in_two_shards_loads_the_copy_the_index_names(official, tmp_path):
+    """A stale copy in another shard the index lists (for another tensor) used to overwrite the indexed one;
+    without an index a tensor in two shards is ambiguous, and refused."""
+    model, path = official
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    with safe_open(str(tmp_path / index["weight_map"]["head.weight"]), "pt") as h:
+        head = h.get_tensor("head.weight")
+    save_file({"embed.weight": torch.zeros_like(head), "head.weight": head}, str(tmp_path / "zzz.safetensors"))
+    index["weight_map"]["head.weight"] = "zzz.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = dsv4.load_model(tmp_path, dtype=torch.float32).embed.weight
+    assert torch.equal(got, model.embed.weight.to(torch.bfloat16).float())
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(dsv4.CheckpointError, match="'(embed|head).weight' is in two shards"):
+        dsv4.load_model(tmp_path)
+
+
+def test_a_nan_expert_scale_is_refused_on_either_expert_path(official, tmp_path):
+    """UE8M0 byte 0xFF is NaN: fp4_experts=True kept it packed and gave NaN logits."""
+    _, path = official
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    key = "layers.1.ffn.experts.0.w1.scale"
+    f = tmp_path / json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"][key]
+    with safe_open(str(f), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    tensors[key] = tensors[key].view(torch.uint8).clone()
+    tensors[key].view(-1)[0] = 0xFF
+    save_file(tensors, str(f))
+    for packed in (False, True):
+        with pytest.raises(dsv4.CheckpointError, match="layers.1.ffn.experts.w1.*NaN"):
+            dsv4.load_model(tmp_path, fp4_experts=packed)
+
+
 @pytest.mark.parametrize("weight_map", [[1, 2], {"embed.weight": None}, {"embed.weight": "../model.safetensors"}])
 def test_malformed_index_is_reported(official, tmp_path, weight_map):
     for f in official[1].iterdir():

@@ -354,9 +354,13 @@ def test_empty_and_over_long_prompts_are_clear_errors(model):
         with pytest.raises(dsv4.RequestError, match=field):
             dsv4.SamplingParams(**{field: value})
     for option, value in [("max_num_batched_tokens", 0), ("max_num_seqs", 0), ("num_speculative_tokens", -1),
-                          ("cache_layout", "fp4"), ("max_model_len", 0)]:  # the first two hung generate()
+                          ("cache_layout", "fp4"), ("max_model_len", 0),  # the first two hung generate()
+                          ("cache_dtype", torch.int8), ("cache_dtype", "float8")]:  # int8 gave garbage tokens
         with pytest.raises(dsv4.ConfigError, match=option):
             dsv4.LLM(model, **{option: value})
+    # a dtype's name, as load_model takes it (was a TypeError inside the first step)
+    assert dsv4.LLM(model, cache_dtype="bfloat16").generate(p, GREEDY).token_ids == \
+        dsv4.LLM(model, cache_dtype=torch.bfloat16).generate(p, GREEDY).token_ids
 
 
 def test_a_failed_step_leaves_the_engine_usable(model, monkeypatch):

@@ -134,6 +134,10 @@ def test_model_tag_tells_apart_weights_that_differ_in_one_row(model):
         other.embed.weight[5] += 1.0
     assert model_tag(other) != model_tag(model)
     assert model_tag(copy.deepcopy(model)) == model_tag(model)
+    # the same weights with simulated FP8 KV and FP4 indexer keys hold other decode state
+    simulated = copy.deepcopy(model)
+    simulated.config.quant_simulation = True
+    assert model_tag(simulated) != model_tag(model)
 
 
 def test_submit_after_close_is_refused(model):

@@ -103,10 +103,11 @@ def test_transformers_resave_of_our_checkpoint_loads(tmp_path, mtp):
             assert torch.equal(theirs[name], t), name
 
 
-@pytest.mark.parametrize("field,value", [("hca_compress_ratio", 4), ("norm_topk_prob", False)])
+@pytest.mark.parametrize("field,value", [("hca_compress_ratio", 4), ("norm_topk_prob", False),
+                                         ("bos_token_id", 2), ("eos_token_id", 7)])
 def test_save_official_refuses_what_its_config_cannot_say(tmp_path, field, value):
     """compress_ratios marks CSA layers by ratio 4 (an HCA ratio of 4 reloads them as CSA); the official
-    router always normalises its weights."""
+    router always normalises its weights; the official config has no token ids (a reload would stop on 1)."""
     model = random_model(dsv4.Config.tiny(**SMALL, **{field: value}))
     with pytest.raises(ConfigError, match=field):
         save_official(model, tmp_path, fp8=False, fp4_experts=False)

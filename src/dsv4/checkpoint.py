@@ -174,7 +174,8 @@ def init_random(model: Transformer, std: float = 0.02, seed: int | None = None) 
 
 # ---------------------------------------------------------------- reading
 
-def _shard_files(path: Path) -> list[Path]:
+def _shard_files(path: Path) -> tuple[list[Path], dict | None]:
+    """The weight files, and the index's tensor name -> shard file map where there is an index."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -193,13 +194,13 @@ def _shard_files(path: Path) -> list[Path]:
         missing = [f for f in files if not (path / f).exists()]
         if missing:
             raise CheckpointError(f"{index}: names shard files that are missing: {missing}")
-        return [path / f for f in files]
+        return [path / f for f in files], weight_map
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {pickles}: pickle checkpoints are never loaded; convert them to safetensors)" if pickles else ""
         raise CheckpointError(f"{path}: no .safetensors weights{hint}")
-    return files
+    return files, None
 
 
 def _has_mtp(files: list[Path]) -> bool:
@@ -231,6 +232,7 @@ class _Loader:
         self.tied = ("embed.weight", "head.weight") if model.config.tie_word_embeddings else ()
         self.loaded: set[str] = set()
         self.expert_seen: dict[str, set] = {}
+        self.shard_of: dict[str, str] = {}  # checkpoint tensor name -> the shard it was read from
         # quantised weights and scales waiting for their partner (which may sit in another shard)
         self.weights: dict[str, tuple[torch.Tensor, str]] = {}
         self.scales: dict[str, tuple[torch.Tensor, str]] = {}
@@ -319,8 +321,11 @@ class _Loader:
                     raise CheckpointError(f"{src}: '{name}' expert {e} has scales that are not powers of two, which "
                                           f"fp4_experts=True keeps as UE8M0; load without fp4_experts")
                 v = e8m0
+            v = v.view(dst.dtype) if packed is not None else v
+            if dst.dtype == torch.float8_e8m0fnu:  # byte 0xFF is UE8M0's NaN
+                self._check_finite(f"{name}[{e}] scale", src, v.float())
             with torch.no_grad():
-                dst[e].copy_(v.view(dst.dtype) if packed is not None else v)
+                dst[e].copy_(v)
         self.expert_seen.setdefault(name, set()).add(e)
 
     def put_quantised(self, wname: str, w: torch.Tensor, s: torch.Tensor, src: str) -> None:
@@ -353,7 +358,8 @@ class _Loader:
         t = self.params.get(key)
         return t.dtype if t is not None else torch.float32
 
-    def load_file(self, f: Path) -> None:
+    def load_file(self, f: Path, weight_map: dict | None = None) -> None:
+        """Every tensor of shard `f`, but those the index (`weight_map`) places in another shard."""
         src = f.name
         try:
             handle = safe_open(str(f), framework="pt")
@@ -364,8 +370,12 @@ class _Loader:
             raw = {}
             for key in keys:
                 name = canonical_name(key)
-                if name is None:
+                if name is None or weight_map is not None and weight_map.get(key, src) != src:
                     continue
+                if key in self.shard_of:
+                    raise CheckpointError(f"{f.parent}: tensor '{key}' is in two shards, {self.shard_of[key]} and "
+                                          f"{src}; keep one copy, or list it in model.safetensors.index.json")
+                self.shard_of[key] = src
                 try:
                     raw[name] = handle.get_tensor(key)
                 except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -439,7 +449,7 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
     cfg = _read_config(path)
     cfg.quant_simulation = quant_simulation
     cfg.validate()
-    files = _shard_files(path)
+    files, weight_map = _shard_files(path)
     if cfg.num_nextn_predict_layers and not _has_mtp(files):
         # transformers drops MTP weights on save; such a checkpoint loads without the MTP module
         warnings.warn(f"{path}: checkpoint has no mtp.* weights; loading without the MTP module", stacklevel=2)
@@ -449,7 +459,7 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
         _pack_experts(model)
     loader = _Loader(model)
     for f in files:
-        loader.load_file(f)
+        loader.load_file(f, weight_map)
     loader.finish(path)
     return model.to(device).eval()
 
@@ -605,6 +615,10 @@ def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8:
         raise ConfigError("the official layout marks CSA layers by compress ratio 4; hca_compress_ratio must not be 4")
     if not cfg.norm_topk_prob:
         raise ConfigError("the official layout always normalises the routing weights; norm_topk_prob must be true")
+    if (cfg.bos_token_id, cfg.eos_token_id) != (Config.bos_token_id, Config.eos_token_id):
+        raise ConfigError(f"the official config cannot say bos_token_id {cfg.bos_token_id} and eos_token_id "
+                          f"{cfg.eos_token_id} (it is read back with DeepSeek's {Config.bos_token_id} and "
+                          f"{Config.eos_token_id}); save this model with save_model")
     out = {}
     for name, t in _dense_state(model).items():
         t = t.detach().cpu()

@@ -8,6 +8,7 @@ at once; when memory runs short the newest sequences are preempted and later rec
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import operator
@@ -28,6 +29,9 @@ from .sequence import Logprob, RequestOutput, Sequence, Status
 from .speculative import Rewind, accept
 
 
+_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step
@@ -45,7 +49,11 @@ class EngineConfig:
     compile: bool = False  # compile the batched decode step ahead of time (minutes, once; several x faster)
 
     def __post_init__(self):
-        checks = [("max_num_batched_tokens", is_int(self.max_num_batched_tokens, 1), "an integer >= 1"),
+        self.cache_dtype = _CACHE_DTYPES.get(self.cache_dtype, self.cache_dtype) if isinstance(self.cache_dtype, str) \
+            else self.cache_dtype
+        checks = [("cache_dtype", self.cache_dtype is None or self.cache_dtype in _CACHE_DTYPES.values(),
+                   f"None (the model's dtype) or one of {', '.join(_CACHE_DTYPES)}, as a name or a torch dtype"),
+                  ("max_num_batched_tokens", is_int(self.max_num_batched_tokens, 1), "an integer >= 1"),
                   ("max_num_seqs", is_int(self.max_num_seqs, 1), "an integer >= 1"),
                   ("kv_budget_bytes", is_int(self.kv_budget_bytes, 1), "an integer >= 1"),
                   ("cache_layout", self.cache_layout in ("dense", "fp8"), "'dense' or 'fp8'"),
@@ -64,7 +72,8 @@ class EngineConfig:
 def model_tag(model: Transformer) -> str:
     """Identity of a model's weights for keying persisted caches: config, and per tensor a sample of its
     values and the sum of all its bits (a sample alone missed weights that differ in a few rows)."""
-    h = hashlib.sha256(json.dumps(model.config.to_hf_dict(), sort_keys=True).encode())
+    # every config field: quant_simulation (which to_hf_dict leaves out) changes the state a block holds
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
         h.update(name.encode() + flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
