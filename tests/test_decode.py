@@ -54,6 +54,20 @@ def test_batched_decode_matches_full_forward(model):
     assert decode_vs_full(model, decoder, [2, 9], 40, seed=3, general_every=3) <= 1e-4
 
 
+def test_a_bf16_state_under_an_fp32_model_does_not_depend_on_where_chunks_are_cut(model):
+    """A chunk attended to its own keys in fp32 while a 1-token step read them back from the bf16 ring, so
+    a seeded request's tokens changed with the engine's token budget (logits 1e-3 apart here)."""
+    ids = torch.randint(2, 512, (20,), generator=torch.Generator().manual_seed(0))
+    a, b = new_cache(model, torch.bfloat16), new_cache(model, torch.bfloat16)
+    with torch.no_grad():
+        model.step([ids[:18]], [a])
+        model.step([ids[:18]], [b])
+        one = model.logits(model.step([ids[18:20]], [a])[None])[0][1]  # one chunk of 2
+        model.step([ids[18:19]], [b])
+        two = model.logits(model.step([ids[19:20]], [b])[None])[0][0]  # two 1-token steps
+    assert (one - two).abs().max() <= 1e-5
+
+
 def test_bf16_checkpoint_decodes_in_bf16(model, tmp_path):
     """A bf16 model keeps its mHC, norm, sink and ape parameters in fp32 (load_model, as the reference):
     the engine's storage dtype and the batched decoder follow the activations' dtype, not the first
