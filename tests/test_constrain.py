@@ -64,6 +64,64 @@ def test_reasoning_cannot_end_the_reply_and_is_closed_in_time(engine):
     assert c.active  # from here on the JSON grammar decides
 
 
+def test_tool_grammar_admits_optional_parameters_and_parallel_calls(engine):
+    """Only the required parameters, in order, in exactly one call used to be admitted: a tool without a
+    `required` list could only be called with `{}`, optional parameters never, parallel calls never."""
+    from dsv4.engine.constrain import MAX_CALLS
+
+    tok, D = engine.tokenizer, "｜DSML｜"
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"type": "string"}},
+        "required": ["unit"]}}}]
+
+    def call(*params):
+        return (f'<{D}invoke name="get_weather">\n' + "".join(
+            f'<{D}parameter name="{k}" string="{"false" if k == "days" else "true"}">{v}</{D}parameter>\n'
+            for k, v in params) + f"</{D}invoke>\n")
+
+    def accepted(*calls):
+        c = GrammarConstraint(tok, engine.eos, text_or_tool_call_grammar(tools))
+        text = f"Checking.\n\n<{D}tool_calls>\n" + "".join(calls) + f"</{D}tool_calls>"
+        try:
+            for t in tok.encode(text).ids + [engine.eos]:
+                c.accept(t)
+        except RuntimeError:
+            return False
+        return True
+
+    assert accepted(call(("city", "Paris"), ("days", "3"), ("unit", "C")))  # every parameter
+    assert accepted(call(("unit", "C")))  # the required one alone
+    assert accepted(call(("city", "Paris"), ("unit", "C")), call(("city", "Rome"), ("unit", "F")))  # parallel
+    assert accepted(*[call(("unit", "C"))] * MAX_CALLS)
+    assert not accepted(call(("city", "Paris")))  # the required parameter missing
+    assert not accepted(call(("unit", "C"), ("unit", "F")))  # a parameter twice
+    assert not accepted(call(("days", "x"), ("unit", "C")))  # not an integer
+    assert not accepted(*[call(("unit", "C"))] * (MAX_CALLS + 1))
+
+
+def test_a_forced_call_finishes_within_max_tokens(engine):
+    """A free JSON value or a raw string argument could run on until max_tokens cut the call (unparsable
+    arguments); near the budget's end the call now takes a way to finish, from any state, whatever the
+    model prefers. Budgets from the shortest possible call up."""
+    from dsv4.engine.constrain import tool_call_grammar
+
+    tok = engine.tokenizer
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {"type": "object", "properties": {
+        "a": True, "s": {"type": "string"}, "n": {"type": "integer"}}, "required": ["a", "s", "n"]}}}]
+    shortest = len(GrammarConstraint(tok, engine.eos, tool_call_grammar(tools)).finishing_path(1000))
+    for max_tokens in (shortest, shortest + 7, shortest + 40):
+        for seed in range(3):
+            c = GrammarConstraint(tok, engine.eos, tool_call_grammar(tools))
+            s = engine.add_request(tok.encode("pick").ids, dsv4.SamplingParams(max_tokens=max_tokens, seed=seed),
+                                   constraint=c)
+            while engine.has_unfinished():
+                engine.step()
+            text = tok.decode(s.output_ids, skip_special_tokens=False)
+            assert s.finish_reason == "stop" and text.endswith("</｜DSML｜tool_calls><｜end▁of▁sentence｜>"), text
+            value = text.split('name="a" string="false">')[1].split("</｜DSML｜parameter>")[0]
+            json.loads(value)
+
+
 def test_json_tool_arguments_are_compact(engine):
     """A JSON-valued tool parameter admits no free whitespace: the bundled model padded a nested argument
     with blanks until max_tokens ran out (unparsable arguments from a forced call)."""

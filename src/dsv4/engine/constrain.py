@@ -64,6 +64,9 @@ class _Vocab:
                                     dtype=torch.long)
         self.outside = [closers, colon, short]  # finishing order outside a string
         self.inside = [quote]  # inside a string: end it first
+        # a DSML tag's first piece: an end tag's first (a lone "<" may open another call)
+        self.tag_starts = [torch.tensor([t.startswith("</") for t in texts]), torch.tensor([t == "<" for t in texts])]
+        self.tokenizer = tokenizer
 
 
 def vocab_for(tokenizer, eos: int) -> _Vocab:
@@ -82,6 +85,9 @@ def _lit(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+MAX_CALLS = 8  # calls in one DSML block (parallel calls, api.md section 13)
+
+
 def text_or_tool_call_grammar(tools: list):
     """tool_choice auto: free text (without DSML markers), optionally followed by a DSML tool-call block
     whose call follows one of the tools' schemas."""
@@ -91,21 +97,23 @@ def text_or_tool_call_grammar(tools: list):
     return xgr.Grammar.concat(text, xgr.Grammar.union(tool_block_grammar(tools), xgr.Grammar.from_ebnf('root ::= ""')))
 
 
-def tool_block_grammar(tools: list):
-    """A whole DSML tool-call block, opener included, with one call under the tools' schemas."""
+def tool_block_grammar(tools: list, max_calls: int = MAX_CALLS):
+    """A whole DSML tool-call block, opener included, with 1 to `max_calls` calls under the tools' schemas."""
     import xgrammar as xgr
 
     opener = xgr.Grammar.from_ebnf(f"root ::= {_lit(chr(10) + chr(10) + f'<{DSML}tool_calls>' + chr(10))}")
-    return xgr.Grammar.concat(opener, tool_call_grammar(tools))
+    return xgr.Grammar.concat(opener, tool_call_grammar(tools, max_calls))
 
 
 class SchemaError(ValueError):
     """A tool's parameter schema that the output grammar cannot follow; the message names the tool and field."""
 
 
-def tool_call_grammar(tools: list):
-    """xgrammar Grammar for a DSML tool-call block (the prompt has opened it): one call to one of `tools`
-    (OpenAI-style function definitions), each required parameter in order, then the block's end.
+def tool_call_grammar(tools: list, max_calls: int = MAX_CALLS):
+    """xgrammar Grammar for a DSML tool-call block (the prompt has opened it): 1 to `max_calls` calls, each
+    to one of `tools` (OpenAI-style function definitions), then the block's end. A call's parameters come
+    in the schema's property order, each at most once: the required ones always, the others if the model
+    writes them (required names the schema does not describe follow, as any JSON value).
 
     A plain string parameter is raw text without '<' or '｜' (`string="true"`), a string enum one of its values;
     any other parameter (numbers, objects, strings with a `pattern` or `format`, mixed enums, `$ref`s
@@ -115,6 +123,7 @@ def tool_call_grammar(tools: list):
     def lit(text):
         return xgr.Grammar.from_ebnf(f"root ::= {_lit(text)}")
 
+    nothing = xgr.Grammar.from_ebnf('root ::= ""')
     invokes = []
     for t in tools:
         fn = t.get("function", t)
@@ -123,33 +132,59 @@ def tool_call_grammar(tools: list):
             raise SchemaError(f"tool {fn['name']!r}: 'parameters' must be a JSON schema object")
         defs = {k: params[k] for k in ("$defs", "definitions") if k in params}
         props = params.get("properties") or {}
+        if not isinstance(props, dict):
+            raise SchemaError(f"tool {fn['name']!r}: 'properties' must be an object")
+        required = params.get("required") or []
         parts = [lit(f'<{DSML}invoke name="{fn["name"]}">\n')]
-        for name in params.get("required") or []:
-            schema = props.get(name, {}) if isinstance(props, dict) else None
-            schema = {} if schema is True else schema
-            if not isinstance(schema, dict):
-                raise SchemaError(f"tool {fn['name']!r} parameter {name!r}: its schema must be an object")
-            close = lit(f"</{DSML}parameter>\n")
-            enum = schema.get("enum")
-            is_str = schema.get("type") == "string"
-            try:
-                raw = lit(f'<{DSML}parameter name="{name}" string="true">')
-                if is_str and enum is None and not {"pattern", "format", "const"} & set(schema):
-                    parts += [raw, xgr.Grammar.from_ebnf("root ::= [^<｜]*"), close]
-                    continue
-                if is_str and isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
-                    parts += [raw, xgr.Grammar.from_ebnf("root ::= " + " | ".join(_lit(v) for v in enum)), close]
-                    continue
-                # compact JSON: free whitespace let a weak model pad an argument with blanks until max_tokens
-                value = xgr.Grammar.from_json_schema(json.dumps({**schema, **defs}), any_whitespace=False)
-            except Exception as e:  # xgrammar's own message (less its source location) names the problem
-                why = re.sub(r"^\[[^]]*\] \S+:\d+: ", "", str(e).strip().splitlines()[-1])
-                raise SchemaError(f"tool {fn['name']!r} parameter {name!r}: unsupported schema ({why})") from None
-            parts += [lit(f'<{DSML}parameter name="{name}" string="false">'), value, close]
+        for name in list(props) + [r for r in required if r not in props]:
+            p = _parameter_grammar(fn["name"], name, props.get(name, {}), defs, lit)
+            parts.append(p if name in required else xgr.Grammar.union(p, nothing))
         parts.append(lit(f"</{DSML}invoke>\n"))
         invokes.append(xgr.Grammar.concat(*parts))
-    calls = invokes[0] if len(invokes) == 1 else xgr.Grammar.union(*invokes)
-    return xgr.Grammar.concat(calls, lit(f"</{DSML}tool_calls>"))
+    call = invokes[0] if len(invokes) == 1 else xgr.Grammar.union(*invokes)
+    end = lit(f"</{DSML}tool_calls>")
+    block = xgr.Grammar.concat(call, end)
+    for _ in range(max_calls - 1):  # no repetition operator on grammars: each further call nests one level
+        block = xgr.Grammar.concat(call, xgr.Grammar.union(end, block))
+    return block
+
+
+def _parameter_grammar(tool: str, name: str, schema, defs: dict, lit):
+    """One `<parameter name=...>value</parameter>` line of a call, the value under `schema`."""
+    import xgrammar as xgr
+
+    schema = {} if schema is True else schema
+    if not isinstance(schema, dict):
+        raise SchemaError(f"tool {tool!r} parameter {name!r}: its schema must be an object")
+    close = lit(f"</{DSML}parameter>\n")
+    enum = schema.get("enum")
+    is_str = schema.get("type") == "string"
+    try:
+        raw = lit(f'<{DSML}parameter name="{name}" string="true">')
+        if is_str and enum is None and not {"pattern", "format", "const"} & set(schema):
+            return xgr.Grammar.concat(raw, xgr.Grammar.from_ebnf("root ::= [^<｜]*"), close)
+        if is_str and isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+            return xgr.Grammar.concat(raw, xgr.Grammar.from_ebnf("root ::= " + " | ".join(_lit(v) for v in enum)),
+                                      close)
+        if isinstance(enum, list) and "type" in schema:  # both apply; xgrammar would take any enum member
+            schema = {**schema, "enum": [v for v in enum if _is_type(v, schema["type"])]}
+        # compact JSON: free whitespace let a weak model pad an argument with blanks until max_tokens
+        value = xgr.Grammar.from_json_schema(json.dumps({**schema, **defs}), any_whitespace=False)
+    except Exception as e:  # xgrammar's own message (less its source location) names the problem
+        why = re.sub(r"^\[[^]]*\] \S+:\d+: ", "", str(e).strip().splitlines()[-1])
+        raise SchemaError(f"tool {tool!r} parameter {name!r}: unsupported schema ({why})") from None
+    return xgr.Grammar.concat(lit(f'<{DSML}parameter name="{name}" string="false">'), value, close)
+
+
+_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None),
+          "object": dict, "array": list}
+
+
+def _is_type(value, types) -> bool:
+    """Whether a JSON value has one of the JSON Schema `types` (a name or a list of names)."""
+    types = types if isinstance(types, list) else [types]
+    return any(isinstance(value, _TYPES.get(t, ())) and not (isinstance(value, bool) and t in ("integer", "number"))
+               for t in types)
 
 
 class GrammarConstraint:
@@ -171,6 +206,7 @@ class GrammarConstraint:
         self.active = start_after is None
         self.ban = ban_spelled_markers
         self.reply_reserve = reply_reserve  # tokens kept for the constrained reply: the reasoning closes before them
+        self.path = []  # a way to finish from the matcher's state (`steer`), when known
 
     def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
         """logits [V] -> a new tensor with the tokens the grammar forbids at -inf.
@@ -196,8 +232,67 @@ class GrammarConstraint:
         out[: self.vocab.V] = row[0]
         return out
 
+    HORIZON = 96  # from this many tokens left, the way to finish is checked at every step
+    SLACK = 8  # tokens kept in hand: one token can lengthen the way to finish (opening a string, an object)
+
     def steer(self, row: torch.Tensor, remaining: int) -> None:
-        """Hook: narrow the allowed tokens further (in place) given the remaining token budget."""
+        """Narrow the allowed tokens (row [V], in place) so the output finishes within `remaining` tokens: once
+        the way to finish (`finishing_path`) needs nearly all of them, its next token is the only one left,
+        and another call starts only where it would still finish. Output that may simply stop (free text:
+        the way to finish is the end of sequence alone) is left alone."""
+        if remaining > self.HORIZON:
+            return
+        if not self.path:  # else the model took the path's first token: the rest still finishes (~0.2 ms a token)
+            self.path = self.finishing_path(remaining + 1)
+        path = self.path
+        if path == [self.vocab.eos]:
+            return
+        lone = self.vocab.tag_starts[1] & torch.isfinite(row)  # "<": it could open another call
+        if lone.any():
+            probe = self.matcher.fork()
+            probe.accept_token(int(lone.nonzero()[0]))
+            if 1 + len(self.finishing_path(remaining, probe)) + self.SLACK > remaining:
+                row[lone] = float("-inf")
+        if len(path) + self.SLACK >= remaining:
+            keep = row[path[0]].clone()
+            row.fill_(float("-inf"))
+            row[path[0]] = keep if torch.isfinite(keep) else 0.0
+
+    def finishing_path(self, limit: int, matcher=None) -> list:
+        """A short token path (at most `limit` tokens) from the matcher's state to the end of the output: at
+        each step the end of sequence if allowed, else the `</` of a DSML end tag where the tag follows it
+        (it ends a raw string parameter, where quotes are text, or the block where another call could
+        start), else the first token of the grammar's forced text, else a token that closes something (a
+        quote, a bracket) or a short value."""
+        import xgrammar as xgr
+
+        v, m, path = self.vocab, (matcher or self.matcher).fork(), []
+        while len(path) < limit and not m.is_terminated():
+            m.fill_next_token_bitmask(self.bitmask)
+            allowed = torch.zeros(1, v.V)
+            xgr.apply_token_bitmask_inplace(allowed, self.bitmask)
+            allowed = torch.isfinite(allowed[0])
+            if self.ban and allowed[v.markers].any():
+                allowed &= ~v.bar_bytes
+            token = v.eos if allowed[v.eos] else None
+            for tag in (allowed & starts for starts in v.tag_starts):
+                if token is None and tag.any():
+                    probe = m.fork()
+                    probe.accept_token(int(tag.nonzero()[0]))
+                    token = int(tag.nonzero()[0]) if probe.find_jump_forward_string() else None
+            if token is None and (forced := m.find_jump_forward_string()):
+                ids = v.tokenizer.encode(forced, add_special_tokens=False).ids
+                token = ids[0] if ids and allowed[ids[0]] else None
+            for prio in v.inside + v.outside + [allowed]:
+                if token is not None:
+                    break
+                cand = (allowed & prio).nonzero()
+                token = int(cand[0]) if len(cand) else None
+            if token is None:
+                break  # nothing allowed (cannot happen after a valid prefix)
+            m.accept_token(token)
+            path.append(token)
+        return path
 
     def accept(self, token: int) -> None:
         if not self.active:
@@ -205,6 +300,7 @@ class GrammarConstraint:
             return
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"token {token} violates the output grammar")
+        self.path = self.path[1:] if self.path and self.path[0] == token else []
         self.accepted(token)
 
     def accepted(self, token: int) -> None:
