@@ -2,8 +2,10 @@
 
 Checks (fp32, TF32 off, unless said): forward logits on the GPU vs the CPU and vs transformers on the GPU;
 engine greedy generation (batched, chunked prefill, prefix-cache hit, MTP speculation, compiled decode)
-equal to the CPU engine's tokens; training steps (fp32 equal to the CPU's loss, bf16 autocast loss falls).
-Then absolute timings on the GPU, dsv4 and transformers side by side on the issue's benchmark config.
+equal to the CPU engine's tokens; seeded sampling repeats; training steps (fp32 equal to the CPU's loss,
+bf16 autocast loss falls, save and resume equal to an uninterrupted run).
+Then absolute timings on the GPU, dsv4 and transformers side by side on the issue's benchmark config
+(eager; then the compiled decode step and a torch.compiled training step, last as they compile longest).
 Every check runs even when an earlier one fails; the last line counts the failures.
 Usage: python benchmarks/cuda_check.py [--skip-compile] [--skip-timing]
 """
@@ -169,23 +171,76 @@ def main():
         assert losses[-1] < losses[0] - 0.5, losses
         return f"{losses[0]:.3f} -> {losses[-1]:.3f}"
 
+    @check("training on the GPU, bf16 autocast: save at step 3, resume in a new Trainer == uninterrupted")
+    def _():
+        import tempfile
+
+        def make():
+            torch.manual_seed(0)
+            m = random_model(dsv4.Config.tiny(), seed=3).train().to(dev)
+            return Trainer(m, corpus, TrainConfig(**{**tcfg, "steps": 6}))
+        straight = make()
+        want = [straight.step()["loss"] for _ in range(6)]
+        with tempfile.TemporaryDirectory() as d:
+            first = make()
+            got = [first.step()["loss"] for _ in range(3)]
+            first.save(Path(d) / "ckpt")
+            second = make()
+            second.resume(Path(d) / "ckpt")
+            got += [second.step()["loss"] for _ in range(3)]
+        assert got == want, (got, want)
+        return f"6 losses bitwise equal, last {got[-1]:.4f}"
+
+    @check("seeded sampling on the GPU (temperature 0.8, top-p 0.9): a seed gives the same tokens twice")
+    def _():
+        sp = [dsv4.SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=7 + i) for i in range(len(ps))]
+        a = [o.token_ids for o in dsv4.LLM(gpu).generate(ps, sp)]
+        b = [o.token_ids for o in dsv4.LLM(gpu).generate(ps, sp)]
+        assert a == b and all(len(x) == 24 for x in a)
+        return f"{len(ps)} seeded sequences repeat; {sum(x != w for x, w in zip(a, want))} differ from greedy"
+
     if not args.skip_timing:
         bcfg = bench_config()
         _, bref = model_pair(bcfg)
-        timings(bcfg, random_model(bcfg).to(dev), bref.to(dev), dev, (1024, 2048) if args.quick else (16384, 65536))
+        rows = timings(bcfg, random_model(bcfg).to(dev), bref.to(dev), dev,
+                       (1024, 2048) if args.quick else (16384, 65536))
+        table(rows)
     if not args.skip_compile:  # last: its compilation takes longest
-        @check("compiled batched decode on the GPU == CPU tokens (first call compiles)")
+        @check("compiled decode on the GPU == CPU tokens (first calls compile); eager vs compiled speed")
         def _():
             got = tokens_of(gpu, ps, compile=True)
             assert got == want
-            eng = LLMEngine(gpu, config=dsv4.EngineConfig(prefix_block=0, compile=True))
-            eng.add_request(prompts(1024)[0], GREEDY(60))
-            for _ in range(3):
-                eng.step()
-            dt, _ = cuda_sync(lambda: [eng.step() for _ in range(50)])()
-            return f"equal; compiled batch-1 decode at 1K {50 / dt:.1f} tok/s"
+            res = {}
+            for compile in (False, True):
+                for n in (1, 32):
+                    eng = LLMEngine(gpu, config=dsv4.EngineConfig(prefix_block=0, compile=compile, max_num_seqs=32,
+                                                                  max_num_batched_tokens=8192))
+                    for i in range(n):
+                        eng.add_request(prompts(1024, seed=i)[0], GREEDY(40))
+                    while any(s.num_computed < len(s.prompt) for s in eng.running) or eng.waiting:
+                        eng.step()
+                    for _ in range(2):
+                        eng.step()
+                    dt, _ = cuda_sync(lambda: [eng.step() for _ in range(20)])()
+                    res[compile, n] = (n * 20 / dt, kernels_per_step(eng) if dev.type == "cuda" else 0)
+            return ("equal; at 1K context (index_topk 256), tok/s and kernel launches per step: " +
+                    ", ".join(f"{'compiled' if c else 'eager'} batch {n}: {r:,.1f} ({k:,.0f})"
+                              for (c, n), (r, k) in res.items()))
 
+    if not args.skip_compile and not args.skip_timing:
+        compiled_training(bcfg, dev, rows)
+        table(rows)
     print(f"\n{len(FAILED)} checks failed: {FAILED}" if FAILED else "\nall checks passed", flush=True)
+
+
+def kernels_per_step(eng, steps: int = 5) -> float:
+    """GPU kernel launches per engine step, counted by the profiler (lessons.md: decode was launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            eng.step()
+        sync()
+    return sum(e.count for e in p.key_averages() if str(e.device_type).endswith("CUDA")) / steps
 
 
 def timings(cfg, gpu, ref, dev, lengths):
@@ -285,9 +340,42 @@ def timings(cfg, gpu, ref, dev, lengths):
         rows.append(("training tok/s, bf16, 8 x 512", f"{res[0]:,.0f}", f"{res[1]:,.0f}", f"{res[0] / res[1]:.2f}x"))
         return f"dsv4 {res[0]:,.0f} tok/s, transformers {res[1]:,.0f}"
 
+    return rows
+
+
+def compiled_training(cfg, dev, rows):
+    """The training step of `timings` (bf16 autocast, 8 x 512) with the loss torch.compiled, as
+    `[train] compile = true` runs it; against the transformers row `timings` measured."""
+    @check("timing: training step compiled (torch.compile), bf16 autocast, batch 8 x 512")
+    def _():
+        m = random_model(cfg).train().to(dev)
+        ids = torch.randint(2, cfg.vocab_size, (8, 513), device=dev)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def loss_fn(x, y):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                return F.cross_entropy(m(x).flatten(0, 1).float(), y.reshape(-1))
+        fn = torch.compile(loss_fn, dynamic=False)
+
+        def step():
+            with torch._dynamo.config.patch(capture_scalar_outputs=True):  # as benchmarks/train_bench.py
+                loss = fn(ids[:, :-1], ids[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        first, _ = cuda_sync(step)()
+        step()
+        ours = 8 * 512 * 5 / cuda_sync(lambda: [step() for _ in range(5)])()[0]
+        theirs = next((float(r[2].replace(",", "")) for r in rows if r[0].startswith("training")), float("nan"))
+        rows.append(("training tok/s, bf16, 8 x 512, compiled", f"{ours:,.0f}", f"{theirs:,.0f}",
+                     f"{ours / theirs:.2f}x"))
+        return f"{ours:,.0f} tok/s (first step with compilation {first:.0f} s)"
+
+
+def table(rows):
     print("\n| GPU timing (fp32 unless said) | dsv4 | transformers | ratio |\n|---|---|---|---|")
     for r in rows:
-        print("| " + " | ".join(r) + " |")
+        print("| " + " | ".join(r) + " |", flush=True)
 
 
 if __name__ == "__main__":
