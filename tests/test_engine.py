@@ -590,6 +590,28 @@ def test_a_long_prefill_is_not_starved_by_later_short_ones(model):
     assert first.status == dsv4.engine.sequence.Status.FINISHED
 
 
+def test_decodes_keep_a_token_per_step_while_a_long_prompt_prefills(model):
+    """lessons.md: chunked prefill interleaves with decode, so other users stay responsive during a long
+    prompt. With a 16-token budget, a 200-token prompt takes many steps; the decoding request gets one
+    token in each of them, and its tokens are those it makes alone."""
+    sp = dsv4.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    alone = dsv4.LLM(model, prefix_block=0).generate(prompts(5)[0], sp).token_ids
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, max_num_batched_tokens=16))
+    talker = eng.add_request(prompts(5)[0], sp)
+    eng.step()
+    long = eng.add_request(prompts(200, seed=3)[0], sp)
+    steps = 0
+    while long.num_computed < len(long.prompt):
+        before = len(talker.output_ids)
+        eng.step()
+        steps += 1
+        assert len(talker.output_ids) == min(before + 1, 20), steps
+    assert steps >= 12
+    while eng.has_unfinished():
+        eng.step()
+    assert talker.output_ids == alone
+
+
 def test_text_prompt_past_the_models_vocab_is_refused_alone(model):
     """A tokenizer with more ids than the model's vocab: that prompt is a RequestError, not a failed step."""
     from tokenizers import Tokenizer, models

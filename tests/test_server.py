@@ -137,6 +137,21 @@ def test_thinking_passback_rule(client):
     messages[1]["reasoning_content"] = "I should call the tool."
     r = client.chat.completions.create(model="deepseek-reasoner", messages=messages, tools=tools, max_tokens=2)
     assert r.choices[0].finish_reason == "length"
+    messages[1]["reasoning_content"] = ""  # an empty reasoning passed back counts as passed back
+    r = client.chat.completions.create(model="deepseek-reasoner", messages=messages, tools=tools, max_tokens=2)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_first_streamed_delta_and_the_developer_role(client, server):
+    """lessons.md: clients broke on the first delta's shape and on `developer`. In thinking mode the first
+    delta carries the role and `reasoning_content: ""`; `developer` is DeepSeek's 400 (api.md section 2)."""
+    stream = client.chat.completions.create(model="deepseek-reasoner", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=3, stream=True)
+    first = next(iter(stream)).choices[0].delta
+    assert first.role == "assistant" and first.model_extra.get("reasoning_content") == ""
+    status, body = post(server[0] + "/chat/completions", {"model": "deepseek-chat", "max_tokens": 2, "messages": [
+        {"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]})
+    assert status == 400 and "unknown variant `developer`" in body["error"]["message"]
 
 
 # ---- Anthropic Messages ----
