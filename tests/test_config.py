@@ -43,6 +43,12 @@ def test_pro_schedule_starts_with_two_hca_layers():
     pro = Config.pro()
     assert pro.layer_types[:4] == [HCA, HCA, CSA, HCA] and pro.layer_types.count(CSA) == 30
     assert pro.compress_ratios[-1] == 0  # MTP layer is sliding-only
+    # lessons.md: honour a checkpoint's compress_ratios (architecture.md section 2's Pro row), not a default
+    ratios = [128, 128] + [4, 128] * 29 + [4] + [0]
+    for style in ({"n_layers": 61, "compress_ratios": ratios},
+                  {"num_hidden_layers": 61, "compress_ratios": ratios, "model_type": "deepseek_v4"}):
+        got = Config.from_dict(style)
+        assert got.layer_types == pro.layer_types and got.compress_ratios == ratios, style
 
 
 def test_transformers_config_round_trips():
