@@ -107,8 +107,12 @@ def test_a_forced_call_finishes_within_max_tokens(engine):
 
     tok = engine.tokenizer
     tools = [{"type": "function", "function": {"name": "pick", "parameters": {"type": "object", "properties": {
-        "a": True, "s": {"type": "string"}, "n": {"type": "integer"}}, "required": ["a", "s", "n"]}}}]
-    shortest = len(GrammarConstraint(tok, engine.eos, tool_call_grammar(tools)).finishing_path(1000))
+        "a": True, "s": {"type": "string"}, "n": {"type": "integer"},
+        "to": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 1}, "y": {"type": "integer"}},
+               "required": ["x", "y"]}},  # a number was once finished by more digits, never by its comma
+        "required": ["a", "s", "n", "to"]}}}]
+    shortest = GrammarConstraint(tok, engine.eos, tool_call_grammar(tools)).shortest
+    assert shortest < 200  # a digit loop ran to the limit
     for max_tokens in (shortest, shortest + 7, shortest + 40):
         for seed in range(3):
             c = GrammarConstraint(tok, engine.eos, tool_call_grammar(tools))
@@ -120,6 +124,36 @@ def test_a_forced_call_finishes_within_max_tokens(engine):
             assert s.finish_reason == "stop" and text.endswith("</｜DSML｜tool_calls><｜end▁of▁sentence｜>"), text
             value = text.split('name="a" string="false">')[1].split("</｜DSML｜parameter>")[0]
             json.loads(value)
+
+
+def test_no_call_starts_that_could_not_finish_and_names_dsml_cannot_write(engine):
+    """Auto mode: near the end of the budget a DSML block is not opened when its shortest call would not
+    fit (it was opened 3 tokens before the end and cut). A thinking reply keeps room for the shortest call.
+    A tool or parameter name with a quote or a newline would break the call's attribute: a SchemaError."""
+    from dsv4.engine.constrain import SchemaError, tool_call_grammar
+
+    tok, V = engine.tokenizer, engine.model.config.vocab_size
+    marker = tok.token_to_id("｜DSML｜")
+    for remaining in (5, 40, 400):
+        c = GrammarConstraint(tok, engine.eos, text_or_tool_call_grammar(TOOLS))
+        for t in tok.encode("ok\n\n<").ids:
+            c.accept(t)
+        opens = torch.isfinite(c.mask(torch.zeros(V), remaining=remaining)[marker])
+        fits = len(c.finishing_path(1000, _after(c, marker))) + 1 + c.SLACK <= remaining
+        assert bool(opens) == fits, remaining
+    think_end = tok.token_to_id("</think>")
+    c = GrammarConstraint(tok, engine.eos, tool_call_grammar(TOOLS), start_after=think_end)
+    assert c.reply_reserve >= c.shortest + c.SLACK
+    for name, props in (('say "hi"', {}), ("pick", {"x\ny": {"type": "string"}})):
+        bad = [{"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props}}}]
+        with pytest.raises(SchemaError, match="cannot be written in a DSML call"):
+            tool_call_grammar(bad)
+
+
+def _after(c, token):
+    m = c.matcher.fork()
+    m.accept_token(token)
+    return m
 
 
 def test_json_tool_arguments_are_compact(engine):

@@ -381,6 +381,12 @@ def test_json_mode_always_returns_a_json_object(client, thinking, max_tokens):
             extra_body={"thinking": {"type": thinking}})
         assert isinstance(json.loads(r.choices[0].message.content), dict), r.choices[0].message
     from openai import BadRequestError
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+    with pytest.raises(BadRequestError, match="too small for the tool call"):  # it was cut: arguments ''
+        client.chat.completions.create(model="deepseek-v4-flash", messages=[{"role": "user", "content": "pick"}],
+                                       tools=[tool], tool_choice="required", max_tokens=10,
+                                       extra_body={"thinking": {"type": "disabled"}})
     with pytest.raises(BadRequestError, match="too small for a JSON answer"):
         client.chat.completions.create(
             model="deepseek-v4-flash", messages=[{"role": "user", "content": "Give me a JSON object."}],

@@ -62,10 +62,17 @@ class _Vocab:
         self.bar_bytes = torch.tensor([i not in special and bool(set(p) & bar) for i, p in enumerate(pieces)])
         self.markers = torch.tensor(sorted(i for i in special - {eos} if "｜" in tokenizer.id_to_token(i)),
                                     dtype=torch.long)
-        self.outside = [closers, colon, short]  # finishing order outside a string
+        comma = torch.tensor([t == "," for t in strip])  # on to a required key (a digit would lengthen a number)
+        self.outside = [closers, colon, comma, short]  # finishing order outside a string
         self.inside = [quote]  # inside a string: end it first
         # a DSML tag's first piece: an end tag's first (a lone "<" may open another call)
         self.tag_starts = [torch.tensor([t.startswith("</") for t in texts]), torch.tensor([t == "<" for t in texts])]
+        # tokens that can open something long (another call, a DSML block): where the budget is tight, each
+        # class is allowed only if its way to finish still fits
+        marker = torch.zeros(V, dtype=torch.bool)
+        marker[self.markers] = True
+        self.marker_ids = set(self.markers.tolist())
+        self.openers = [self.tag_starts[1], marker]
         self.tokenizer = tokenizer
 
 
@@ -90,7 +97,7 @@ MAX_CALLS = 8  # calls in one DSML block (parallel calls, api.md section 13)
 
 def text_or_tool_call_grammar(tools: list):
     """tool_choice auto: free text (without DSML markers), optionally followed by a DSML tool-call block
-    whose call follows one of the tools' schemas."""
+    whose calls follow the tools' schemas."""
     import xgrammar as xgr
 
     text = xgr.Grammar.from_ebnf('root ::= [^｜]*')
@@ -135,6 +142,10 @@ def tool_call_grammar(tools: list, max_calls: int = MAX_CALLS):
         if not isinstance(props, dict):
             raise SchemaError(f"tool {fn['name']!r}: 'properties' must be an object")
         required = params.get("required") or []
+        for name in [fn["name"]] + list(props) + required:  # DSML writes them inside name="..."
+            if not isinstance(name, str) or re.search(r'["<>｜\x00-\x1f]', name):
+                raise SchemaError(f"tool {fn['name']!r}: the name {name!r} cannot be written in a DSML call "
+                                  f"(no quotes, '<', '>', '｜' or control characters)")
         parts = [lit(f'<{DSML}invoke name="{fn["name"]}">\n')]
         for name in list(props) + [r for r in required if r not in props]:
             p = _parameter_grammar(fn["name"], name, props.get(name, {}), defs, lit)
@@ -205,8 +216,11 @@ class GrammarConstraint:
         self.start_after = start_after
         self.active = start_after is None
         self.ban = ban_spelled_markers
-        self.reply_reserve = reply_reserve  # tokens kept for the constrained reply: the reasoning closes before them
         self.path = []  # a way to finish from the matcher's state (`steer`), when known
+        self.shortest = len(self.finishing_path(self.LONGEST))  # the shortest whole reply (about)
+        # tokens kept for the constrained reply: the reasoning closes before them
+        self.reply_reserve = max(reply_reserve, self.shortest + self.SLACK) if start_after is not None else 0
+        self.horizon = None  # from this many tokens left, the way to finish is checked at every step
 
     def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
         """logits [V] -> a new tensor with the tokens the grammar forbids at -inf.
@@ -232,28 +246,30 @@ class GrammarConstraint:
         out[: self.vocab.V] = row[0]
         return out
 
-    HORIZON = 96  # from this many tokens left, the way to finish is checked at every step
-    SLACK = 8  # tokens kept in hand: one token can lengthen the way to finish (opening a string, an object)
+    HORIZON = 96  # checks begin this many tokens before the way to finish needs the rest
+    SLACK = 8  # tokens kept in hand: one token can lengthen the way to finish (opening a string)
+    LONGEST = 4096  # finishing paths are looked for up to this length
 
     def steer(self, row: torch.Tensor, remaining: int) -> None:
         """Narrow the allowed tokens (row [V], in place) so the output finishes within `remaining` tokens: once
         the way to finish (`finishing_path`) needs nearly all of them, its next token is the only one left,
-        and another call starts only where it would still finish. Output that may simply stop (free text:
-        the way to finish is the end of sequence alone) is left alone."""
-        if remaining > self.HORIZON:
+        and a token that opens another call or a DSML block only where it would still finish.
+        Output that may simply stop (free text: the way to finish is the end of sequence alone) may stop."""
+        if self.horizon is None:  # at the start and after each DSML marker (a call or a parameter begins)
+            self.horizon = self.HORIZON + len(self.finishing_path(self.LONGEST))
+        if remaining > self.horizon:
             return
         if not self.path:  # else the model took the path's first token: the rest still finishes (~0.2 ms a token)
             self.path = self.finishing_path(remaining + 1)
+        for opener in self.vocab.openers:
+            cand = opener & torch.isfinite(row)
+            if cand.any():
+                probe = self.matcher.fork()
+                probe.accept_token(int(cand.nonzero()[0]))
+                if 1 + len(self.finishing_path(remaining, probe)) + self.SLACK > remaining:
+                    row[cand] = float("-inf")
         path = self.path
-        if path == [self.vocab.eos]:
-            return
-        lone = self.vocab.tag_starts[1] & torch.isfinite(row)  # "<": it could open another call
-        if lone.any():
-            probe = self.matcher.fork()
-            probe.accept_token(int(lone.nonzero()[0]))
-            if 1 + len(self.finishing_path(remaining, probe)) + self.SLACK > remaining:
-                row[lone] = float("-inf")
-        if len(path) + self.SLACK >= remaining:
+        if path != [self.vocab.eos] and len(path) + self.SLACK >= remaining:
             keep = row[path[0]].clone()
             row.fill_(float("-inf"))
             row[path[0]] = keep if torch.isfinite(keep) else 0.0
@@ -301,6 +317,8 @@ class GrammarConstraint:
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"token {token} violates the output grammar")
         self.path = self.path[1:] if self.path and self.path[0] == token else []
+        if token in self.vocab.marker_ids:  # a call or a parameter begins: its way to finish may be long
+            self.horizon = None
         self.accepted(token)
 
     def accepted(self, token: int) -> None:
@@ -314,6 +332,7 @@ class JSONObjectConstraint(GrammarConstraint):
         vocab = vocab_for(tokenizer, eos)
         super().__init__(tokenizer, eos, vocab.compiler.compile_json_schema(schema), start_after,
                          ban_spelled_markers=False)
+        self.shortest = len(tokenizer.encode("{}", add_special_tokens=False).ids) + 1  # {} and the end
         self.depth = 0  # unclosed { and [ outside strings
         self.in_string = False
         self.owed = 0  # characters an escape in the current string still needs (\uXXXX: up to 5 after the \\)

@@ -49,8 +49,8 @@ class EngineConfig:
     compile: bool = False  # compile the batched decode step ahead of time (minutes, once; several x faster)
 
     def __post_init__(self):
-        self.cache_dtype = _CACHE_DTYPES.get(self.cache_dtype, self.cache_dtype) if isinstance(self.cache_dtype, str) \
-            else self.cache_dtype
+        if isinstance(self.cache_dtype, str):  # a name, as load_model takes dtypes
+            self.cache_dtype = _CACHE_DTYPES.get(self.cache_dtype, self.cache_dtype)
         checks = [("cache_dtype", self.cache_dtype is None or self.cache_dtype in _CACHE_DTYPES.values(),
                    f"None (the model's dtype) or one of {', '.join(_CACHE_DTYPES)}, as a name or a torch dtype"),
                   ("max_num_batched_tokens", is_int(self.max_num_batched_tokens, 1), "an integer >= 1"),

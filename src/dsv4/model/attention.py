@@ -190,10 +190,10 @@ class Attention(nn.Module):
             h = min(n, W - 1)  # earlier raw keys still inside the first new token's window
             # the new keys as stored (a bf16 ring under an fp32 model rounds them): as `decode` reads its own,
             # so where a prompt's chunks are cut does not change what it attends to
-            new = kv[sl].to(cache.window.dtype)
-            ctx = torch.cat([cache.window[torch.arange(n - h, n) % W], new]).to(kv.dtype)
+            stored = kv[sl].to(cache.window.dtype)
+            ctx = torch.cat([cache.window[torch.arange(n - h, n) % W], stored]).to(kv.dtype)
             keep = min(L, W)
-            cache.window[torch.arange(n + L - keep, n + L) % W] = new[L - keep:]
+            cache.window[torch.arange(n + L - keep, n + L) % W] = stored[L - keep:]
             comp = index = None
             if self.compressor is not None:
                 new = self.compressor.step(cache.comp, ckv[sl], cgate[sl], n, self.rope, x.dtype)

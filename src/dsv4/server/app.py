@@ -326,11 +326,13 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                                      required=proto is MESSAGES and _tool_choice_any(d))
         except SchemaError as e:
             raise _Reject(error(400, f"Invalid request: {e}")) from None
-        if io.output_constraint is not None and io.output_constraint.kind == "json":
-            need = len(engine.tokenizer.encode("{}", add_special_tokens=False).ids) + int(thinking)  # </think>
-            if max_tokens < need:  # no JSON object fits: the answer would be empty
-                raise _Reject(error(400, f"Invalid request: max_tokens {max_tokens} is too small for a JSON answer, "
-                                         f"which needs at least {need} tokens"))
+        # the shortest constrained answer (a JSON object, a forced call; less its end of sequence, plus
+        # </think> after reasoning): with fewer tokens it would be empty or cut
+        need = constraint.shortest - 1 + int(constraint.start_after is not None) if constraint is not None else 0
+        if max_tokens < need:
+            what = "a JSON answer" if io.output_constraint.kind == "json" else "the tool call it asks for"
+            raise _Reject(error(400, f"Invalid request: max_tokens {max_tokens} is too small for {what}, "
+                                     f"which needs at least {need} tokens"))
         seq, queue = admit(ids, params, user, constraint)
         rid = proto.new_id()
         processor = dr.StreamProcessor(proto.generator(conv, rid, model), po, recipe_tok)
@@ -741,13 +743,15 @@ def _constraint(oc, conv, po, engine, request_tools=None, required: bool = False
     if oc.kind not in ("tool_call_required", "tool_call"):
         return None
     tools = _with_defs(json.loads(oc.schema), request_tools)
-    # a call the request forces (a named tool, "required", Anthropic "any") is one call; where the model
-    # chose to call (auto), it may make several in the block
+    # a call the request forces (a named tool, "required", Anthropic "any") is one call, with room after the
+    # reasoning for all of it (not only a short JSON reply); where the model chose to call (auto), it may
+    # make several in the block
     if oc.kind == "tool_call_required":
         start = None if po.starts_in_tool_calls else think_end
-        return GrammarConstraint(engine.tokenizer, engine.eos, tool_call_grammar(tools, max_calls=1), start)
+        return GrammarConstraint(engine.tokenizer, engine.eos, tool_call_grammar(tools, max_calls=1), start,
+                                 reply_reserve=128)
     start = think_end if conv.conversation.thinking_mode else None
-    if required:  # room after the reasoning for a whole call, not only a short JSON reply
+    if required:
         return GrammarConstraint(engine.tokenizer, engine.eos, tool_block_grammar(tools, max_calls=1), start,
                                  reply_reserve=128)
     # auto: free text, and any calls it makes follow the tools' schemas
