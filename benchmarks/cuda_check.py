@@ -213,16 +213,8 @@ def main():
             res = {}
             for compile in (False, True):
                 for n in (1, 32):
-                    eng = LLMEngine(gpu, config=dsv4.EngineConfig(prefix_block=0, compile=compile, max_num_seqs=32,
-                                                                  max_num_batched_tokens=8192))
-                    for i in range(n):
-                        eng.add_request(prompts(1024, seed=i)[0], GREEDY(40))
-                    while any(s.num_computed < len(s.prompt) for s in eng.running) or eng.waiting:
-                        eng.step()
-                    for _ in range(2):
-                        eng.step()
-                    dt, _ = cuda_sync(lambda: [eng.step() for _ in range(20)])()
-                    res[compile, n] = (n * 20 / dt, kernels_per_step(eng) if dev.type == "cuda" else 0)
+                    rate, eng = decode_rate(gpu, n, 20, compile)
+                    res[compile, n] = (rate, kernels_per_step(eng) if dev.type == "cuda" else 0)
             return ("equal; at 1K context (index_topk 256), tok/s and kernel launches per step: " +
                     ", ".join(f"{'compiled' if c else 'eager'} batch {n}: {r:,.1f} ({k:,.0f})"
                               for (c, n), (r, k) in res.items()))
@@ -231,6 +223,20 @@ def main():
         compiled_training(bcfg, dev, rows)
         table(rows)
     print(f"\n{len(FAILED)} checks failed: {FAILED}" if FAILED else "\nall checks passed", flush=True)
+
+
+def decode_rate(model, n: int, steps: int, compile: bool = False):
+    """-> (decode tokens/s of n sequences at 1K context over `steps` engine steps, the engine)."""
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, compile=compile, max_num_seqs=32,
+                                                    max_num_batched_tokens=8192))
+    for i in range(n):
+        eng.add_request(prompts(1024, seed=i)[0], GREEDY(steps + 20))
+    while any(s.num_computed < len(s.prompt) for s in eng.running) or eng.waiting:
+        eng.step()
+    for _ in range(2):
+        eng.step()
+    dt, _ = cuda_sync(lambda: [eng.step() for _ in range(steps)])()
+    return n * steps / dt, eng
 
 
 def kernels_per_step(eng, steps: int = 5) -> float:
@@ -279,16 +285,9 @@ def timings(cfg, gpu, ref, dev, lengths):
 
     @check("timing: aggregate decode, 32 concurrent at 1K")
     def _():
-        eng = LLMEngine(gpu, config=dsv4.EngineConfig(prefix_block=0, max_num_batched_tokens=8192, max_num_seqs=32))
-        for i in range(32):
-            eng.add_request(prompts(1024, seed=i)[0], GREEDY(40))
-        while any(s.num_computed < len(s.prompt) for s in eng.running) or eng.waiting:
-            eng.step()
-        for _ in range(2):
-            eng.step()
-        dt, _ = cuda_sync(lambda: [eng.step() for _ in range(30)])()
-        rows.append(("aggregate decode tok/s, 32 concurrent", f"{32 * 30 / dt:.0f}", "-", ""))
-        return f"{32 * 30 / dt:.0f} tok/s"
+        rate, _ = decode_rate(gpu, 32, 30)
+        rows.append(("aggregate decode tok/s, 32 concurrent", f"{rate:.0f}", "-", ""))
+        return f"{rate:.0f} tok/s"
 
     for S in lengths:
         @check(f"timing: prefill {S}")
