@@ -252,8 +252,8 @@ class GrammarConstraint:
 
     def steer(self, row: torch.Tensor, remaining: int) -> None:
         """Narrow the allowed tokens (row [V], in place) so the output finishes within `remaining` tokens: once
-        the way to finish (`finishing_path`) needs nearly all of them, its next token is the only one left,
-        and a token that opens another call or a DSML block only where it would still finish.
+        the way to finish (`finishing_path`) needs nearly all of them, its next token is the only one left;
+        a token that opens another call or a DSML block is allowed only where that would still finish.
         Output that may simply stop (free text: the way to finish is the end of sequence alone) may stop."""
         if self.horizon is None:  # at the start and after each DSML marker (a call or a parameter begins)
             self.horizon = self.HORIZON + len(self.finishing_path(self.LONGEST))
