@@ -37,6 +37,12 @@ def quantised_equivalent(model):
     return out
 
 
+def copy_files(src, dst):
+    """The checkpoint's files, copied into dst (tests then damage the copy)."""
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+
+
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     model = random_model(CFG, seed=4)
@@ -129,8 +135,7 @@ def test_bf16_load_runs(official):
 
 def test_truncated_shard_names_the_file(official, tmp_path):
     _, path = official
-    for f in path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    copy_files(path, tmp_path)
     victim = sorted(tmp_path.glob("*.safetensors"))[1]
     victim.write_bytes(victim.read_bytes()[:-1000])
     with pytest.raises(dsv4.CheckpointError, match=victim.name):
@@ -160,8 +165,7 @@ def test_missing_tensor_is_reported(tmp_path):
 
 def test_missing_scale_is_reported(official, tmp_path):
     _, path = official
-    for f in path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    copy_files(path, tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     f = tmp_path / index["weight_map"]["layers.1.attn.wq_b.scale"]
     with safe_open(str(f), "pt") as h:
@@ -197,8 +201,7 @@ def test_bad_tensors_are_reported_by_name(official, tmp_path, layout, tensors, m
     if layout == "hf":
         dsv4.save_model(random_model(CFG), tmp_path)
     else:
-        for f in official[1].iterdir():
-            (tmp_path / f.name).write_bytes(f.read_bytes())
+        copy_files(official[1], tmp_path)
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
         index["weight_map"].update(dict.fromkeys(tensors, "extra.safetensors"))
         (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -211,8 +214,7 @@ def test_a_tensor_in_two_shards_loads_the_copy_the_index_names(official, tmp_pat
     """A stale copy in another shard the index lists (for another tensor) used to overwrite the indexed one;
     without an index a tensor in two shards is ambiguous, and refused."""
     model, path = official
-    for f in path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    copy_files(path, tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     with safe_open(str(tmp_path / index["weight_map"]["head.weight"]), "pt") as h:
         head = h.get_tensor("head.weight")
@@ -229,8 +231,7 @@ def test_a_tensor_in_two_shards_loads_the_copy_the_index_names(official, tmp_pat
 def test_a_nan_expert_scale_is_refused_on_either_expert_path(official, tmp_path):
     """UE8M0 byte 0xFF is NaN: fp4_experts=True kept it packed and gave NaN logits."""
     _, path = official
-    for f in path.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    copy_files(path, tmp_path)
     key = "layers.1.ffn.experts.0.w1.scale"
     f = tmp_path / json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"][key]
     with safe_open(str(f), "pt") as h:
@@ -245,8 +246,7 @@ def test_a_nan_expert_scale_is_refused_on_either_expert_path(official, tmp_path)
 
 @pytest.mark.parametrize("weight_map", [[1, 2], {"embed.weight": None}, {"embed.weight": "../model.safetensors"}])
 def test_malformed_index_is_reported(official, tmp_path, weight_map):
-    for f in official[1].iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    copy_files(official[1], tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(dsv4.CheckpointError, match="index.json: 'weight_map'"):
         dsv4.load_model(tmp_path)
