@@ -83,6 +83,30 @@ def test_train_run_writes_everything_and_resumes_exactly(tmp_path, monkeypatch):
     assert model.config.vocab_size == 400
 
 
+def test_a_yaml_config_trains_as_its_toml_twin(tmp_path, capsys):
+    """The same tables written as YAML (.yaml / .yml) give the same run, loss for loss; malformed YAML or a
+    YAML file that is not a mapping of tables is a clear error (rc 2) naming the file."""
+    import tomllib
+
+    import yaml
+
+    toml_cfg = write_config(tmp_path, "as_toml")
+    spec = tomllib.loads(toml_cfg.read_text())
+    spec["train"]["out"] = str(tmp_path / "as_yaml")
+    yaml_cfg = tmp_path / "as_yaml.yml"
+    yaml_cfg.write_text(yaml.safe_dump(spec))
+    for cfg in (toml_cfg, yaml_cfg):
+        assert main(["train", str(cfg), "--stop-after", "2"]) == 0
+    assert len(losses(tmp_path / "as_yaml")) == 2 and losses(tmp_path / "as_yaml") == losses(tmp_path / "as_toml")
+    for text, named in (("train: [steps: 2", "not valid YAML"), ("- model\n- train\n", "mapping of tables"),
+                        ("train: {steps: 2, stepz: 3}\n", "stepz")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        assert main(["train", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err
+
+
 def test_tensorboard_option_logs_or_names_the_missing_package(tmp_path, capsys):
     import importlib.util
 

@@ -240,13 +240,13 @@ def main(argv=None) -> int:
     ch.add_argument("--served-model-name", default="deepseek-v4-flash")
     ch.add_argument("--no-thinking", action="store_true")
     ch.add_argument("--max-tokens", type=int, default=512)
-    tr = sub.add_parser("train", help="train from a TOML config (see README)")
-    tr.add_argument("config", help="TOML file with [model], [data] and [train] tables")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue from the run's last checkpoint (pretraining and SFT; not [rl] runs)")
+    tr = sub.add_parser("train", help="train from a TOML or YAML config (see README)")
+    tr.add_argument("config", help="TOML file (or YAML: .yaml / .yml) with model, data and train tables "
+                                   "(and rl for post-training)")
+    tr.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
     tr.add_argument("--stop-after", type=int, default=None,
                     help="end this process after this many steps, without saving: a later --resume continues "
-                         "from the last checkpoint and redoes the steps after it (pretraining and SFT)")
+                         "from the last checkpoint and redoes the steps after it")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "train":

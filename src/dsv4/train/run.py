@@ -1,4 +1,5 @@
-"""`dsv4 train CONFIG`: tokenizer, corpus, model, training loop, checkpoints, metrics and plots from one TOML.
+"""`dsv4 train CONFIG`: tokenizer, corpus, model, training loop, checkpoints, metrics and plots from one TOML
+or YAML file (by its suffix: .yaml / .yml are YAML, anything else TOML) of these tables:
 
 [model]  preset = "tiny" | "flash" | "pro", plus any Config field (vocab_size comes from the tokenizer)
 [data]   files = a glob or [globs] ("stdlib:" = this interpreter's standard library; default "stdlib:*.py"),
@@ -156,14 +157,39 @@ def _check_data(data: dict) -> None:
     check_fields("[data]", [(n, data[n], ok(data[n]), what) for n, (ok, what) in rules.items() if n in data])
 
 
+def read_config(path, where: str = "") -> dict:
+    """A run config file as tables: YAML for a .yaml / .yml suffix, else TOML. Errors name the file (after
+    `where`, the field that named it)."""
+    path = Path(path)
+    kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "TOML"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}{path}: not a {kind} file (not UTF-8 text)") from None
+    except OSError as e:
+        raise ConfigError(f"{where}{path}: {e.strerror}") from None
+    if kind == "YAML":
+        import yaml
+
+        try:
+            spec = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # it says where
+            raise ConfigError(f"{where}{path}: not valid YAML: {e}") from None
+        spec = {} if spec is None else spec  # an empty file: every default
+    else:
+        try:
+            spec = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{where}{path}: not valid TOML: {e}") from None
+    if not (isinstance(spec, dict) and all(isinstance(k, str) for k in spec)):
+        raise ConfigError(f"{where}{path}: a config is a mapping of tables (model, data, train, rl), "
+                          f"not {type(spec).__name__} {spec!r:.60}")
+    return spec
+
+
 def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=None) -> int:
     out = out or sys.stderr
-    try:
-        spec = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text)") from None
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+    spec = read_config(path)
     if "rl" in spec:
         return run_rl(spec, out, resume, stop_after)
     mspec, data, tspec = _tables(spec, {
@@ -433,10 +459,7 @@ def _with_replay(tokens: np.ndarray, mask: np.ndarray, data: dict, tok, tcfg: Tr
     config's corpus (same files, FIM and split; training part only), loss on every token; rows shuffled."""
     if not data.get("replay_from"):
         raise ConfigError("config [data] replay needs replay_from = the pretraining config to draw text from")
-    try:
-        pre = tomllib.loads(Path(data["replay_from"]).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"config [data] replay_from: {e}") from None
+    pre = read_config(data["replay_from"], "config [data] replay_from: ")
     pdata, ptrain = pre.get("data", {}), pre.get("train", {})
     text = text_corpus(pdata, tok, ptrain.get("seed", 0))
     text = text[: train_end(len(text), ptrain.get("seq_len", 128) + 1, pdata.get("val_fraction", 0.02))]
