@@ -1,8 +1,9 @@
-"""`dsv4` command line. Subcommands: serve, chat, train, inspect."""
+"""`dsv4` command line. Subcommands: serve, chat, generate, convert, train, inspect."""
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def inspect(target: str, context: int, out=None) -> None:
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "dsv4-tiny"  # in the repository (editable install)
 
 
+def _model_path(path, doing: str) -> Path:
+    """--model, or by default the bundled dsv4-tiny (a random stand-in where the package has no bundled model)."""
+    if path is not None:
+        return Path(path)
+    if (BUNDLED / "config.json").exists():
+        print(f"dsv4: {doing} the bundled dsv4-tiny ({BUNDLED}); pass --model PATH for another checkpoint",
+              file=sys.stderr)
+        return BUNDLED
+    from .server.devmodel import build_dev_model
+    print(f"dsv4: the bundled model is not at {BUNDLED} (install from the repository with pip install -e .); "
+          f"{doing} a small randomly initialised V4 built locally instead (its answers are noise)", file=sys.stderr)
+    return Path(build_dev_model())
+
+
 def engine_config(args):
     """`dsv4 serve`'s options -> the engine's configuration."""
     from .engine import EngineConfig
@@ -85,18 +100,7 @@ def serve(args) -> int:
     from .engine import AsyncLLM, LLMEngine
     from .server import ServerConfig, create_app
 
-    path = args.model
-    if path is None and (BUNDLED / "config.json").exists():
-        path = BUNDLED
-        print(f"dsv4: serving the bundled dsv4-tiny ({BUNDLED}); pass --model PATH for another checkpoint",
-              file=sys.stderr)
-    elif path is None:
-        from .server.devmodel import build_dev_model
-        print(f"dsv4: the bundled model is not at {BUNDLED} (install from the repository with pip install -e .); "
-              "serving a small randomly initialised V4 built locally instead (its answers are noise)",
-              file=sys.stderr)
-        path = build_dev_model()
-    path = Path(path)
+    path = _model_path(args.model, "serving")
     keys = []
     if args.api_key_file:
         try:
@@ -123,6 +127,65 @@ def serve(args) -> int:
     app = create_app(AsyncLLM(engine), str(path / "tokenizer.json"), config)
     print(f"dsv4: serving {path} as {args.served_model_name} on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def generate(args) -> int:
+    """Complete raw text prompts offline (no server, no chat template) and print each completion."""
+    import json
+
+    import torch
+
+    from .checkpoint import load_model
+    from .engine import LLM, RequestError, SamplingParams
+
+    prompts = args.prompt or [sys.stdin.read()]
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos)
+    except RequestError as e:
+        raise ConfigError(re.sub(r"sampling parameter '(\w+)'", lambda m: "--" + m[1].replace("_", "-"),
+                                 str(e))) from None
+    path = _model_path(args.model, "generating with")
+    tokenizer = _tokenizer(path)
+    llm = LLM(load_model(path, dtype=getattr(torch, args.dtype)), tokenizer, compile=args.compile)
+    try:
+        outs = llm.generate(prompts, params)
+    except RequestError as e:  # e.g. a prompt longer than the model's context
+        raise ConfigError(str(e)) from None
+    for prompt, o in zip(prompts, outs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": o.text, "token_ids": o.token_ids,
+                              "finish_reason": o.finish_reason}, ensure_ascii=False), flush=True)
+        else:
+            print(o.text, flush=True)
+    return 0
+
+
+def convert(args) -> int:
+    """Rewrite a checkpoint (HF format or DeepSeek's official FP8/FP4 layout) in the other format, or the
+    same format in another dtype; tokenizer.json comes along. The whole model is loaded into memory."""
+    import shutil
+
+    import torch
+
+    from .checkpoint import load_model, save_model, save_official
+
+    src, dst = Path(args.source), Path(args.dest)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a checkpoint directory")
+    if dst.resolve() == src.resolve():
+        raise ConfigError(f"{dst}: the destination is the source; write the converted checkpoint elsewhere")
+    if dst.exists() and any(dst.iterdir()):
+        raise ConfigError(f"{dst}: exists and is not empty; choose a new directory")
+    model = load_model(src, dtype=getattr(torch, args.dtype))
+    if args.to == "official":
+        save_official(model, dst, fp8=not args.no_fp8, fp4_experts=not args.no_fp4)
+    else:
+        save_model(model, dst)
+    if (src / "tokenizer.json").is_file():
+        shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
+    print(f"dsv4: wrote {dst} ({args.to} format)", file=sys.stderr)
     return 0
 
 
@@ -240,6 +303,30 @@ def main(argv=None) -> int:
     ch.add_argument("--served-model-name", default="deepseek-v4-flash")
     ch.add_argument("--no-thinking", action="store_true")
     ch.add_argument("--max-tokens", type=int, default=512)
+    gen = sub.add_parser("generate", help="complete text prompts offline (no server) and print the completions")
+    gen.add_argument("prompt", nargs="*", help="raw text prompts, each completed as is (default: read one from "
+                                               "stdin)")
+    gen.add_argument("--model", help="checkpoint directory with tokenizer.json (default: the bundled model)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 (the default): off")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (may be repeated)")
+    gen.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--compile", action="store_true", help="compile the decode step (as dsv4 serve --compile)")
+    gen.add_argument("--json", action="store_true",
+                     help="one JSON line per prompt: prompt, text, token_ids, finish_reason")
+    cv = sub.add_parser("convert", help="rewrite a checkpoint in HF format or DeepSeek's official FP8/FP4 layout")
+    cv.add_argument("source", help="checkpoint directory (either format)")
+    cv.add_argument("dest", help="new directory to write")
+    cv.add_argument("--to", required=True, choices=["hf", "official"],
+                    help="hf: transformers' layout and names; official: DeepSeek's inference layout")
+    cv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="the dtype of unquantised weights (default bfloat16)")
+    cv.add_argument("--no-fp8", action="store_true", help="official: keep linear weights in BF16, not FP8")
+    cv.add_argument("--no-fp4", action="store_true", help="official: keep routed experts in BF16, not FP4")
     tr = sub.add_parser("train", help="train from a TOML or YAML config (see README)")
     tr.add_argument("config", help="TOML file (or YAML: .yaml / .yml) with model, data and train tables "
                                    "(and rl for post-training)")
@@ -257,6 +344,10 @@ def main(argv=None) -> int:
             return serve(args)
         if args.cmd == "chat":
             return chat(args)
+        if args.cmd == "generate":
+            return generate(args)
+        if args.cmd == "convert":
+            return convert(args)
         if args.cmd == "inspect":
             if args.context <= 0:
                 raise ConfigError("--context must be a positive number of tokens")

@@ -1,0 +1,68 @@
+"""`dsv4 generate` and `dsv4 convert`: what they print and write equals the library calls they stand for."""
+import io
+import json
+
+import torch
+
+import dsv4
+from dsv4.cli import BUNDLED, main
+
+
+def test_generate_prints_the_greedy_completions_of_the_library(capsys, monkeypatch):
+    prompts = ["def add(a, b):", "The capital of France"]
+    llm = dsv4.LLM(BUNDLED)
+    want = [o.text for o in llm.generate(prompts, dsv4.SamplingParams(max_tokens=12, temperature=0))]
+    assert main(["generate", *prompts, "--max-tokens", "12"]) == 0
+    assert capsys.readouterr().out == "".join(t + "\n" for t in want)
+    assert main(["generate", prompts[0], "--max-tokens", "12", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["prompt"] == prompts[0] and row["text"] == want[0] and len(row["token_ids"]) <= 12
+    assert row["finish_reason"] in ("stop", "length")
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompts[1]))  # no prompt argument: one from stdin
+    assert main(["generate", "--max-tokens", "12"]) == 0 and capsys.readouterr().out == want[1] + "\n"
+    # sampled with a seed: the same text twice
+    assert main(["generate", prompts[0], "--temperature", "1", "--seed", "7"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", prompts[0], "--temperature", "1", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_generate_names_a_bad_option_or_prompt(capsys, tmp_path):
+    for bad, named in ((["--top-p", "0"], "--top-p"), (["--max-tokens", "0"], "--max-tokens"),
+                       (["--model", str(tmp_path / "none")], "not a checkpoint directory"),
+                       (["--max-tokens", str(1 << 40)], "context length")):
+        assert main(["generate", "hello", *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, err
+
+
+def logits(path, ids):
+    with torch.no_grad():
+        return dsv4.load_model(path, dtype=torch.float32)(ids)
+
+
+def test_convert_between_formats_equals_the_writers_and_keeps_the_tokenizer(tmp_path, capsys):
+    """HF -> official writes what save_official writes (FP8 linears, FP4 experts); official -> HF gives the
+    same logits as the official checkpoint itself, HF -> HF those of the source; the tokenizer comes along;
+    nothing is overwritten."""
+    ids = torch.tensor([[0, 5, 17, 99, 3, 250]])
+    official, back = tmp_path / "official", tmp_path / "back"
+    assert main(["convert", str(BUNDLED), str(official), "--to", "official"]) == 0
+    direct = tmp_path / "direct"
+    dsv4.save_official(dsv4.load_model(BUNDLED, dtype=torch.bfloat16), direct)
+    assert torch.equal(logits(official, ids), logits(direct, ids))
+    config = json.loads((official / "config.json").read_text())
+    assert config["dtype"] == "fp8" and config["expert_dtype"] == "fp4"
+    assert main(["convert", str(official), str(back), "--to", "hf", "--dtype", "float32"]) == 0
+    assert torch.equal(logits(back, ids), logits(official, ids))
+    for out in (official, back):
+        assert (out / "tokenizer.json").read_bytes() == (BUNDLED / "tokenizer.json").read_bytes()
+    same = tmp_path / "same"  # HF -> HF in the weights' own dtype: the same model
+    assert main(["convert", str(BUNDLED), str(same), "--to", "hf", "--dtype", "float32"]) == 0
+    assert torch.equal(logits(same, ids), logits(BUNDLED, ids))
+    capsys.readouterr()
+    for args, named in (([str(BUNDLED), str(back)], "not empty"), ([str(BUNDLED), str(BUNDLED)], "is the source"),
+                        ([str(tmp_path / "none"), str(tmp_path / "x")], "not a checkpoint directory")):
+        assert main(["convert", *args, "--to", "hf"]) == 2
+        assert named in capsys.readouterr().err
+    assert (back / "config.json").exists()
