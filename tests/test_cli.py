@@ -66,3 +66,27 @@ def test_convert_between_formats_equals_the_writers_and_keeps_the_tokenizer(tmp_
         assert main(["convert", *args, "--to", "hf"]) == 2
         assert named in capsys.readouterr().err
     assert (back / "config.json").exists()
+
+
+def test_bench_measures_the_engine_and_reports_the_state_it_holds(capsys):
+    """dsv4 bench prints prefill and per-batch decode rates; the decode state it reports is what the engine's
+    own estimate gives for that many sequences at that length (fixed part + allocated entry rows)."""
+    from dsv4 import bench
+    from dsv4.engine import LLMEngine
+
+    model = dsv4.load_model(BUNDLED, dtype=torch.float32)
+    lines = []
+    r = bench.run(model, context=200, batches=(1, 3), tokens=4, write=lines.append)
+    assert r["prefill_s"] > 0 and [d["batch"] for d in r["decode"]] == [1, 3]
+    assert all(d["tok_s"] > 0 for d in r["decode"])
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    n = 200 + 2 + 4  # prompt, the warm steps and the timed ones (the last token sampled, not yet computed)
+    assert [d["state_bytes"] for d in r["decode"]] == [b * eng.estimate_bytes(n) for b in (1, 3)]
+    assert r["state_per_token"] == eng.per_token
+    assert any(ln.startswith("prefill 200 tokens") for ln in lines) and len(lines) == 6
+    assert main(["bench", "--context", "64", "--batch", "2", "--tokens", "2"]) == 0
+    assert "decode tok/s" in capsys.readouterr().out
+    for bad in (["--batch", "1,x"], ["--batch", "0"], ["--tokens", "0"], ["--context", str(1 << 40)]):
+        assert main(["bench", *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert "dsv4: error" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""`dsv4` command line. Subcommands: serve, chat, generate, convert, train, inspect."""
+"""`dsv4` command line. Subcommands: serve, chat, generate, convert, bench, train, inspect."""
 from __future__ import annotations
 
 import argparse
@@ -189,6 +189,31 @@ def convert(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    """Measure a checkpoint's prefill and decode speed and decode-state memory in the engine (dsv4/bench.py)."""
+    import torch
+
+    from . import bench as measure
+    from .checkpoint import load_model
+    from .engine import RequestError
+
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--batch must be batch sizes >= 1, separated by commas (got {args.batch!r})")
+    for name in ("context", "tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1")
+    model = load_model(_model_path(args.model, "measuring"), dtype=getattr(torch, args.dtype))
+    try:
+        measure.run(model, args.context, batches, args.tokens, args.compile, args.cache_layout)
+    except (RequestError, ValueError) as e:  # a context past the model's length; a layout the model cannot take
+        raise ConfigError(str(e)) from None
+    return 0
+
+
 def _price_table(file: str) -> dict:
     """--prices: a JSON object of model name -> [cache hit, cache miss, output] USD per 1M tokens."""
     import json
@@ -327,6 +352,14 @@ def main(argv=None) -> int:
                     help="the dtype of unquantised weights (default bfloat16)")
     cv.add_argument("--no-fp8", action="store_true", help="official: keep linear weights in BF16, not FP8")
     cv.add_argument("--no-fp4", action="store_true", help="official: keep routed experts in BF16, not FP4")
+    bn = sub.add_parser("bench", help="prefill and decode speed and decode-state memory of a checkpoint here")
+    bn.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    bn.add_argument("--context", type=int, default=1024, help="prompt length in tokens (default 1024)")
+    bn.add_argument("--batch", default="1,8,32", help="decode batch sizes, comma-separated (default 1,8,32)")
+    bn.add_argument("--tokens", type=int, default=32, help="timed decode steps per batch size (default 32)")
+    bn.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    bn.add_argument("--cache-layout", default="dense", choices=["dense", "fp8"])
+    bn.add_argument("--compile", action="store_true", help="the compiled decode step (as dsv4 serve --compile)")
     tr = sub.add_parser("train", help="train from a TOML or YAML config (see README)")
     tr.add_argument("config", help="TOML file (or YAML: .yaml / .yml) with model, data and train tables "
                                    "(and rl for post-training)")
@@ -348,6 +381,8 @@ def main(argv=None) -> int:
             return generate(args)
         if args.cmd == "convert":
             return convert(args)
+        if args.cmd == "bench":
+            return bench(args)
         if args.cmd == "inspect":
             if args.context <= 0:
                 raise ConfigError("--context must be a positive number of tokens")
