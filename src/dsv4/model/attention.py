@@ -3,6 +3,7 @@
 One softmax runs over the union of the sliding-window keys (the last `window` raw tokens,
 itself included) and the permitted compressed entries (all visible ones for HCA, the
 indexer's top-k for CSA), plus a per-head sink logit that has no value. K = V.
+In training, a CSA layer also computes the indexer's loss against this attention (`Indexer.kl_loss`).
 Queries are processed in chunks, so memory is O(S * (window + index_topk + S/m')), never S x S.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ CHUNK_BUDGET = 1 << 24
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, window: int, scale: float,
                      comp: torch.Tensor | None = None, ratio: int = 0, index: torch.Tensor | None = None,
-                     q_start: int = 0, kv_start: int = 0) -> torch.Tensor:
+                     q_start: int = 0, kv_start: int = 0, picked_mass: list | None = None) -> torch.Tensor:
     """Attention of queries at positions q_start..q_start+L-1 over raw keys and compressed entries.
 
     q: [B, L, H, c]; kv: [B, P, c] raw keys at positions kv_start..kv_start+P-1 (covering each query's
@@ -30,6 +31,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
     comp: [B, T, c] entries (entry w
     visible to query t iff w < (t+1) // ratio); index: [B, L, k] CSA picks into comp, -1 = none
     (None with comp given means all visible entries, as in HCA). Returns [B, L, H, c] in q's dtype.
+    picked_mass: a list to which, with index given, each chunk of queries appends the attention probability
+    of each pick summed over heads, [B, l, k] fp32, detached (the Lightning Indexer's training target).
 
     The window part is banded: queries go in blocks of `window`, each block against the 2*window raw
     keys that end with it, so its cost is O(L * window), whatever the chunk size.
@@ -82,6 +85,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, win
             pc = p[..., 2 * W:-1]
             o = o + (torch.einsum("bhlt,btc->blhc", pc, seen) if index is None
                      else torch.einsum("bhlk,blkc->blhc", pc, picked))
+            if picked_mass is not None and index is not None:
+                picked_mass.append(pc.detach().float().sum(1)[:, : s1 - s0])
         outs.append(o[:, : s1 - s0])
     return torch.cat(outs, dim=1)
 
@@ -105,6 +110,7 @@ class Attention(nn.Module):
         self.wo_a = nn.Linear(H * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
         self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
         self.compressor = self.indexer = None
+        self.indexer_loss = None  # the Lightning Indexer's KL loss of the last training forward (CSA layers)
         if self.ratio:  # compressed layers: a compressor, YaRN RoPE at base compress_rope_theta
             self.compressor = Compressor(d, c, self.ratio, overlap=self.layer_type == CSA, eps=cfg.rms_norm_eps)
             self.rope = Rope(self.rope_dim, cfg.compress_rope_theta, cfg.rope_factor,
@@ -156,17 +162,24 @@ class Attention(nn.Module):
         cos, sin = self.rope.cos_sin(pos)
         qr, q = self.project_q(x, cos, sin)
         kv = self.project_kv(x, cos, sin)
-        comp = index = None
+        comp = index = mass = None
         if self.compressor is not None:
             comp = self.kv_quant(self.compressor(x, self.rope))
         if self.indexer is not None:
-            keys = self.indexer.compressor(x, self.rope)
+            # trained (and not frozen), the indexer learns from its own loss only: its inputs are cut from the
+            # model's graph
+            train = self.training and torch.is_grad_enabled() and self.indexer.wq_b.weight.requires_grad
+            xi, qri = (x.detach(), qr.detach()) if train else (x, qr)
+            keys = self.indexer.compressor(xi, self.rope)
             if self.cfg.quant_simulation:
                 keys = rotate_fp4(keys)
-            qi, wi = self.indexer.queries(x, qr, pos, self.rope, self.cfg.quant_simulation)
+            qi, wi = self.indexer.queries(xi, qri, pos, self.rope, self.cfg.quant_simulation)
             index = self.indexer.select(qi, wi, keys, 0)
+            mass = [] if train else None
         o = sparse_attention(q, kv, self.attn_sink, self.cfg.sliding_window, self.head_dim ** -0.5,
-                             comp, self.ratio, index)
+                             comp, self.ratio, index, picked_mass=mass)
+        if mass is not None:
+            self.indexer_loss = self.indexer.kl_loss(qi, wi, keys, index, torch.cat(mass, dim=1))
         return self.output(o, cos, sin)
 
     def step(self, x: torch.Tensor, segments: list) -> torch.Tensor:

@@ -154,6 +154,28 @@ class Indexer(nn.Module):
             out.append(idx)
         return torch.cat(out, dim=1)
 
+    def kl_loss(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, index: torch.Tensor,
+                mass: torch.Tensor) -> torch.Tensor:
+        """The indexer's training loss (DeepSeek-V3.2's sparse stage): per query t, KL(p_t || softmax(I_t)) over
+        its picks, where p_t is the main attention's probability of each pick summed over heads, L1-normalised
+        (a target: no gradient), and I_t the indexer's scores of the picks. Mean over queries with any pick.
+
+        q [B,S,nI,cI], w [B,S,nI], keys [B,T,cI], index [B,S,k] (-1 = none), mass [B,S,k] -> scalar fp32.
+        Only the indexer's parameters (through q, w and keys) get gradients from it."""
+        B, S, k = index.shape
+        if k == 0:
+            return q.new_zeros((), dtype=torch.float32)
+        valid = index >= 0
+        picked = keys[torch.arange(B, device=keys.device)[:, None, None], index.clamp(min=0)]  # [B,S,k,cI]
+        scores = F.relu(torch.einsum("bshc,bskc->bshk", q.float(), picked.float()))
+        logq = torch.einsum("bsh,bshk->bsk", w, scores).masked_fill(~valid, float("-inf")).log_softmax(-1)
+        p = mass.masked_fill(~valid, 0.0)
+        total = p.sum(-1, keepdim=True)
+        rows = total[..., 0] > 0
+        p = p / total.clamp(min=torch.finfo(torch.float32).tiny)
+        kl = torch.where(valid & (p > 0), p * (p.clamp(min=torch.finfo(torch.float32).tiny).log() - logq), 0.0)
+        return (kl.sum(-1) * rows).sum() / rows.sum().clamp(min=1)  # (no data-dependent shapes: compilable)
+
     @torch.no_grad()
     def select_batch(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Decode form of `select`: one query per sequence. q [N,nI,cI], w [N,nI], keys [N,T,cI] padded,

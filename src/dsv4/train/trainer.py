@@ -11,6 +11,7 @@ import json
 import random
 import sys
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, replacing_dir
 from ..config import check_fields, is_int, is_number
+from ..model.attention import Attention
 from ..model.moe import MoE
 from ..model.transformer import Transformer
 from .muon import optimizers
@@ -41,6 +43,7 @@ class TrainConfig:
     mtp_weight_decay: float = 0.1
     bias_update_speed: float = 0.001  # auxiliary-loss-free balancing
     seq_balance_coef: float = 1e-4  # small sequence-wise balance loss on the top-k layers
+    indexer_loss_weight: float = 1.0  # the Lightning Indexer's KL loss (it trains only the indexer); 0: frozen
     seed: int = 0
     compile: bool = False  # torch.compile the forward and losses (minutes to compile, then faster steps)
     device: str = "auto"  # `dsv4 train`'s device: "auto" (cuda when present, this rank's GPU under torchrun), "cpu", "cuda:N"
@@ -54,21 +57,23 @@ class TrainConfig:
                                                   ("seed", 0))]
                      + [(n, v[n], is_number(v[n]), "a number >= 0")
                         for n in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip", "mtp_weight", "mtp_weight_decay",
-                                  "bias_update_speed", "seq_balance_coef")]
+                                  "bias_update_speed", "seq_balance_coef", "indexer_loss_weight")]
                      + [("decay_frac", self.decay_frac, is_number(self.decay_frac, 0, 1), "a number in [0, 1]"),
                         ("compile", self.compile, isinstance(self.compile, bool), "true or false"),
                         ("bf16", self.bf16, isinstance(self.bf16, bool), "true or false"),
                         ("device", self.device, isinstance(self.device, str), "a string: auto, cpu or cuda:N")])
 
     def lr_factor(self, step: int) -> float:
-        """Warmup-stable-decay multiplier for step (0-based): linear warmup, 1, then linearly down to 0.1 at
-        the last step."""
+        """Warmup-stable-decay multiplier for step (0-based): linear warmup, 1, then over the last
+        round(steps x decay_frac) steps (halves up) linearly down to 0.1 at the last step, every one of them
+        below 1 (a one-step window too). decay_frac counts as written (0.3 is 3/10): no float truncation."""
         if step < self.warmup:
             return (step + 1) / self.warmup
-        decay_start = int(self.steps * (1 - self.decay_frac))
-        if step < decay_start:
+        n_decay = int(Fraction(str(self.decay_frac)) * self.steps + Fraction(1, 2))
+        after = self.steps - 1 - step  # steps after this one
+        if after >= n_decay:
             return 1.0
-        return 1.0 - 0.9 * (step - decay_start) / max(1, self.steps - 1 - decay_start)
+        return 0.1 + 0.9 * after / n_decay
 
 
 class Checkpointed:
@@ -206,6 +211,10 @@ class Trainer(Checkpointed):
         self.tokens, self.mask = tokens, mask
         if mask is not None and len(mask) != len(tokens):
             raise ValueError(f"mask has {len(mask)} entries for {len(tokens)} tokens")
+        if not cfg.indexer_loss_weight:  # no loss trains the indexer: frozen, and its loss is not computed
+            for m in model.modules():
+                if isinstance(m, Attention) and m.indexer is not None:
+                    m.indexer.requires_grad_(False)
         self.opts = optimizers(model, cfg.lr_muon, cfg.lr_adamw, cfg.weight_decay)
         self._compute = torch.compile(self._losses) if cfg.compile else self._losses
         self.base_lrs = [cfg.lr_muon, cfg.lr_adamw]
@@ -284,6 +293,12 @@ class Trainer(Checkpointed):
                 balance = torch.stack(bal).mean()
                 total = total + self.cfg.seq_balance_coef * balance
                 stats["balance_loss"] = balance.item()
+        if self.cfg.indexer_loss_weight:
+            kl = [a.indexer_loss for a in self.model.modules() if isinstance(a, Attention) and a.indexer_loss is not None]
+            if kl:  # the indexer's inputs are detached: this trains the indexer and nothing else
+                indexer = torch.stack(kl).mean()
+                total = total + self.cfg.indexer_loss_weight * indexer
+                stats["indexer_loss"] = indexer.item()
         if mtp_loss is not None:
             w = self.cfg.mtp_weight if self.cfg.lr_factor(self.step_count) >= 1.0 or self.step_count < self.cfg.warmup \
                 else self.cfg.mtp_weight_decay
