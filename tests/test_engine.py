@@ -304,6 +304,121 @@ def test_stop_string_split_across_tokens(model):
     assert seq.text == text[:text.find(stop)] == streamed
 
 
+def pair_tokenizer():
+    """Every id a two-letter token (id i -> letters i % 26, i // 26 % 26)."""
+    from tokenizers import Tokenizer
+    from tokenizers.decoders import Fuse
+    from tokenizers.models import WordLevel
+
+    tok = Tokenizer(WordLevel({chr(97 + i % 26) + chr(97 + i // 26 % 26): i for i in range(512)}, unk_token="aa"))
+    tok.decoder = Fuse()
+    return tok
+
+
+def test_two_stop_strings_completed_by_one_token_cut_at_the_earlier(model):
+    """The kept text holds no stop string: of the stops a token completes, the earliest in the text cuts,
+    whatever their order in the list (OpenAI: the returned text does not contain the stop sequence)."""
+    tok = pair_tokenizer()
+    p = prompts(12, seed=16)[0]
+    g = dsv4.LLM(model).generate(p, GREEDY).token_ids
+    text = tok.decode(g)
+    # a token of two distinct letters, neither in the text before it
+    j = next(j for j in range(2, len(g)) if text[2 * j] != text[2 * j + 1] and not set(text[2 * j:2 * j + 2]) &
+             set(text[:2 * j]))
+    stops = [text[2 * j + 1], text[2 * j]]  # the later letter listed first
+    out = dsv4.LLM(model, tokenizer=tok).generate(p, dsv4.SamplingParams(max_tokens=12, temperature=0, stop=stops,
+                                                                         ignore_eos=True))
+    want = text[:min(text.find(s) for s in stops)]
+    assert out.text == want and out.finish_reason == "stop" and not any(s in out.text for s in stops)
+
+
+def test_a_stop_string_ending_in_a_partial_character_is_found_when_the_output_ends(model):
+    """A token ending in the first byte of a two-byte character completes the stop string 'x', and the output
+    then ends (max_tokens, a stop token id): the text is still cut before the stop, with finish_reason stop."""
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import WordLevel
+
+    p = prompts(10, seed=0)[0]
+    g = dsv4.LLM(model).generate(p, dsv4.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)).token_ids
+    j = next(j for j in range(1, len(g)) if g[j] not in g[:j])  # first occurrence of a new token
+    vocab = {f"t{i:03d}": i for i in range(512) if i not in g[:j + 2]}
+    vocab.update({f"a{k}": t for k, t in enumerate(dict.fromkeys(g[:j])) if t != g[j]})  # ByteLevel 'a', '0'...
+    vocab["x\u00c3"] = g[j]  # b"x\xc3": an 'x', then the first byte of a two-byte character
+    for t in g[j + 1:j + 2]:
+        vocab.setdefault("b", t) if t not in vocab.values() else None
+    tok = Tokenizer(WordLevel(vocab, unk_token=next(iter(vocab))))
+    tok.decoder = decoders.ByteLevel()
+    want = tok.decode(g[:j])
+    assert "x" not in want
+    llm = dsv4.LLM(model, tokenizer=tok)
+    for sp in (dsv4.SamplingParams(max_tokens=j + 1, temperature=0, ignore_eos=True, stop=["x"]),
+               dsv4.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=["x"],
+                                   stop_token_ids=[g[j + 1]])):
+        out = llm.generate(p, sp)
+        assert out.token_ids[: j + 1] == g[: j + 1]
+        assert (out.text, out.finish_reason) == (want, "stop")
+
+
+def test_top_p_keeps_the_smallest_prefix_that_reaches_it_exactly():
+    from dsv4.engine.sampling import probs
+
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    for top_p, kept in ((0.5, [0]), (0.75, [0, 1]), (0.76, [0, 1, 2]), (0.49, [0])):
+        pr = probs(logits, dsv4.SamplingParams(temperature=1.0, top_p=top_p))
+        assert (pr > 0).nonzero().flatten().tolist() == kept, top_p
+
+
+def test_seeds_differing_only_above_32_bits_draw_different_tokens(model):
+    """torch's CPU generator keeps a seed's low 32 bits: a seed of 2**32 or more is hashed first; smaller
+    seeds draw exactly as torch.Generator().manual_seed(seed) does."""
+    from dsv4.engine.sampling import seeded_generator
+
+    assert torch.equal(torch.rand(8, generator=seeded_generator(12345)),
+                       torch.rand(8, generator=torch.Generator().manual_seed(12345)))
+    p = prompts(20, seed=17)[0]
+    sp = lambda s: dsv4.SamplingParams(max_tokens=15, temperature=1.0, seed=s, ignore_eos=True)  # noqa: E731
+    runs = {s: dsv4.LLM(model).generate(p, sp(s)).token_ids for s in (1, 2**32 + 1, 2**63 + 1)}
+    assert len({tuple(v) for v in runs.values()}) == 3
+    assert dsv4.LLM(model).generate(p, sp(2**63 + 1)).token_ids == runs[2**63 + 1]
+
+
+def test_a_stop_inside_accepted_drafts_commits_no_block_past_it(monkeypatch):
+    """MTP speculation with drafts forced right: a stop token inside an accepted run ends the output there,
+    and the prefix cache gets only whole blocks of the tokens kept (none keyed by a short slice)."""
+    from dsv4.engine.prefix_cache import PrefixCache
+
+    model = random_model(dsv4.Config.tiny(index_n_heads=8), seed=0)
+    p = prompts(10, seed=3)[0]
+    g = dsv4.LLM(model, prefix_block=0).generate(p, dsv4.SamplingParams(max_tokens=30, temperature=0,
+                                                                        ignore_eos=True)).token_ids
+    draft = LLMEngine._draft
+
+    def oracle(self, work, X):  # every draft right: whole runs are accepted
+        draft(self, work, X)
+        for w in work:
+            if w.seq.drafts:
+                w.seq.drafts = (g[len(w.seq.output_ids):] + [0] * self.k)[:self.k]
+
+    keys = []
+    child = PrefixCache.child
+    monkeypatch.setattr(LLMEngine, "_draft", oracle)
+    monkeypatch.setattr(PrefixCache, "child", lambda self, parent, tokens: keys.append(len(tokens)) or
+                        child(self, parent, tokens))
+    tested = 0
+    for stop_at in range(3, 12):
+        if g.index(g[stop_at]) != stop_at:
+            continue
+        keys.clear()
+        llm = dsv4.LLM(model, num_speculative_tokens=4, prefix_block=4)
+        out = llm.generate(p, dsv4.SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                  stop_token_ids=[g[stop_at]]))
+        assert out.token_ids == g[:stop_at + 1]
+        assert keys and set(keys) == {4}, (stop_at, keys)
+        assert len(llm.engine.prefix.blocks) <= (len(p) + stop_at) // 4  # the tokens computed, whole blocks
+        tested += 1
+    assert tested >= 3
+
+
 def test_streamed_text_equals_decoding_the_whole_output(model):
     """Text is detokenized incrementally: the deltas join to the final text, which equals the whole output
     decoded at once. Sampled byte-level tokens split UTF-8 characters (mid-text and at the end)."""

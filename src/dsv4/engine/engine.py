@@ -196,9 +196,12 @@ class LLMEngine:
         return bool(self.waiting or self.running)
 
     def _finish(self, seq: Sequence, reason: str, text_cut: bool = False) -> None:
-        seq.status, seq.finish_reason = Status.FINISHED, reason
         if seq.detok is not None and not text_cut:  # the whole output once: includes a trailing partial character
-            seq.text = self.tokenizer.decode(seq.output_ids)
+            text = self.tokenizer.decode(seq.output_ids)
+            # a stop string ending in that character was never seen by the incremental check: look again there
+            at = _first_stop(text, seq.params.stop, len(seq.text)) if reason in ("stop", "length") else None
+            seq.text, reason = (text, reason) if at is None else (text[:at], "stop")
+        seq.status, seq.finish_reason = Status.FINISHED, reason
         self._free(seq)  # the decode state, at once
         if seq in self.running:
             self.running.remove(seq)
@@ -464,15 +467,21 @@ class LLMEngine:
             if chunk:
                 start = len(s.text)
                 s.text += chunk
-                for stop in p.stop:  # only where the new text can complete one
-                    at = s.text.find(stop, max(0, start - len(stop) + 1))
-                    if at >= 0:
-                        s.text = s.text[:at]
-                        return self._finish(s, "stop", text_cut=True)
+                at = _first_stop(s.text, p.stop, start)
+                if at is not None:
+                    s.text = s.text[:at]
+                    return self._finish(s, "stop", text_cut=True)
         if (t == self.eos and not p.ignore_eos) or t in p.stop_token_ids:
             return self._finish(s, "stop")
         if len(s.tokens) - len(s.prompt) >= p.max_tokens or len(s.tokens) >= self.max_len:
             return self._finish(s, "length")
+
+
+def _first_stop(text: str, stops: list, start: int) -> int | None:
+    """Where the earliest stop string in `text` begins, among those ending after text[:start] (which was searched
+    already); None if none does. The earliest, not the first listed: the text kept must hold no stop string."""
+    hits = [at for stop in stops if (at := text.find(stop, max(0, start - len(stop) + 1))) >= 0]
+    return min(hits, default=None)
 
 
 def _with(counts: torch.Tensor | None, tokens: list) -> torch.Tensor | None:
@@ -503,7 +512,8 @@ class _Work:
 
     def commit(self) -> None:
         for r in self.recorders:
-            if r.end <= self.seq.num_computed:  # never a block that holds rejected drafts
+            # never a block that holds rejected drafts, nor one past a stop inside accepted drafts
+            if r.end <= min(self.seq.num_computed, len(self.seq.tokens)):
                 r.commit()
 
 

@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, penalties, seeds, logprobs."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -81,9 +82,18 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1:
         sorted_, order = row.sort(dim=-1, descending=True)
         ps = sorted_.softmax(-1)
-        drop = ps.cumsum(-1) - ps > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = ps.cumsum(-1) - ps >= p.top_p  # keep the smallest prefix whose mass reaches top_p
         row = row.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return row.softmax(-1)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator for a request's seed in [0, 2**64). torch's CPU generator keeps only a seed's low 32
+    bits (seeds 1 and 2**32 + 1 would draw the same tokens), so a seed of 2**32 or more is hashed to 32 bits;
+    a smaller one is used as it is."""
+    if seed >= 1 << 32:
+        seed = int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little")).digest()[:4], "little")
+    return torch.Generator().manual_seed(seed)
 
 
 def draw(pr: torch.Tensor, generator: torch.Generator | None) -> int:

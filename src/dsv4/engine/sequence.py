@@ -5,9 +5,7 @@ import enum
 import itertools
 from dataclasses import dataclass
 
-import torch
-
-from .sampling import SamplingParams
+from .sampling import SamplingParams, seeded_generator
 
 _ids = itertools.count()
 
@@ -61,7 +59,7 @@ class Sequence:
         self.constraint = None  # output constraint (grammar mask), if any
         self.generator = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+            self.generator = seeded_generator(params.seed)
         self.counts = None  # generated-token counts for penalties
         self.logprobs: list = [] if params.logprobs is not None else None
         self.text = ""
