@@ -57,11 +57,30 @@ def test_reasoning_cannot_end_the_reply_and_is_closed_in_time(engine):
     logits = torch.zeros(engine.model.config.vocab_size)
     logits[engine.eos] = 10.0
     early = c.mask(logits, remaining=100)
-    assert early[engine.eos] == float("-inf") and torch.isfinite(early).sum() == len(logits) - 1
+    dsml = tok.token_to_id("｜DSML｜")
+    assert early[engine.eos] == early[dsml] == float("-inf") and torch.isfinite(early).sum() == len(logits) - 2
     late = c.mask(logits, remaining=16)
     assert late.argmax() == think_end and torch.isfinite(late).sum() == 1
     c.accept(think_end)
     assert c.active  # from here on the JSON grammar decides
+
+
+def test_reasoning_before_a_constrained_reply_writes_no_dsml(engine):
+    """The output parser takes a DSML block inside the reasoning for a call (to any name, under no schema) and
+    drops the constrained reply after it: before </think> the DSML marker is masked; after it, the tool grammar
+    admits it where a block opens."""
+    tok = engine.tokenizer
+    think_end, dsml = tok.token_to_id("</think>"), tok.token_to_id("｜DSML｜")
+    c = GrammarConstraint(tok, engine.eos, text_or_tool_call_grammar(TOOLS), start_after=think_end)
+    logits = torch.zeros(engine.model.config.vocab_size)
+    logits[dsml] = 10.0
+    for t in tok.encode("Call it.\n\n<").ids:
+        assert c.mask(logits, remaining=300)[dsml] == float("-inf")
+        c.accept(t)
+    c.accept(think_end)
+    for t in tok.encode("On it.\n\n<").ids:
+        c.accept(t)
+    assert c.mask(logits, remaining=300).argmax() == dsml
 
 
 def test_tool_grammar_admits_optional_parameters_and_parallel_calls(engine):

@@ -855,6 +855,178 @@ def test_billed_completion_tokens_equal_the_reported_ones(client):
     assert after["completion_tokens"] - usage["completion_tokens"] == r.usage.completion_tokens
 
 
+# ---- what a model writes: the server, engine and parser are real, only the model's choice of tokens is set ----
+
+class _Writes:
+    """Stands in for a request's output constraint: the model writes `script` (token ids) as a model bent on it
+    would, while the request's own constraint, if any, still has the last word on each token; once the output
+    leaves the script (the constraint forbade its next token), the model samples as before."""
+
+    def __init__(self, script: list, constraint):
+        self.script, self.constraint, self.at = script, constraint, 0
+
+    def mask(self, logits, remaining):
+        if self.at < len(self.script):
+            logits = logits.clone()
+            logits[self.script[self.at]] = 1e4
+        return logits if self.constraint is None else self.constraint.mask(logits, remaining)
+
+    def accept(self, token):
+        on_script = self.at < len(self.script) and token == self.script[self.at]
+        self.at = self.at + 1 if on_script else len(self.script)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
+
+@pytest.fixture
+def model_writes(server, monkeypatch):
+    """model_writes(text or token ids): what the model of the requests that follow writes."""
+    llm = server[1]
+    submit = llm.submit
+
+    def writes(script):
+        ids = llm.engine.tokenizer.encode(script).ids if isinstance(script, str) else list(script)
+        monkeypatch.setattr(llm, "submit", lambda prompt, params, constraint=None, **kw: submit(
+            prompt, params, constraint=_Writes(ids, constraint), **kw))
+    return writes
+
+
+def _chat_reply(client, stream: bool, **kw):
+    """(content, [(tool name, arguments)], finish_reason, completion_tokens) of a chat completion."""
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        c = r.choices[0]
+        calls = [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls or []]
+        return c.message.content or "", calls, c.finish_reason, r.usage.completion_tokens
+    content, calls, finish, tokens = "", {}, None, None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for t in c.delta.tool_calls or []:
+                name, args = calls.get(t.index, ("", ""))
+                calls[t.index] = (name + (t.function.name or ""), args + (t.function.arguments or ""))
+    return content, [(n, json.loads(a)) for n, a in calls.values()], finish, tokens
+
+
+def _messages_reply(claude, stream: bool, **kw):
+    """(text, [(tool name, input)], stop_reason, output_tokens) of an Anthropic Messages reply."""
+    if stream:
+        with claude.messages.stream(**kw) as s:
+            r = s.get_final_message()
+    else:
+        r = claude.messages.create(**kw)
+    text = "".join(b.text for b in r.content if b.type == "text")
+    return text, [(b.name, b.input) for b in r.content if b.type == "tool_use"], r.stop_reason, r.usage.output_tokens
+
+
+D, EOS = "｜DSML｜", "<｜end▁of▁sentence｜>"
+CALL = (f'<{D}invoke name="set_light">\n<{D}parameter name="on" string="false">true</{D}parameter>\n'
+        f'<{D}parameter name="room" string="true">kitchen</{D}parameter>\n</{D}invoke>\n</{D}tool_calls>')
+BLOCK = f"\n\n<{D}tool_calls>\n" + CALL  # a call the answer opens itself
+LIGHT_CALL = [("set_light", {"on": True, "room": "kitchen"})]
+ANSWER = {"a": "x, y", "b": [1, 2]}
+STOPS = [",", '"', "}", "<", "\n", "=", "kitchen"]  # each occurs in the JSON answer or in the call
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("route,ask,thinking", [
+    ("chat", "json", "disabled"), ("chat", "json", "enabled"), ("chat", "required", "disabled"),
+    ("messages", "any", "disabled"), ("messages", "any", "enabled"), ("messages", "tool", "disabled")])
+def test_stop_strings_never_cut_a_constrained_answer(client, claude, model_writes, route, ask, thinking, stream):
+    """A JSON answer and a forced call are guaranteed to parse, so a stop string that occurs in them does not
+    end the output there (it used to: `stop: [","]` cut the arguments, `["\""]` lost the call)."""
+    reasoning = 'First, "think": a, b.</think>' if thinking == "enabled" else ""
+    answer = json.dumps(ANSWER) if ask == "json" else CALL if ask in ("required", "tool") else BLOCK
+    model_writes(reasoning + answer + EOS)
+    ask_for = "Give me a JSON object." if ask == "json" else "Turn on the kitchen light."
+    if route == "chat":
+        kw = dict(model="deepseek-v4-flash", messages=[{"role": "user", "content": ask_for}], max_tokens=300,
+                  stop=STOPS, extra_body={"thinking": {"type": thinking}})
+        if ask == "json":
+            kw["response_format"] = {"type": "json_object"}
+        else:
+            kw.update(tools=[LIGHT], tool_choice="required")
+        content, calls, finish, _ = _chat_reply(client, stream, **kw)
+        assert (json.loads(content), finish) == (ANSWER, "stop") if ask == "json" else \
+            (calls, finish) == (LIGHT_CALL, "tool_calls")
+    else:
+        tool = {"name": "set_light", "input_schema": LIGHT["function"]["parameters"]}
+        _, calls, stop_reason, _ = _messages_reply(
+            claude, stream, model="deepseek-v4-flash", max_tokens=300, stop_sequences=STOPS, tools=[tool],
+            tool_choice={"type": "any"} if ask == "any" else {"type": "tool", "name": "set_light"},
+            thinking={"type": thinking} | ({"budget_tokens": 1024} if thinking == "enabled" else {}),
+            messages=[{"role": "user", "content": ask_for}])
+        assert (calls, stop_reason) == (LIGHT_CALL, "tool_use")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("route", ["chat", "messages"])
+def test_stop_strings_end_free_text_but_not_a_tool_call(client, claude, model_writes, route, stream):
+    """tool_choice auto: a stop string still ends the text before a call (the call is then not made; the newlines
+    and '<' that open the block count as that text, as DeepSeek's output parser reads them), but one that occurs
+    inside the DSML block the model opened does not cut the call (it used to, without thinking)."""
+    model_writes("On it." + BLOCK + EOS)
+    inside = ['"', "=", "true", "kitchen", "tool_calls"]
+    for stops, want in ((inside, ("On it.", LIGHT_CALL)), ([" it"], ("On", []))):
+        if route == "chat":
+            content, calls, finish, _ = _chat_reply(
+                client, stream, model="deepseek-v4-flash", messages=[{"role": "user", "content": "Kitchen light on."}],
+                tools=[LIGHT], max_tokens=300, stop=stops, extra_body={"thinking": {"type": "disabled"}})
+            assert (content, calls, finish) == (*want, "tool_calls" if want[1] else "stop"), stops
+        else:
+            text, calls, reason, _ = _messages_reply(
+                claude, stream, model="deepseek-v4-flash", max_tokens=300, stop_sequences=stops,
+                tools=[{"name": "set_light", "input_schema": LIGHT["function"]["parameters"]}],
+                tool_choice={"type": "auto"}, thinking={"type": "disabled"},
+                messages=[{"role": "user", "content": "Kitchen light on."}])
+            assert (text, calls, reason) == (*want, "tool_use" if want[1] else "stop_sequence"), stops
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("route", ["chat", "messages"])
+def test_usage_counts_a_last_token_that_ends_inside_a_character(client, claude, server, model_writes, route, stream):
+    """max_tokens can stop the model after the first byte of a character: that token is generated and billed,
+    and usage reports it (it reported one token less), its character as U+FFFD."""
+    from dsv4.engine.constrain import _BYTE_CHAR
+
+    tok = server[1].engine.tokenizer
+    script = tok.encode("Hi").ids + [tok.token_to_id(_BYTE_CHAR["é".encode()[0]])]
+    model_writes(script)
+    billed = client.get("/usage", cast_to=object)["completion_tokens"]
+    ask = [{"role": "user", "content": "hi"}]
+    if route == "chat":
+        text, _, finish, reported = _chat_reply(client, stream, model="deepseek-v4-flash", messages=ask,
+                                                max_tokens=len(script), extra_body={"thinking": {"type": "disabled"}})
+    else:
+        text, _, finish, reported = _messages_reply(claude, stream, model="deepseek-v4-flash", messages=ask,
+                                                    max_tokens=len(script), thinking={"type": "disabled"})
+    assert finish in ("length", "max_tokens") and text == "Hi\ufffd"
+    assert reported == len(script) == client.get("/usage", cast_to=object)["completion_tokens"] - billed
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("route", ["chat", "messages"])
+def test_dsml_in_the_reasoning_is_not_a_tool_call(client, claude, model_writes, route, stream):
+    """A model that writes a DSML call inside its thinking: the output parser took that for the call (naming a
+    tool the request never defined, under no schema) and dropped the forced one after the thinking. The
+    reasoning now writes no DSML; a call names a defined tool and follows its schema."""
+    model_writes("Let me call it." + BLOCK.replace("set_light", "rm_rf") + " Done.</think>" + BLOCK + EOS)
+    ask = [{"role": "user", "content": "Kitchen light on."}]
+    if route == "chat":  # tool_choice auto: the dev model, off the script, thinks to the end of max_tokens
+        _, calls, _, _ = _chat_reply(client, stream, model="deepseek-v4-flash", messages=ask, tools=[LIGHT],
+                                     max_tokens=200)
+        assert calls == []
+    else:  # tool_choice any: the call is due after the thinking
+        tool = {"name": "set_light", "input_schema": LIGHT["function"]["parameters"]}
+        _, calls, reason, _ = _messages_reply(claude, stream, model="deepseek-v4-flash", max_tokens=400, tools=[tool],
+                                              tool_choice={"type": "any"}, messages=ask,
+                                              thinking={"type": "enabled", "budget_tokens": 1024})
+        assert reason == "tool_use" and [name for name, _ in calls] == ["set_light"]
+        assert isinstance(calls[0][1]["on"], bool) and calls[0][1]["room"] in ("kitchen", "hall")
+
+
 def test_anthropic_routes_answer_errors_in_anthropic_shape(server, claude, monkeypatch):
     """401, 404 and a mid-stream engine failure reach the anthropic SDK as its own error types."""
     import anthropic

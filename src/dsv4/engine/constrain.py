@@ -72,6 +72,7 @@ class _Vocab:
         marker = torch.zeros(V, dtype=torch.bool)
         marker[self.markers] = True
         self.marker_ids = set(self.markers.tolist())
+        self.dsml = tokenizer.token_to_id(DSML)  # None for a tokenizer without DSML
         self.openers = [self.tag_starts[1], marker]
         self.tokenizer = tokenizer
 
@@ -225,11 +226,15 @@ class GrammarConstraint:
     def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
         """logits [V] -> a new tensor with the tokens the grammar forbids at -inf.
 
-        Before `start_after` (the reasoning): no end of sequence, and `start_after` is forced once only
-        reply_reserve tokens remain, so the constrained reply always gets its turn."""
+        Before `start_after` (the reasoning): no end of sequence and no DSML marker (the output parser takes
+        a DSML block in the reasoning for a call, to any name and under no schema, and drops the constrained
+        reply after it); `start_after` is forced once only reply_reserve tokens remain, so the constrained
+        reply always gets its turn."""
         if not self.active:
             out = logits.clone()
             out[self.vocab.eos] = float("-inf")
+            if self.vocab.dsml is not None:
+                out[self.vocab.dsml] = float("-inf")
             if remaining <= self.reply_reserve:
                 out.fill_(float("-inf"))
                 out[self.start_after] = 0.0

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from ..engine.async_engine import AsyncLLM
 from ..engine.constrain import SchemaError
@@ -70,17 +71,53 @@ def shaped(request: Request, response: JSONResponse) -> JSONResponse:
                         headers={k: v for k, v in response.headers.items() if k.lower() == "retry-after"})
 
 
+def _drop_finishing_eos(out, eos: int) -> None:
+    """Drop a final end-of-sequence token from a stream delta (in place): that token is the finish, not output."""
+    if out.finished and out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] == eos:
+        out.token_ids = out.token_ids[:-1]
+        out.logprobs = out.logprobs[:-1] if out.logprobs is not None else None
+
+
 @dataclass
 class _Tally:
     completion: int = 0  # completion tokens the response reports (and the bill counts)
 
     def count(self, out, eos: int) -> None:
-        """Count a stream delta's tokens, after dropping a final end-of-sequence token from it (in place):
-        that token is the finish, not output text."""
-        if out.finished and out.finish_reason == "stop" and out.token_ids and out.token_ids[-1] == eos:
-            out.token_ids = out.token_ids[:-1]
-            out.logprobs = out.logprobs[:-1] if out.logprobs is not None else None
+        """Count a stream delta's tokens, less a final end-of-sequence token (dropped from it)."""
+        _drop_finishing_eos(out, eos)
         self.completion += len(out.token_ids)
+
+
+class _WholeCharacters:
+    """The output parser's input from the engine's deltas: token runs that end on a whole character.
+
+    The parser holds back a run whose text ends inside a UTF-8 sequence until a later run completes it, and
+    drops it, text and tokens, if none does: a reply cut by max_tokens in the middle of a character lost its
+    last run (a token, or a whole multi-token delta), and the response reported fewer tokens than were
+    generated and billed. Here such tokens wait for the one that completes their character; what is left at
+    the end goes to the parser as text that accounts for its tokens (U+FFFD, as the tokenizer decodes it)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=False)  # the parser reads special tokens (DSML, </think>)
+        self.ids, self.logprobs = [], []  # tokens of a character not whole yet, and their logprobs
+
+    def inputs(self, out):
+        """Yield (parser input, the tokens it accounts for) for a delta (its end of sequence dropped): the held
+        tokens and the delta's, up to the last whole character; after the last delta, the rest as text."""
+        ids = self.ids + out.token_ids
+        logprobs = None if out.logprobs is None else self.logprobs + out.logprobs
+        whole = len(self.ids)
+        for i in range(len(self.ids), len(ids)):
+            if self.stream.step(self.tokenizer, ids[i]) is not None:  # None while a character is incomplete
+                whole = i + 1
+        self.ids, self.logprobs = ids[whole:], [] if logprobs is None else logprobs[whole:]
+        if whole:
+            lps = None if logprobs is None else [(lp.logprob, lp.top) for lp in logprobs[:whole]]
+            yield dr.InferenceChunk.tokens(ids[:whole], lps), whole
+        if out.finished and self.ids:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+            yield dr.InferenceChunk.text(text, len(self.ids)), len(self.ids)
 
 
 class _Reject(Exception):
@@ -310,22 +347,26 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         except dr.ConversionError as e:
             return shaped(request, Response(e.body, status_code=e.status_code, media_type="application/json"))
         io, po = conv.inference_options, conv.parsing_options
-        thinking = conv.conversation.thinking_mode
+        required = proto is MESSAGES and _tool_choice_any(d)
         try:
-            # stop sequences end the answer, not the reasoning: in thinking mode the output parser applies
-            # them (it knows where the answer starts); the engine's own stop check sees both
+            constraint = _constraint(io.output_constraint, conv, po, engine, d.get("tools"), required=required)
+        except SchemaError as e:
+            raise _Reject(error(400, f"Invalid request: {e}")) from None
+        # Stop sequences end free text, never the reasoning or a constrained answer (a JSON object, a forced call),
+        # which they would cut into one that does not parse. The output parser matches them in the answer's text
+        # but not inside a DSML tool-call block (tool_choice auto); an answer constrained throughout gets none.
+        # The engine's stop check sees the whole output: it applies them only where all of it is free text.
+        if constraint is not None and (io.output_constraint.kind != "tool_call" or required):
+            po.stop_sequences = []
+        all_free = constraint is None and not conv.conversation.thinking_mode
+        try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if io.temperature is None else io.temperature,
                 top_p=1.0 if io.top_p is None else io.top_p, seed=io.seed,
                 logprobs=(io.top_logprobs or 0) if io.logprobs else None,
-                stop=[] if thinking else list(po.stop_sequences))
+                stop=list(po.stop_sequences) if all_free else [])
         except RequestError as e:
             raise _Reject(error(422, str(e))) from None
-        try:
-            constraint = _constraint(io.output_constraint, conv, po, engine, d.get("tools"),
-                                     required=proto is MESSAGES and _tool_choice_any(d))
-        except SchemaError as e:
-            raise _Reject(error(400, f"Invalid request: {e}")) from None
         # the shortest constrained answer (a JSON object, a forced call; less its end of sequence, plus
         # </think> after reasoning): with fewer tokens it would be empty or cut
         need = constraint.shortest - 1 + int(constraint.start_after is not None) if constraint is not None else 0
@@ -454,6 +495,7 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
     """Protocol chunks of one request; None while it still waits in the queue (for keep-alives).
     `tally` counts the tokens handed to the processor: the completion tokens the response reports."""
     ready = False
+    whole = _WholeCharacters(llm.engine.tokenizer)
     try:
         async for out in _with_keepalive(llm.stream(seq, queue), keepalive):
             if out is None:
@@ -464,15 +506,13 @@ async def _chunks(llm: AsyncLLM, seq, queue, processor, prompt_tokens: int, keep
                 usage = dr.PromptUsage(prompt_tokens=prompt_tokens, prompt_cache_hit_tokens=seq.cached_tokens)
                 for c in processor.push(dr.InferenceChunk.ready(prompt_usage=usage)):
                     yield c
-            tally.count(out, llm.engine.eos)
-            if out.token_ids:
-                lps = None
-                if out.logprobs is not None:
-                    lps = [(lp.logprob, lp.top) for lp in out.logprobs]
-                for c in processor.push(dr.InferenceChunk.tokens(out.token_ids, lps)):
+            _drop_finishing_eos(out, llm.engine.eos)
+            for inference, n in whole.inputs(out):
+                tally.completion += n
+                for c in processor.push(inference):
                     yield c
-            if processor.finished:  # the parser met a stop sequence: the answer is complete
-                return
+                if processor.finished:  # the parser met a stop sequence: the answer is complete
+                    return
             if out.finished:
                 _raise_if_failed(out.finish_reason)
                 reason = dr.InferenceFinishReason.Length if out.finish_reason == "length" \
