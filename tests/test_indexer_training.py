@@ -158,3 +158,19 @@ def test_the_trainer_moves_the_indexer_only_with_its_loss_on():
             t.step()
         changed = [not torch.equal(p, before[n]) for n, p in t.model.named_parameters() if n in before]
         assert changed and all(c == moves for c in changed)
+
+
+def test_a_frozen_or_evaluated_indexer_has_no_loss_left_from_an_earlier_forward():
+    model = random_model(CFG, seed=1).train()
+    ids = torch.randint(2, 128, (2, 40))
+    attns = [b.attn for b in model.layers if b.attn.indexer is not None]
+    model(ids)
+    assert all(a.indexer_loss is not None for a in attns)
+    with torch.no_grad():
+        model(ids)
+    assert all(a.indexer_loss is None for a in attns)
+    model(ids)
+    for a in attns:
+        a.indexer.requires_grad_(False)
+    model(ids)
+    assert all(a.indexer_loss is None for a in attns)

@@ -178,8 +178,8 @@ class Attention(nn.Module):
             mass = [] if train else None
         o = sparse_attention(q, kv, self.attn_sink, self.cfg.sliding_window, self.head_dim ** -0.5,
                              comp, self.ratio, index, picked_mass=mass)
-        if mass is not None:
-            self.indexer_loss = self.indexer.kl_loss(qi, wi, keys, index, torch.cat(mass, dim=1))
+        # (None when not computed: a loss left from an earlier forward is not this one's)
+        self.indexer_loss = None if mass is None else self.indexer.kl_loss(qi, wi, keys, index, torch.cat(mass, 1))
         return self.output(o, cos, sin)
 
     def step(self, x: torch.Tensor, segments: list) -> torch.Tensor:
