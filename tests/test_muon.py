@@ -66,3 +66,40 @@ def test_muon_trains_a_small_model():
             o.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_grouped_output_projection_is_orthogonalised_group_by_group():
+    """wo_a [G * r, in] is G separate matrices (attention.py: `wo_a.weight.view(G, -1, in)`): each group's update
+    is Newton-Schulz of that group's own gradient, scaled by 0.2 * sqrt(max(r, in)); another group's gradient
+    does not change it (one orthogonalisation of the whole stack couples them)."""
+    from dsv4.model.attention import Attention
+    from dsv4.train.muon import optimizers
+
+    cfg = dsv4.Config.tiny(o_groups=4, num_attention_heads=4, num_nextn_predict_layers=0)
+    model = random_model(cfg)
+    attn = next(m for m in model.modules() if isinstance(m, Attention))
+    G, r, n_in = cfg.o_groups, cfg.o_lora_rank, attn.wo_a.weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(r, n_in, generator=g) for _ in range(G)]
+
+    def update(group_grads):
+        w = attn.wo_a.weight
+        before = w.detach().clone()
+        for p in model.parameters():
+            p.grad = None
+        w.grad = torch.cat(group_grads)
+        muon = optimizers(model, lr_muon=1.0, lr_adamw=0.0, weight_decay=0.0)[0]
+        for grp in muon.param_groups:
+            grp["momentum"], grp["nesterov"] = 0.0, False  # the update is the orthogonalised gradient itself
+        muon.step()
+        with torch.no_grad():
+            change = (before - w).view(G, r, n_in)
+            w.copy_(before)
+        return change
+
+    got = update(grads)
+    for i in range(G):  # the hand computation: each group alone
+        want = newton_schulz(grads[i]) * 0.2 * max(r, n_in) ** 0.5
+        assert torch.allclose(got[i], want, atol=1e-5), i
+    boosted = update([grads[0] * 10, *grads[1:]])
+    assert torch.allclose(boosted[1:], got[1:], atol=1e-6)  # group 0's gradient leaves the others' updates alone

@@ -131,7 +131,8 @@ def test_masked_loss_is_the_mean_over_assistant_targets():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(2, 512, (2 * 17,), generator=g).numpy().astype(np.int32)
     mask = (torch.rand(2 * 17, generator=g) < 0.4).numpy().astype(np.uint8)
-    tr = Trainer(model, tokens, TrainConfig(batch_size=2, seq_len=16, seq_balance_coef=0.0), mask=mask)
+    tr = Trainer(model, tokens, TrainConfig(batch_size=2, seq_len=16, seq_balance_coef=0.0, indexer_loss_weight=0.0),
+                 mask=mask)
     ids, w = tr.batch()
     total, stats = tr.loss(ids, w)
     logits = model(ids[:, :-1])
@@ -230,6 +231,9 @@ mix = {{add = 1}}
     # wrong values, unknown fields and missing directories name themselves before the held-out evaluation starts
     for old, new, named in (("max_tokens = 6", "max_tokens = 0", "max_tokens"),
                             ("group_size = 2", "group_size = 2\ntemperature = -1", "temperature"),
+                            ("group_size = 2", "group_size = 2\ntemperature = 0", "[train] temperature"),
+                            ("group_size = 2", "group_size = 1", "[train] group_size"),
+                            ('method = "grpo"', f'method = "grpo"\nteacher = "{path}"', "[rl] teacher"),
                             ("mix = {add = 1}", "mix = {sum = 1}", "[train] mix"),
                             ("eval_mix = {add = 1, chat = 1}", "eval_mix = {add = 0}", "[rl] eval_mix"),
                             ("eval_examples = 3", 'eval_examples = "3"', "eval_examples"),
@@ -245,23 +249,17 @@ mix = {{add = 1}}
     assert "already holds a training checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["grpo", "distill"])
-def test_rl_kill_and_resume_is_exact(dev, tmp_path, method):
-    """An [rl] run stopped after a checkpoint and resumed writes the same metrics rows (losses, rewards,
-    held-out scores) and the same final weights as an uninterrupted run."""
-    from safetensors.torch import load_file
-
-    from dsv4.cli import main
-
-    path, _ = dev
-    text = f"""
+def rl_config(init, method: str) -> str:
+    """A small [rl] config from the model at init (out = "OUT" to fill in): 4 steps of 2 prompts, checkpoints and
+    held-out evaluations every 2 steps."""
+    return f"""
 [model]
-init = "{path}"
+init = "{init}"
 [rl]
 method = "{method}"
 eval_examples = 2
 eval_every = 2
-{f'teacher = "{path}"' if method == "distill" else ""}
+{f'teacher = "{init}"' if method == "distill" else ""}
 [train]
 out = "OUT"
 steps = 4
@@ -272,6 +270,17 @@ max_tokens = 6
 lr_adamw = 0.01
 mix = {{add = 1}}
 """
+
+
+@pytest.mark.parametrize("method", ["grpo", "distill"])
+def test_rl_kill_and_resume_is_exact(dev, tmp_path, method):
+    """An [rl] run stopped after a checkpoint and resumed writes the same metrics rows (losses, rewards,
+    held-out scores) and the same final weights as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from dsv4.cli import main
+
+    text = rl_config(dev[0], method)
     runs = {}
     for name, stops in (("whole", [[]]), ("parts", [["--stop-after", "3"], ["--resume"]])):
         cfg = tmp_path / f"{name}.toml"
@@ -283,6 +292,42 @@ mix = {{add = 1}}
     (rows, weights), (rows2, weights2) = runs["whole"], runs["parts"]
     assert rows == rows2 and len(rows.splitlines()) == 5  # the before row and 4 steps (step 3 redone after resume)
     assert weights.keys() == weights2.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)
+
+
+def test_rl_resume_refuses_changed_settings_and_extends_steps_as_a_longer_run(dev, tmp_path, capsys):
+    """--resume with an edited [train] or [rl] value is an error naming each, old and new value (it used to
+    continue with the checkpoint's learning rates and the config's record of others). steps may grow: a finished
+    2-step run resumed with steps = 4 writes the rows and weights of a 4-step run."""
+    from safetensors.torch import load_file
+
+    from dsv4.cli import main
+
+    text = rl_config(dev[0], "grpo")
+    straight = tmp_path / "straight.toml"
+    straight.write_text(text.replace("OUT", str(tmp_path / "straight")))
+    assert main(["train", str(straight)]) == 0
+    cfg = tmp_path / "grown.toml"
+    grown = text.replace("OUT", str(tmp_path / "grown"))
+    cfg.write_text(grown.replace("steps = 4", "steps = 2"))
+    assert main(["train", str(cfg)]) == 0
+    for old, new, named in (("lr_adamw = 0.01", "lr_adamw = 0.001\nlr_muon = 0.01",
+                             ["[train] lr_adamw 0.01 (checkpoint) vs 0.001 (now)",
+                              "[train] lr_muon 0.002 (checkpoint) vs 0.01 (now)"]),
+                            ("eval_examples = 2", "eval_examples = 3",
+                             ["[rl] eval_examples 2 (checkpoint) vs 3 (now)"]),
+                            ("max_tokens = 6", "max_tokens = 6\ntemperature = 0.7",
+                             ["[train] temperature 1.0 (checkpoint) vs 0.7 (now)"])):
+        cfg.write_text(grown.replace(old, new))
+        assert main(["train", str(cfg), "--resume"]) == 2, new
+        err = capsys.readouterr().err
+        assert all(n in err for n in named) and "restore these values" in err and "Traceback" not in err, err
+    cfg.write_text(grown)  # steps 2 -> 4
+    assert main(["train", str(cfg), "--resume"]) == 0
+    assert (tmp_path / "grown" / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+    w, w2 = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("straight", "grown"))
+    assert all(torch.equal(w[k], w2[k]) for k in w)
+    cfg.write_text(grown.replace("steps = 4", "steps = 3"))  # fewer steps than the checkpoint's 4
+    assert main(["train", str(cfg), "--resume"]) == 2 and "[train] steps 4 (checkpoint) vs 3" in capsys.readouterr().err
 
 
 def test_partial_credit_reward_hand_computed():
@@ -313,7 +358,47 @@ def test_group_advantages_are_zero_not_nan_for_single_reply_and_unanimous_groups
     assert torch.equal(group_advantages(torch.tensor([[0.5, 0.5, 0.5]])), torch.zeros(3))
 
 
-def test_rl_config_needs_groups_of_at_least_two_replies():
-    with pytest.raises(dsv4.ConfigError, match=r"\[train\] group_size: must be an integer >= 2"):
-        RLConfig(group_size=1)
-    assert RLConfig(group_size=2).group_size == 2
+def test_grpo_needs_sampled_groups_of_two_and_distillation_takes_any_group_size():
+    """GRPO compares the replies to a prompt: group_size 1 or temperature 0 (greedy: one reply repeated, every
+    advantage 0) is refused by name; distillation draws one reply per prompt and never reads group_size."""
+    from dsv4.train.rl import Distill
+
+    model = random_model(dsv4.Config.tiny(num_nextn_predict_layers=0))
+    with pytest.raises(dsv4.ConfigError, match=r"\[train\] group_size: must be an integer >= 2 for GRPO"):
+        GRPO(model, None, RLConfig(group_size=1))
+    with pytest.raises(dsv4.ConfigError, match=r"\[train\] temperature: must be a number >= 1e-05 for GRPO"):
+        GRPO(model, None, RLConfig(temperature=0.0))
+    assert GRPO(model, None, RLConfig(group_size=2, temperature=0.6)).cfg.group_size == 2
+    assert Distill(model, random_model(dsv4.Config.tiny(num_nextn_predict_layers=0)), None,
+                   RLConfig(group_size=1, temperature=0.0)).cfg.group_size == 1
+    with pytest.raises(dsv4.ConfigError, match="group_size"):
+        RLConfig(group_size=0)
+
+
+def test_grpo_loss_uses_the_log_probs_of_the_temperature_it_sampled_at(monkeypatch):
+    """The replies are drawn from pi_T = softmax(logits / T), so the on-policy gradient is A * grad log pi_T(y):
+    the loss is -1/N sum_i A_i mean_t log softmax(z_t / T)[y_t], from a full forward of prompt + reply. (At T = 1
+    instead the group baseline no longer cancels after the first token and the update favours each context's
+    argmax, even against the reward.)"""
+    import dsv4.train.rl as rl
+
+    T = 0.6
+    model = random_model(dsv4.Config.tiny(num_nextn_predict_layers=0)).train()
+    algo = GRPO(model, None, RLConfig(prompts_per_step=1, group_size=2, temperature=T, mix={"add": 1}))
+    prompt, replies = [0, 5, 9], [[3, 4, 1], [7, 7]]
+    monkeypatch.setattr(rl, "rollout", lambda model, renderer, examples, params, n: [
+        (examples[0], prompt, r, {"content": str(i), "tool_calls": []}) for i, r in enumerate(replies)])
+    monkeypatch.setattr(rl, "reward", lambda ex, content, calls: float(content))  # rewards 0 and 1
+    losses = []
+    monkeypatch.setattr(GRPO, "update", lambda self, loss: losses.append(loss.item()) or 0.0)
+    algo.step()
+    adv = torch.tensor([-0.5, 0.5]) / (math.sqrt(0.5) + 1e-4)  # (r - mean) / (unbiased std + eps)
+
+    def loss_at(temp):
+        with torch.no_grad():
+            lp = [torch.log_softmax(model(torch.tensor([prompt + r]))[0, len(prompt) - 1:-1] / temp, -1)
+                  [torch.arange(len(r)), torch.tensor(r)].mean() for r in replies]
+        return float(-(adv * torch.stack(lp)).sum() / 2)
+
+    assert losses == [pytest.approx(loss_at(T), rel=1e-5)]
+    assert abs(loss_at(T) - loss_at(1.0)) > 0.01  # the temperature matters here

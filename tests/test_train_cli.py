@@ -292,3 +292,165 @@ def test_corpus_text_spelling_a_special_token_stays_text(tmp_path):
         pieces = fim_transform(text, rng)[1::2] if fim_rate else [text]
         assert tok.decode([i for i in ids if i not in special]) == "".join(pieces)
     assert tok.encode_special_tokens is False  # the caller's tokenizer is left as it was
+
+
+def test_values_that_crashed_or_were_ignored_are_clear_errors_before_any_work(tmp_path, capsys):
+    """Each names its field (rc 2, no traceback) before a tokenizer is trained or anything is written: a seed
+    NumPy cannot take, tensorboard as a string (bool("false") is true), a device training does not run on,
+    [data] fields the corpus kind never reads, [model] init with a preset, --stop-after below 1, a tokenizer
+    without the special tokens training writes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    base = write_config(tmp_path, "mistakes").read_text()
+    plain = Tokenizer(models.BPE())  # a tokenizer without V4's special tokens
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.train([str(STDLIB / "abc.py")], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    plain.save(str(tmp_path / "plain.json"))
+    init_and_preset = f'[model]\ninit = "{tmp_path}"\npreset = "tiny"\n[train]\nout = "{tmp_path / "mistakes"}"\n'
+    cases = [(base.replace("warmup = 1", f"warmup = 1\nseed = {2 ** 32}"), "[train] seed"),
+             (base.replace("warmup = 1", 'warmup = 1\ntensorboard = "false"'), "tensorboard: must be true or false"),
+             (base.replace("warmup = 1", 'warmup = 1\ndevice = "mps"'), "[train] device: 'mps'"),
+             (base.replace("warmup = 1", 'warmup = 1\ndevice = "meta"'), "[train] device: 'meta'"),
+             (base.replace("fim_rate = 0.5", "fim_rate = 0.5\nexamples = 10"), "[data] examples"),
+             (base.replace("fim_rate = 0.5", "fim_rate = 0.5\nmix = {add = 1}"), "[data] mix"),
+             (base.replace("fim_rate = 0.5", "fim_rate = 0.5\nreplay = 0.5"), "[data] replay"),
+             (base.replace("fim_rate = 0.5", 'fim_rate = 0.5\nkind = "chat"'), "[data] fim_rate"),
+             (base.replace('preset = "tiny"', 'preset = "tiny"\neos_token_id = 3'), "[model] eos_token_id"),
+             (init_and_preset, "[model] preset"),
+             (base.replace("fim_rate = 0.5", f'fim_rate = 0.5\ntokenizer = "{tmp_path / "plain.json"}"'),
+              "[data] tokenizer")]
+    cfg = tmp_path / "bad.toml"
+    for text, named in cases:
+        cfg.write_text(text)
+        assert main(["train", str(cfg)]) == 2, text
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, err
+        assert not (tmp_path / "mistakes" / "tokenizer.json").exists() and not list(tmp_path.glob("**/metrics.jsonl"))
+    assert "<｜begin▁of▁sentence｜>" in err  # the missing token is named
+    shutil.rmtree(tmp_path / "mistakes", ignore_errors=True)  # the tokenizer case made the (empty) run directory
+    cfg.write_text(base)
+    for n in ("0", "-1"):
+        assert main(["train", str(cfg), "--stop-after", n]) == 2 and "--stop-after" in capsys.readouterr().err
+    assert not (tmp_path / "mistakes").exists()
+
+
+def test_chat_data_and_replay_source_mistakes_name_their_field(tmp_path, capsys):
+    """An SFT seq_len no example fits, and bad values inside the replay_from config (named with that file),
+    are clear errors; the replay source is checked before the init model is even looked at."""
+    cfg = sft_config(tmp_path, "mix = {add = 1}", steps=1, seq_len=16)
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "[train] seq_len" in err and "no example fits" in err and "Traceback" not in err
+    src = tmp_path / "src.toml"
+    base = (tmp_path / "base.toml").read_text()
+    for old, new, named in (("seq_len = 32", 'seq_len = "long"', "[train] seq_len"),
+                            ("fim_rate = 0.5", 'fim_rate = "half"', "[data] fim_rate"),
+                            ("[train]", "[trian]\n[train]", "[trian]"),
+                            ("fim_rate = 0.5", 'kind = "chat"', "[data] kind")):
+        src.write_text(base.replace(old, new))
+        sft = tmp_path / "sft_replay.toml"
+        sft.write_text(cfg.read_text().replace("seq_len = 16", "seq_len = 256").replace(
+            "[data]", f'[data]\nreplay = 0.5\nreplay_from = "{src}"').replace(str(tmp_path / "base" / "model"), "nope"))
+        assert main(["train", str(sft)]) == 2, new
+        err = capsys.readouterr().err
+        assert f"[data] replay_from: {src}" in err and named in err and "Traceback" not in err, err
+
+
+def test_a_tokenizer_s_bos_and_eos_ids_go_into_the_model_config(tmp_path, capsys):
+    """A [data] tokenizer whose BOS / EOS are not ids 0 / 1: the saved config carries its ids (the engine stops at
+    config.eos_token_id, which must be the EOS the model learnt), qat (whose official layout fixes 0 / 1) is refused,
+    and so is an init model whose ids differ from the tokenizer's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dsv4.engine import EngineConfig, LLMEngine
+    from dsv4.tokenizer import special_tokens
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(STDLIB / f) for f in ("abc.py", "bisect.py", "colorsys.py")], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<unk>", *special_tokens()], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "shifted.json"))
+    bos, eos = tok.token_to_id("<｜begin▁of▁sentence｜>"), tok.token_to_id("<｜end▁of▁sentence｜>")
+    assert (bos, eos) == (2, 3)
+    cfg = write_config(tmp_path, "shifted")
+    text = cfg.read_text().replace("fim_rate = 0.5", f'fim_rate = 0.5\ntokenizer = "{tmp_path / "shifted.json"}"')
+    cfg.write_text(text.replace("steps = 6", "steps = 2"))
+    assert main(["train", str(cfg)]) == 0
+    model = dsv4.load_model(tmp_path / "shifted" / "model")
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (2, 3)
+    engine = LLMEngine(model, load_tokenizer(tmp_path / "shifted" / "model"), EngineConfig())
+    assert engine.eos == eos
+    cfg.write_text(text.replace("warmup = 1", 'warmup = 1\nqat = "fp4"').replace(f'out = "{tmp_path / "shifted"}"',
+                                                                                   f'out = "{tmp_path / "qat"}"'))
+    assert main(["train", str(cfg)]) == 2 and "[train] qat" in capsys.readouterr().err
+    assert main(["train", str(write_config(tmp_path, "plain"))]) == 0  # ids 0 / 1
+    sft = tmp_path / "sft.toml"
+    sft.write_text(f'[model]\ninit = "{tmp_path / "plain" / "model"}"\n[data]\nkind = "chat"\nexamples = 5\n'
+                   f'tokenizer = "{tmp_path / "shifted.json"}"\n[train]\nsteps = 1\nbatch_size = 1\nseq_len = 512\n'
+                   f'out = "{tmp_path / "sft"}"\n')
+    assert main(["train", str(sft)]) == 2
+    err = capsys.readouterr().err
+    assert "[data] tokenizer" in err and "(2, 3)" in err and "(0, 1)" in err
+
+
+def test_tokenizer_settings_survive_a_kill_mid_write_and_a_damaged_file_is_named(tmp_path, capsys, monkeypatch):
+    """tokenizer-settings.json is written atomically: a kill while writing it leaves a run that --resume continues
+    (it used to leave a partial file, and --resume a JSONDecodeError traceback). One damaged some other way is a
+    clear error naming the file."""
+    cfg = write_config(tmp_path, "killed")
+    real = Path.write_text
+
+    class Killed(BaseException):
+        pass
+
+    def dying(self, data, *a, **k):
+        if self.name.startswith("tokenizer-settings.json"):
+            real(self, data[:len(data) // 2], *a, **k)
+            raise Killed
+        return real(self, data, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", dying)
+    with pytest.raises(Killed):
+        main(["train", str(cfg)])
+    monkeypatch.undo()
+    assert main(["train", str(cfg), "--resume", "--stop-after", "2"]) == 0
+    settings = tmp_path / "killed" / "tokenizer-settings.json"
+    assert json.loads(settings.read_text()) == {"vocab_size": 400}
+    settings.write_text('{"vocab')
+    assert main(["train", str(cfg), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer-settings.json" in err and "Traceback" not in err
+
+
+def test_resume_refuses_changed_settings_and_extends_steps_only_before_the_decay(tmp_path, capsys):
+    """--resume continues a run with its own settings: an edited [train] or [data] value (or qat) is an error naming
+    each with its checkpoint and current value (weight_decay used to be dropped while the checkpoint recorded it,
+    seq_len to re-slice the stream). device and compile may change, and steps while no step taken has decayed:
+    the resumed run is then a longer run, row for row; once the decay has begun, a longer run is refused."""
+    cfg = write_config(tmp_path, "edit")
+    text = cfg.read_text()
+    assert main(["train", str(cfg), "--stop-after", "3"]) == 0  # checkpoint at step 2
+    for old, new, named in (("seq_len = 32", "seq_len = 48\nweight_decay = 0.5",
+                             ["[train] seq_len 32 (checkpoint) vs 48 (now)",
+                              "[train] weight_decay 0.1 (checkpoint) vs 0.5 (now)"]),
+                            ("fim_rate = 0.5", "fim_rate = 0.25", ["[data] fim_rate 0.5 (checkpoint) vs 0.25 (now)"]),
+                            ("warmup = 1", 'warmup = 1\nqat = "fp4"',
+                             ["[train] qat None (checkpoint) vs 'fp4' (now)"])):
+        cfg.write_text(text.replace(old, new))
+        assert main(["train", str(cfg), "--resume"]) == 2, new
+        err = capsys.readouterr().err
+        assert all(n in err for n in named) and "restore these values" in err and "Traceback" not in err, err
+    cfg.write_text(text.replace("steps = 6", "steps = 12").replace("warmup = 1", 'warmup = 1\ndevice = "cpu"'))
+    assert main(["train", str(cfg), "--resume"]) == 0
+    longer = write_config(tmp_path, "longer")
+    longer.write_text(longer.read_text().replace("steps = 6", "steps = 12"))
+    assert main(["train", str(longer)]) == 0
+    assert (tmp_path / "edit" / "metrics.jsonl").read_text() == (tmp_path / "longer" / "metrics.jsonl").read_text()
+    meta = json.loads((tmp_path / "edit" / "checkpoint" / "trainer.json").read_text())
+    assert meta["step"] == 12 and meta["config"]["steps"] == 12
+    cfg.write_text(text.replace("steps = 6", "steps = 20"))  # after 12 steps that decayed over 10 and 11
+    assert main(["train", str(cfg), "--resume"]) == 2
+    assert "[train] steps 12 (checkpoint) vs 20 (now)" in capsys.readouterr().err

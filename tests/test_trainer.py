@@ -33,6 +33,35 @@ def test_schedule_warms_up_holds_and_decays_to_a_tenth_at_the_last_step():
     assert [cfg.lr_factor(i) for i in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1, 0.55, 0.1])
 
 
+def test_schedule_decays_the_last_ceil_steps_x_decay_frac_steps_even_one_or_at_float_edges():
+    """The window is the last ceil(steps x decay_frac) steps in exact arithmetic: 90 x 0.3 is 27, not the 28 that
+    int(90 x 0.7 = 62.99999999999999) made; 10 x 0.8 is 8, not 9. The factor falls linearly from 1 at the window's
+    first step to 0.1 at the last; a one-step window (which used to stay at 1, and the MTP weight at 0.3) is the
+    last step at 0.1, the line starting one step earlier."""
+    for steps in [*range(1, 61), 90, 100]:
+        for hundredths in range(0, 101, 5):
+            cfg = TrainConfig(steps=steps, warmup=0, decay_frac=hundredths / 100)
+            n = -(-steps * hundredths // 100)  # integers only: ceil(steps x hundredths / 100)
+            line = max(n, 2) if n else 0  # steps from the line's start (factor 1) to the last step (0.1)
+            want = [1.0 if i < steps - line else 1 - 0.9 * (i - steps + line) / (line - 1) for i in range(steps)]
+            got = [cfg.lr_factor(i) for i in range(steps)]
+            assert got == pytest.approx(want) and (n == 0 or got[-1] == pytest.approx(0.1)), (steps, hundredths)
+            assert sum(f < 1 for f in got) == (0 if n == 0 else min(steps, max(n - 1, 1))), (steps, hundredths)
+
+
+def test_mtp_weight_falls_in_a_one_step_decay_window():
+    cfg = dsv4.Config.tiny(vocab_size=128, layer_types=["sliding_attention", "heavily_compressed_attention"] * 2)
+    torch.manual_seed(0)
+    t = Trainer(random_model(cfg, seed=1), tokens(),
+                TrainConfig(steps=10, batch_size=2, seq_len=32, warmup=1, decay_frac=0.1, seq_balance_coef=0.0))
+    for step, weight in ((8, 0.3), (9, 0.1)):  # the last step is the decay window
+        t.step_count = step
+        ids, _ = t.batch()
+        with torch.no_grad():
+            total, stats = t.loss(ids)
+        assert total.item() == pytest.approx(stats["loss"] + weight * stats["mtp_loss"], rel=1e-6), step
+
+
 def test_grad_clip_zero_means_no_clipping():
     """grad_clip = 0 turns clipping off (it used to scale every gradient by 0: nothing trained)."""
     torch.manual_seed(0)
@@ -246,3 +275,23 @@ def test_resume_with_another_model_config_names_the_differing_fields(tmp_path):
                     tokens(), TrainConfig(steps=8, batch_size=4, seq_len=32, warmup=2))
     with pytest.raises(CheckpointError, match=r"trainer.json.*hidden_size 64 .* vs 96 .*rope_theta"):
         other.resume(tmp_path / "ckpt")
+
+
+def test_resume_with_other_train_settings_names_each_with_both_values(tmp_path):
+    """Trainer.resume refuses a TrainConfig that differs from the checkpoint's (weight_decay used to be dropped for
+    the saved param_groups' while the next checkpoint recorded the new value); device and compile may differ."""
+    from dsv4.checkpoint import CheckpointError
+
+    t = make()
+    t.step()
+    t.save(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    other = Trainer(random_model(CFG, seed=1), tokens(),
+                    TrainConfig(steps=8, batch_size=4, seq_len=48, warmup=2, weight_decay=0.5))
+    with pytest.raises(CheckpointError, match=r"seq_len 32 \(checkpoint\) vs 48 \(now\); \[train\] weight_decay 0.1 "
+                                              r"\(checkpoint\) vs 0.5 \(now\)\. --resume continues"):
+        other.resume(tmp_path / "ckpt")
+    same = Trainer(random_model(CFG, seed=1), tokens(),
+                   TrainConfig(steps=8, batch_size=4, seq_len=32, warmup=2, device="cpu"))
+    same.resume(tmp_path / "ckpt")
+    assert same.step_count == 1

@@ -3,8 +3,8 @@
 - `evaluate`: greedy replies through the engine and the server's output parser, scored per task kind;
 - `GRPO`: group-relative policy optimisation. Per prompt, sample a group of replies, reward each in
   [0, 1] by its verifier with partial credit (tasks.reward), advantage A_i = (r_i - mean) / (std + eps)
-  within the group, and minimise -mean_i A_i * mean_t log pi(y_it) (one on-policy update per batch, so
-  the PPO ratio is 1);
+  within the group, and minimise -mean_i A_i * mean_t log pi_T(y_it) (one on-policy update per batch, so
+  the PPO ratio is 1), pi_T = softmax(logits / temperature): the policy the replies were sampled from;
 - `Distill`: on-policy distillation. The student samples replies; the loss is the per-token reverse KL
   sum_v p_s(v) (log p_s(v) - log p_t(v)) to a teacher evaluated on the same tokens.
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import check_fields, is_int, is_number
 from ..engine.engine import LLMEngine, EngineConfig
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import GREEDY_BELOW, SamplingParams
 from .muon import optimizers
 from .sft import ChatRenderer
 from .tasks import check_mix, generate, reward, score
@@ -33,9 +33,9 @@ from .trainer import Checkpointed
 class RLConfig:
     steps: int = 60
     prompts_per_step: int = 4
-    group_size: int = 8  # GRPO: replies per prompt, >= 2 to compare (distillation: 1 per prompt, more prompts instead)
+    group_size: int = 8  # GRPO: replies per prompt, >= 2 to compare (distillation: unused, 1 reply per prompt)
     max_tokens: int = 96
-    temperature: float = 1.0
+    temperature: float = 1.0  # the rollouts' sampling temperature (GRPO: > 0; distillation: 0 is greedy)
     lr_muon: float = 0.002
     lr_adamw: float = 2e-4
     weight_decay: float = 0.0
@@ -47,12 +47,23 @@ class RLConfig:
         """Every field checked here, so a bad value names itself rather than failing mid-run."""
         v = vars(self)
         check_fields("[train]", [(n, v[n], is_int(v[n], least), f"an integer >= {least}")
-                                 for n, least in (("steps", 1), ("prompts_per_step", 1), ("group_size", 2),
+                                 for n, least in (("steps", 1), ("prompts_per_step", 1), ("group_size", 1),
                                                   ("max_tokens", 1), ("seed", 0))]
                      + [(n, v[n], is_number(v[n]), "a number >= 0")
                         for n in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip")]
                      + [("temperature", self.temperature, is_number(self.temperature, 0, 100), "in [0, 100]")])
         check_mix(self.mix, "[train] mix")
+
+
+def check_grpo(cfg: RLConfig) -> None:
+    """What GRPO needs of an RLConfig beyond its own checks: a group of replies to compare, sampled rather
+    than greedy (a greedy group is one reply repeated: every advantage 0, nothing learnt)."""
+    check_fields("[train]", [
+        ("group_size", cfg.group_size, cfg.group_size >= 2, "an integer >= 2 for GRPO (it compares the replies "
+                                                            "to one prompt)"),
+        ("temperature", cfg.temperature, cfg.temperature >= GREEDY_BELOW,
+         f"a number >= {GREEDY_BELOW} for GRPO (lower samples greedily: every reply in a group the same, every "
+         "advantage 0)")])
 
 
 def rollout(model, renderer: ChatRenderer, examples: list, params: SamplingParams, n: int = 1,
@@ -164,6 +175,7 @@ class _Optimised(Checkpointed):
 
 class GRPO(_Optimised):
     def __init__(self, model, renderer: ChatRenderer, cfg: RLConfig):
+        check_grpo(cfg)
         super().__init__(model, cfg)
         self.renderer = renderer
 
@@ -182,7 +194,9 @@ class GRPO(_Optimised):
             self.step_count += 1
             return {**stats, "loss": 0.0, "grad_norm": 0.0}
         logits, tgt, mask = reply_logits(self.model, [(results[i][1], results[i][2]) for i in keep])
-        logp = -F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")  # [N, T]
+        # log pi_T: the engine drew each token from softmax(logits / T); at T = 1 instead, the group's baseline
+        # no longer cancels after the first token and the update drifts toward each context's argmax
+        logp = -F.cross_entropy((logits / cfg.temperature).transpose(1, 2), tgt, reduction="none")  # [N, T]
         per_seq = (logp * mask).sum(1) / mask.sum(1)
         loss = -(adv[keep] * per_seq).sum() / len(results)
         stats["grad_norm"] = self.update(loss)

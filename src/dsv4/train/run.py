@@ -1,14 +1,18 @@
 """`dsv4 train CONFIG`: tokenizer, corpus, model, training loop, checkpoints, metrics and plots from one TOML
 or YAML file (by its suffix: .yaml / .yml are YAML, anything else TOML) of these tables:
 
-[model]  preset = "tiny" | "flash" | "pro", plus any Config field (vocab_size comes from the tokenizer)
+[model]  preset = "tiny" | "flash" | "pro", plus any Config field (vocab_size, bos/eos_token_id come from the
+         tokenizer); or init = a model directory alone (post-training)
 [data]   files = a glob or [globs] ("stdlib:" = this interpreter's standard library; default "stdlib:*.py"),
          exclude = [fnmatch patterns], tokenizer = path or omitted to train one,
-         vocab_size, fim_rate, val_fraction
+         vocab_size, fim_rate (kind "text"), val_fraction; kind = "chat" with examples, mix, replay, replay_from
 [train]  any TrainConfig field, plus out (run directory), checkpoint_every, tensorboard (true: out/tensorboard),
          qat ("fp4" | "fp4+fp8": fake-quantised training, exported also to out/official)
 Writes out/metrics.jsonl, out/loss.png, out/checkpoint/ (resumable) and out/model/ (HF format + tokenizer).
-An unknown section or field is an error naming it: misspelt, it would otherwise be ignored and its default used.
+An unknown section or field is an error naming it: misspelt, it would otherwise be ignored and its default used;
+so is a field the run's kind or method never reads. --resume refuses a run whose settings differ from its
+checkpoint's, naming each (`trainer.Checkpointed`), except out, checkpoint_every, tensorboard, [rl] eval_every,
+device, compile, and steps while the steps taken keep their learning rate (a longer run before its decay).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 
 from ..checkpoint import build_model, init_random, load_model, save_model, save_official
 from ..config import Config, ConfigError, check_fields, is_int, is_number
-from ..tokenizer import load_tokenizer, train_tokenizer
+from ..tokenizer import FIM_TOKENS, load_tokenizer, train_tokenizer
 from .data import build_corpus, read_text
 from .sft import BOS, EOS
 from .hashing import install_tid2eid
@@ -72,7 +76,7 @@ def _files(patterns, exclude=()) -> list:
 def text_corpus(data: dict, tok, seed: int, starts: list | None = None) -> np.ndarray:
     """The token stream `dsv4 train` builds from a [data] table (files, exclude, fim_rate)."""
     return build_corpus(_files(data.get("files"), data.get("exclude", ())), tok, tok.token_to_id(EOS),
-                        data.get("fim_rate", 0.0), seed, bos=tok.token_to_id(BOS), starts=starts)
+                        data.get("fim_rate", DATA_DEFAULTS["fim_rate"]), seed, bos=tok.token_to_id(BOS), starts=starts)
 
 
 def train_device(name: str) -> torch.device:
@@ -83,8 +87,14 @@ def train_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"config [train] device: {name!r} is not a device") from None
+    if device.type not in ("cpu", "cuda"):  # e.g. mps, meta: not what training runs on here
+        raise ConfigError(f"config [train] device: {name!r}: dsv4 trains on the CPU or a CUDA GPU; expected auto, "
+                          "cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config [train] device: {name!r}, but this machine has no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"config [train] device: {name!r}, but this machine has {torch.cuda.device_count()} "
+                          "CUDA GPU(s)")
     return device
 
 
@@ -95,6 +105,12 @@ def train_end(n_tokens: int, width: int, val_fraction: float) -> int:
 
 DATA_FIELDS = ("files", "exclude", "tokenizer", "tokenizer_files", "vocab_size", "fim_rate", "val_fraction", "kind",
                "examples", "mix", "replay", "replay_from")
+DATA_DEFAULTS = {"files": None, "exclude": [], "tokenizer": None, "tokenizer_files": 200, "vocab_size": 4096,
+                 "fim_rate": 0.0, "val_fraction": 0.02, "kind": "text", "examples": 2000, "mix": None, "replay": 0.0,
+                 "replay_from": None}  # files None: the standard library's top-level modules
+KIND_FIELDS = {"chat": ("examples", "mix", "replay", "replay_from"), "text": ("fim_rate",)}  # read by that kind only
+RUN_TABLES = {"model": ("preset", "init", *(f.name for f in fields(Config))), "data": DATA_FIELDS,
+              "train": ("out", "checkpoint_every", "tensorboard", "qat", *(f.name for f in fields(TrainConfig)))}
 RL_FIELDS = ("method", "teacher", "eval_examples", "eval_every", "eval_mix")
 
 
@@ -135,10 +151,18 @@ def _model_dir(path, where: str) -> Path:
 
 
 def _load_tokenizer(path, where: str):
+    """A tokenizer.json named by a config field, with the special tokens training writes into the stream
+    (BOS and EOS around documents, the FIM markers)."""
     try:
-        return load_tokenizer(path)
+        tok = load_tokenizer(path)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"config {where}: {e}") from None
+    missing = [t for t in (BOS, EOS, *FIM_TOKENS) if tok.token_to_id(t) is None]
+    if missing:
+        raise ConfigError(f"config {where}: {path} has no {', '.join(missing)} token; dsv4 trains with V4's special "
+                          "tokens (BOS, EOS, FIM markers): use a tokenizer dsv4 trained (leave [data] tokenizer out "
+                          "to train one) or a dsv4 model's tokenizer.json")
+    return tok
 
 
 def _check_data(data: dict) -> None:
@@ -155,6 +179,14 @@ def _check_data(data: dict) -> None:
              "tokenizer": (lambda v: isinstance(v, str), "a path to a tokenizer.json"),
              "replay_from": (lambda v: isinstance(v, str), "a path to a pretraining config")}
     check_fields("[data]", [(n, data[n], ok(data[n]), what) for n, (ok, what) in rules.items() if n in data])
+    kind = data.get("kind", DATA_DEFAULTS["kind"])
+    if kind not in KIND_FIELDS:
+        raise ConfigError(f"config [data] kind: expected 'text' or 'chat' (got {kind!r})")
+    for other, names in KIND_FIELDS.items():  # a field the run's kind never reads: refused rather than ignored
+        unused = [n for n in names if n in data] if other != kind else []
+        if unused:
+            raise ConfigError(f"config [data] {unused[0]}: read only by kind = {other!r}, and this corpus is "
+                              f"kind = {kind!r}; remove it")
 
 
 def read_config(path, where: str = "") -> dict:
@@ -189,15 +221,18 @@ def read_config(path, where: str = "") -> dict:
 
 def run_from_config(path, resume: bool = False, stop_after: int | None = None, out=None) -> int:
     out = out or sys.stderr
+    if stop_after is not None and not is_int(stop_after, 1):
+        raise ConfigError(f"--stop-after: must be a number of steps >= 1 (got {stop_after})")
     spec = read_config(path)
     if "rl" in spec:
         return run_rl(spec, out, resume, stop_after)
-    mspec, data, tspec = _tables(spec, {
-        "model": ("preset", "init", *(f.name for f in fields(Config))), "data": DATA_FIELDS,
-        "train": ("out", "checkpoint_every", "tensorboard", "qat", *(f.name for f in fields(TrainConfig)))})
-    if "vocab_size" in mspec:
-        raise ConfigError("config [model] vocab_size: set by the tokenizer; give [data] vocab_size instead")
+    mspec, data, tspec = _tables(spec, RUN_TABLES)
+    for name, how in (("vocab_size", "; give [data] vocab_size instead"), ("bos_token_id", " (its BOS token's id)"),
+                      ("eos_token_id", " (its EOS token's id)")):
+        if name in mspec:
+            raise ConfigError(f"config [model] {name}: set by the tokenizer{how}")
     _check_data(data)
+    replay_source = _replay_source(data)
     if data.get("mix") is not None:
         from .tasks import check_mix
 
@@ -208,7 +243,9 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     every = tspec.pop("checkpoint_every", 50)
     if not is_int(every, 1):
         raise ConfigError(f"config [train] checkpoint_every: must be an integer >= 1 (got {every!r})")
-    tensorboard = bool(tspec.pop("tensorboard", False))
+    tensorboard = tspec.pop("tensorboard", False)
+    if not isinstance(tensorboard, bool):  # bool("false") would be true
+        raise ConfigError(f"config [train] tensorboard: must be true or false (got {tensorboard!r})")
     qat = tspec.pop("qat", None)  # "fp4" (routed experts) or "fp4+fp8" (and the official FP8 linears)
     if qat not in (None, "fp4", "fp4+fp8"):
         raise ConfigError(f"config [train] qat: expected 'fp4' or 'fp4+fp8' (got {qat!r})")
@@ -217,21 +254,26 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     if tcfg.batch_size % world:
         raise ConfigError(f"config [train] batch_size: must be a multiple of the {world} processes torchrun "
                           f"launched (got {tcfg.batch_size})")
+    device = train_device(tcfg.device)
     init_from = mspec.pop("init", None)
     if init_from:  # post-training: weights, config and tokenizer of an existing model
-        if set(mspec) - {"preset"}:
-            raise ConfigError(f"config [model]: with init, no other fields ({sorted(set(mspec) - {'preset'})})")
+        if mspec:
+            raise ConfigError(f"config [model] {sorted(mspec)[0]}: with init, the model is init's ({init_from}); "
+                              f"no other [model] field (got {', '.join(sorted(mspec))})")
         _model_dir(init_from, "[model] init")
     _run_dir(run)
     tok, trained = _tokenizer(data, run, resume, init_from)
+    ids = {"bos_token_id": tok.token_to_id(BOS), "eos_token_id": tok.token_to_id(EOS)}
+    if qat and tuple(ids.values()) != (Config.bos_token_id, Config.eos_token_id):
+        raise ConfigError(f"config [train] qat: exports DeepSeek's official layout, which fixes BOS "
+                          f"{Config.bos_token_id} and EOS {Config.eos_token_id}; this tokenizer has "
+                          f"{ids['bos_token_id']} and {ids['eos_token_id']}")
     mask = None
     if data.get("kind", "text") == "chat":
         tokens, mask = _chat_data(data, tok, tcfg, out)
-    elif data.get("kind", "text") == "text":
-        tokens = text_corpus(data, tok, tcfg.seed)
     else:
-        raise ConfigError(f"config [data] kind: expected 'text' or 'chat' (got {data['kind']!r})")
-    cut = train_end(len(tokens), tcfg.seq_len + 1, data.get("val_fraction", 0.02))
+        tokens = text_corpus(data, tok, tcfg.seed)
+    cut = train_end(len(tokens), tcfg.seq_len + 1, data.get("val_fraction", DATA_DEFAULTS["val_fraction"]))
     if cut < tcfg.seq_len + 1:  # the trainer would wrap the corpus around inside every row
         raise ConfigError(f"config [data]: {cut:,} training tokens, fewer than one row of [train] seq_len + 1 = "
                           f"{tcfg.seq_len + 1:,}; add files or lower seq_len")
@@ -239,11 +281,10 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     train_mask = None if mask is None else mask[:cut]
     val_mask = None if mask is None else mask[cut:]
     if mask is not None and data.get("replay"):  # keep pretraining ability: mix in rows of its corpus
-        train_tokens, train_mask = _with_replay(train_tokens, train_mask, data, tok, tcfg, out)
+        train_tokens, train_mask = _with_replay(train_tokens, train_mask, data, replay_source, tok, tcfg, out)
 
     from .distributed import DataParallel, init
 
-    device = train_device(tcfg.device)
     # under torchrun: data parallel over the launched processes (NCCL for GPUs, gloo for the CPU)
     rank, world = init("nccl" if device.type == "cuda" else "gloo")
     lead = rank == 0
@@ -253,15 +294,18 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         raise ConfigError(f"config [train] out: {run} already holds a training checkpoint; pass --resume to "
                           f"continue that run, or choose another out (or delete {ckpt})")
     if lead and trained:  # saved only now, with the corpus checked: a failed run leaves no tokenizer to reuse
-        tok.save(str(run / "tokenizer.json"))
-        (run / "tokenizer-settings.json").write_text(json.dumps({"vocab_size": data.get("vocab_size", 4096)}))
+        # each file whole or absent; tokenizer.json last, as --resume reuses a tokenizer when it is there
+        _replace_file(run / "tokenizer-settings.json",
+                      json.dumps({"vocab_size": data.get("vocab_size", DATA_DEFAULTS["vocab_size"])}))
+        _replace_file(run / "tokenizer.json", tok.to_str(pretty=True))
     torch.manual_seed(tcfg.seed)
     if init_from:
         model = load_model(init_from, dtype=torch.float32)
+        _check_special_ids(model.config, tok, init_from, "[data] tokenizer" if data.get("tokenizer") else None)
     else:
         preset = mspec.pop("preset", "tiny")
         cfg = {"tiny": Config.tiny, "flash": Config.flash, "pro": Config.pro}[preset](
-            **{**mspec, "vocab_size": tok.get_vocab_size()})
+            **{**mspec, "vocab_size": tok.get_vocab_size(), **ids})  # the engine stops at config.eos_token_id
         model = init_random(build_model(cfg), seed=tcfg.seed)
         install_tid2eid(model, np.bincount(train_tokens, minlength=cfg.vocab_size))  # balanced hash routing
     if model.config.vocab_size < tok.get_vocab_size():
@@ -270,6 +314,8 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         enable_fp4_qat(model, fp8=qat == "fp4+fp8")
     model.to(device)
     trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None, train_mask)
+    # what a resume must match besides [train]: the data and QAT (the model config is checked on its own)
+    trainer.settings = {**{f"[data] {k}": data.get(k, DATA_DEFAULTS[k]) for k in DATA_FIELDS}, "[train] qat": qat}
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         trainer.resume(ckpt)
         out.write(f"dsv4 train: resumed at step {trainer.step_count}\n")
@@ -324,12 +370,13 @@ def run_rl(spec: dict, out, resume: bool = False, stop_after: int | None = None)
     task kinds, by default the training mix);
     [model] init = model dir; [train] out, checkpoint_every (default 10) plus RLConfig fields.
     Held-out accuracy before, during, after; out/checkpoint/ resumes exactly, as in pretraining."""
-    from .rl import GRPO, Distill, RLConfig, evaluate, heldout
+    from .rl import GRPO, Distill, RLConfig, check_grpo, evaluate, heldout
     from .sft import ChatRenderer
     from .tasks import check_mix
 
     mspec, rl, tspec = _tables(spec, {"model": ("init",), "rl": RL_FIELDS,
                                       "train": ("out", "checkpoint_every", *(f.name for f in fields(RLConfig)))})
+    rl = {"eval_examples": 100, "eval_every": 0, "eval_mix": None, **rl}  # eval_every 0: at the end only
     init_from = mspec.get("init")
     if not init_from:
         raise ConfigError("config [model] init: post-training needs a model directory to start from")
@@ -342,10 +389,15 @@ def run_rl(spec: dict, out, resume: bool = False, stop_after: int | None = None)
     method = rl.get("method")
     if method not in ("grpo", "distill"):
         raise ConfigError(f"config [rl] method: expected 'grpo' or 'distill' (got {method!r})")
-    for name, default, least in (("eval_examples", 100, 1), ("eval_every", 0, 0)):
-        if not is_int(rl.get(name, default), least):
+    if method == "grpo":
+        check_grpo(cfg)
+        if "teacher" in rl:
+            raise ConfigError("config [rl] teacher: read only by method = 'distill' (GRPO learns from rewards); "
+                              "remove it")
+    for name, least in (("eval_examples", 1), ("eval_every", 0)):
+        if not is_int(rl[name], least):
             raise ConfigError(f"config [rl] {name}: must be an integer >= {least} (got {rl[name]!r})")
-    if rl.get("eval_mix") is not None:
+    if rl["eval_mix"] is not None:
         check_mix(rl["eval_mix"], "[rl] eval_mix")
     renderer = ChatRenderer(init_from)
     if method == "distill":
@@ -363,6 +415,7 @@ def run_rl(spec: dict, out, resume: bool = False, stop_after: int | None = None)
                           f"continue that run, or choose another out (or delete {ckpt})")
     torch.manual_seed(cfg.seed)
     model = load_model(init_from, dtype=torch.float32)
+    _check_special_ids(model.config, renderer.tokenizer, init_from)  # rollouts stop at config.eos_token_id
     if method == "grpo":
         algo = GRPO(model, renderer, cfg)
     else:
@@ -371,9 +424,12 @@ def run_rl(spec: dict, out, resume: bool = False, stop_after: int | None = None)
             raise ConfigError(f"config [rl] teacher: {rl['teacher']} has vocab_size {teacher.config.vocab_size}, "
                               f"the student {model.config.vocab_size}; distillation needs the same vocabulary")
         algo = Distill(model, teacher, renderer, cfg)
-    tests = heldout(rl.get("eval_examples", 100), rl.get("eval_mix") or cfg.mix)
-    eval_every = rl.get("eval_every", 0) or cfg.steps
+    tests = heldout(rl["eval_examples"], rl["eval_mix"] or cfg.mix)
+    eval_every = rl["eval_every"] or cfg.steps
     metrics = run / "metrics.jsonl"
+    # what a resume must match besides [train] (eval_every may change: it only sets when to evaluate)
+    algo.settings = {"[rl] method": method, "[rl] teacher": rl.get("teacher"),
+                     "[rl] eval_examples": rl["eval_examples"], "[rl] eval_mix": rl["eval_mix"]}
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         algo.resume(ckpt)
         rows = [r for r in _read_rows(metrics) if r["step"] <= algo.step_count]  # later ones are redone
@@ -414,6 +470,18 @@ def run_rl(spec: dict, out, resume: bool = False, stop_after: int | None = None)
     return 0
 
 
+def _check_special_ids(config: Config, tok, init_from, other: str | None = None) -> None:
+    """The model at init_from must stop where its tokenizer ends a reply: the engine stops at config.eos_token_id.
+    other: the config field naming the tokenizer when it is not init's own."""
+    ids = (tok.token_to_id(BOS), tok.token_to_id(EOS))
+    have = (config.bos_token_id, config.eos_token_id)
+    if ids != have:
+        raise ConfigError(f"config [model] init: {init_from} has bos_token_id/eos_token_id {have}, but "
+                          f"{other or 'its tokenizer.json'} has BOS/EOS ids {ids}; they must agree (the engine stops "
+                          f"at config.eos_token_id): " + ("train with init's own tokenizer (leave it out)" if other else
+                                                          "correct the ids in its config.json"))
+
+
 def _tokenizer(data: dict, run: Path, resume: bool, init_from) -> tuple:
     """-> (tokenizer, trained here). The configured one, else the init model's, else with --resume the run's own
     (trained with the config's vocab_size), else a new BPE on the [data] files: a fresh run never reuses an
@@ -422,15 +490,20 @@ def _tokenizer(data: dict, run: Path, resume: bool, init_from) -> tuple:
         return _load_tokenizer(data["tokenizer"], "[data] tokenizer"), False
     if init_from:
         return _load_tokenizer(init_from, "[model] init"), False
-    vocab_size = data.get("vocab_size", 4096)
+    vocab_size = data.get("vocab_size", DATA_DEFAULTS["vocab_size"])
     if resume and (run / "tokenizer.json").exists():
         settings = run / "tokenizer-settings.json"  # a BPE can end below vocab_size, so its size does not tell
-        was = json.loads(settings.read_text())["vocab_size"] if settings.exists() else vocab_size
+        try:
+            was = json.loads(settings.read_text())["vocab_size"] if settings.exists() else vocab_size
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{settings}: not this run's tokenizer settings ({type(e).__name__}: {e}); restore it "
+                              f'as {{"vocab_size": N}} with the vocab_size the tokenizer was trained with') from None
         if was != vocab_size:
             raise ConfigError(f"config [data] vocab_size: {vocab_size}, but this run's tokenizer was trained with "
                               f"{was}; --resume continues a run with its own settings (or start afresh without it)")
         return _load_tokenizer(run / "tokenizer.json", "[train] out"), False
-    files = _files(data.get("files"), data.get("exclude", ()))[: data.get("tokenizer_files", 200)]
+    files = _files(data.get("files"), data.get("exclude", ()))[: data.get("tokenizer_files",
+                                                                          DATA_DEFAULTS["tokenizer_files"])]
     for f in files:  # the tokenizer trainer's error for a file that is not UTF-8 names no file
         read_text(f)
     return train_tokenizer(files, vocab_size), True
@@ -447,22 +520,46 @@ def _chat_data(data: dict, tok, tcfg: TrainConfig, out) -> tuple[np.ndarray, np.
     with tempfile.TemporaryDirectory() as d:  # the renderer reads a tokenizer file
         tok.save(str(Path(d) / "tokenizer.json"))
         renderer = ChatRenderer(Path(d) / "tokenizer.json")
-    examples = generate(data.get("examples", 2000), tcfg.seed, "train", data.get("mix"))
-    tokens, mask, dropped = build_sft_corpus(examples, renderer, tcfg.seq_len, tok.token_to_id(EOS), tcfg.seed)
+    examples = generate(data.get("examples", DATA_DEFAULTS["examples"]), tcfg.seed, "train", data.get("mix"))
+    try:
+        tokens, mask, dropped = build_sft_corpus(examples, renderer, tcfg.seq_len, tok.token_to_id(EOS), tcfg.seed)
+    except ValueError as e:  # no example fits a row
+        raise ConfigError(f"config [train] seq_len: {e}; raise seq_len") from None
     out.write(f"dsv4 train: {len(examples)} chat examples, {int(mask.sum())} target tokens in "
               f"{len(tokens) // (tcfg.seq_len + 1)} rows ({dropped} too long, dropped)\n")
     return tokens, mask
 
 
-def _with_replay(tokens: np.ndarray, mask: np.ndarray, data: dict, tok, tcfg: TrainConfig, out):
-    """[data] replay = fraction, replay_from = a pretraining config: add fraction x (chat rows) rows of that
-    config's corpus (same files, FIM and split; training part only), loss on every token; rows shuffled."""
-    if not data.get("replay_from"):
+def _replay_source(data: dict) -> tuple | None:
+    """[data] replay_from's config, checked as a run's own (its tables, [data] and [train] values) before any
+    work -> (its [data] table, its TrainConfig), or None without replay_from."""
+    if data.get("replay") and not data.get("replay_from"):
         raise ConfigError("config [data] replay needs replay_from = the pretraining config to draw text from")
+    if not data.get("replay_from"):
+        return None
+    where = f"config [data] replay_from: {data['replay_from']}: "
     pre = read_config(data["replay_from"], "config [data] replay_from: ")
-    pdata, ptrain = pre.get("data", {}), pre.get("train", {})
-    text = text_corpus(pdata, tok, ptrain.get("seed", 0))
-    text = text[: train_end(len(text), ptrain.get("seq_len", 128) + 1, pdata.get("val_fraction", 0.02))]
+    try:
+        if "rl" in pre:
+            raise ConfigError("config [rl]: an RL config has no text corpus")
+        _, pdata, ptrain = _tables(pre, RUN_TABLES)
+        _check_data(pdata)
+        if pdata.get("kind", DATA_DEFAULTS["kind"]) != "text":
+            raise ConfigError(f"config [data] kind: {pdata['kind']!r}; replay draws from a text corpus")
+        ptcfg = TrainConfig(**{k: v for k, v in ptrain.items() if k not in ("out", "checkpoint_every", "tensorboard",
+                                                                            "qat")})
+    except ConfigError as e:
+        raise ConfigError(where + str(e).removeprefix("config ")) from None
+    return pdata, ptcfg
+
+
+def _with_replay(tokens: np.ndarray, mask: np.ndarray, data: dict, source: tuple, tok, tcfg: TrainConfig, out):
+    """[data] replay = fraction, replay_from = a pretraining config (`source`: its checked [data] table and
+    TrainConfig): add fraction x (chat rows) rows of that config's corpus (same files, FIM and split; training
+    part only), loss on every token; rows shuffled."""
+    pdata, ptcfg = source
+    text = text_corpus(pdata, tok, ptcfg.seed)
+    text = text[: train_end(len(text), ptcfg.seq_len + 1, pdata.get("val_fraction", DATA_DEFAULTS["val_fraction"]))]
     width = tcfg.seq_len + 1
     rows = len(tokens) // width
     n = int(rows * float(data["replay"]))
@@ -549,10 +646,15 @@ def _read_rows(metrics: Path) -> list:
 
 
 def _write_rows(metrics: Path, rows: list) -> None:
-    """Replace metrics.jsonl atomically (a temporary file renamed over it): a kill leaves the old rows or the new."""
-    tmp = metrics.with_name(metrics.name + ".tmp")
-    tmp.write_text("".join(_row(r) + "\n" for r in rows))
-    os.replace(tmp, metrics)
+    """Replace metrics.jsonl atomically: a kill leaves the old rows or the new."""
+    _replace_file(metrics, "".join(_row(r) + "\n" for r in rows))
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write path atomically (a temporary file renamed over it): a kill leaves the old file (or none) or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def plot(metrics: Path, png: Path) -> None:

@@ -102,15 +102,17 @@ def build_sft_corpus(examples: list, renderer: ChatRenderer, seq_len: int, pad: 
 
     Returns (tokens int32 [R*(seq_len+1)], mask uint8 [same], dropped: examples longer than a row)."""
     width = seq_len + 1
-    items, dropped = [], 0
+    items, dropped, shortest = [], 0, None
     for ex in examples:
         ids, m = renderer.example_ids(ex)
         if len(ids) > width:
             dropped += 1
+            shortest = len(ids) if shortest is None else min(shortest, len(ids))
         else:
             items.append((ids, m))
     if not items:
-        raise ValueError(f"no example fits in seq_len {seq_len} + 1 tokens")
+        raise ValueError(f"no example fits in a row of seq_len + 1 = {width} tokens (the shortest of "
+                         f"{len(examples)} has {shortest})")
     items.sort(key=lambda it: -len(it[0]))
     rows: list = []  # [ids, mask]
     for ids, m in items:

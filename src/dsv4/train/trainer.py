@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -53,8 +54,8 @@ class TrainConfig:
         """Every field checked here, so a bad value names itself rather than failing mid-run."""
         v = vars(self)
         check_fields("[train]", [(n, v[n], is_int(v[n], least), f"an integer >= {least}")
-                                 for n, least in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup", 0),
-                                                  ("seed", 0))]
+                                 for n, least in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("warmup", 0))]
+                     + [("seed", self.seed, is_int(self.seed, 0) and self.seed < 2 ** 32, "an integer in [0, 2**32)")]
                      + [(n, v[n], is_number(v[n]), "a number >= 0")
                         for n in ("lr_muon", "lr_adamw", "weight_decay", "grad_clip", "mtp_weight", "mtp_weight_decay",
                                   "bias_update_speed", "seq_balance_coef", "indexer_loss_weight")]
@@ -63,23 +64,33 @@ class TrainConfig:
                         ("bf16", self.bf16, isinstance(self.bf16, bool), "true or false"),
                         ("device", self.device, isinstance(self.device, str), "a string: auto, cpu or cuda:N")])
 
+    def decay_start(self) -> int:
+        """Where the decay's line starts (at 1): the last ceil(steps x decay_frac) steps are the decay window, in
+        exact arithmetic with decay_frac as written (0.3 is 3/10: 90 x 0.3 is 27, where float rounding made 90 x
+        0.7 = 62.99... and a window of 28), and a line needs two steps: a one-step window starts it a step earlier."""
+        n = math.ceil(Fraction(str(self.decay_frac)) * self.steps)
+        return self.steps - max(n, 2) if n else self.steps
+
     def lr_factor(self, step: int) -> float:
-        """Warmup-stable-decay multiplier for step (0-based): linear warmup, 1, then over the last
-        round(steps x decay_frac) steps (halves up) linearly down to 0.1 at the last step, every one of them
-        below 1 (a one-step window too). decay_frac counts as written (0.3 is 3/10): no float truncation."""
+        """Warmup-stable-decay multiplier for step (0-based): linear warmup, 1, then linearly from 1 at
+        `decay_start` down to 0.1 at the last step."""
         if step < self.warmup:
             return (step + 1) / self.warmup
-        n_decay = int(Fraction(str(self.decay_frac)) * self.steps + Fraction(1, 2))
-        after = self.steps - 1 - step  # steps after this one
-        if after >= n_decay:
+        start = self.decay_start()
+        if step < start:
             return 1.0
-        return 0.1 + 0.9 * after / n_decay
+        return 1.0 - 0.9 * (step - start) / (self.steps - 1 - start)
 
 
 class Checkpointed:
     """Atomic checkpoints and exact resume for a training loop with `model`, `opts` (its optimisers), `cfg`
     (a dataclass), `step_count`, `parallel` (None or a plan as Trainer takes) and `device`: weights,
-    optimiser state, step, the torch / Python / NumPy RNG states and what `_progress` adds."""
+    optimiser state, step, the torch / Python / NumPy RNG states and what `_progress` adds.
+
+    A resume continues the run with its own settings: `cfg` and `settings` must equal the checkpoint's, but for
+    how the run executes (cfg.device, cfg.compile) and cfg.steps while the steps taken keep their learning rate."""
+
+    settings: dict = {}  # the run's settings outside cfg, e.g. {"[data] fim_rate": 0.5}: saved and checked on resume
 
     def _progress(self) -> dict:
         """Hook: further JSON state a resume needs (e.g. the data position)."""
@@ -118,7 +129,7 @@ class Checkpointed:
                 opt_tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             np_state = np.random.get_state()
-            meta = {"step": self.step_count, **self._progress(), "config": asdict(self.cfg),
+            meta = {"step": self.step_count, **self._progress(), "config": asdict(self.cfg), "settings": self.settings,
                     "model": asdict(self.model.config), "optimizer": opt_meta, "rng_python": random.getstate(),
                     "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
             (tmp / "trainer.json").write_text(json.dumps(meta))
@@ -176,7 +187,8 @@ class Checkpointed:
         self._set_progress(meta)
 
     def _check_matches(self, src: Path, model_sd: dict, meta: dict) -> None:
-        """CheckpointError unless the checkpoint in src was written for this model: config, tensors, optimiser."""
+        """CheckpointError unless the checkpoint in src was written for this model and run: config, tensors,
+        settings (`_check_settings`), optimiser."""
         if "model" in meta:  # checkpoints from before it was stored: the tensor checks below still catch most
             now = json.loads(json.dumps(asdict(self.model.config)))  # lists and floats as JSON gives them back
             diff = [f"{k} {meta['model'].get(k)!r} (checkpoint) vs {now.get(k)!r} (now)"
@@ -193,11 +205,46 @@ class Checkpointed:
             raise CheckpointError(f"{src / 'model.safetensors'}: does not fit this model (missing {missing[:4]}, "
                                   f"unexpected {extra[:4]}, shapes checkpoint vs model {wrong[:4]}); resume with "
                                   f"the model config it was trained with")
+        self._check_settings(src, meta)  # e.g. indexer_loss_weight 0 freezes parameters: named before the groups
         for i, opt in enumerate(self.opts):
             groups = [e[2] for e in meta["optimizer"] if e[0] == i and e[1] == "groups"]
             if not groups or [len(g["params"]) for g in groups[0]] != [len(g["params"]) for g in opt.param_groups]:
                 raise CheckpointError(f"{src / 'trainer.json'}: optimizer {i}'s parameter groups do not match "
                                       f"this model's; resume with the model config it was trained with")
+
+    def _check_settings(self, src: Path, meta: dict) -> None:
+        """CheckpointError naming each setting that differs from the checkpoint's, with both values. Compared:
+        the fields both sides know (a checkpoint from before a field existed is not refused for it)."""
+        taken = meta["step"]
+        was = {**{f"[train] {k}": v for k, v in meta.get("config", {}).items()}, **meta.get("settings", {})}
+        now = json.loads(json.dumps({**{f"[train] {k}": v for k, v in asdict(self.cfg).items()}, **self.settings}))
+        diff = []
+        for k in sorted(set(was) & set(now)):
+            if was[k] == now[k] or k in ("[train] device", "[train] compile"):  # how it runs, not what it computes
+                continue
+            why = ""
+            if k == "[train] steps":
+                if self._may_change_steps(was[k], taken):
+                    continue
+                why = (f" (steps may change only to a count >= the checkpoint's step {taken}, and while no step "
+                       f"taken has decayed under either schedule: a longer run from its stable phase)")
+            diff.append(f"{k} {was[k]!r} (checkpoint) vs {now[k]!r} (now){why}")
+        if diff:
+            raise CheckpointError(f"{src / 'trainer.json'}: written by a run with other settings: {'; '.join(diff)}. "
+                                  f"--resume continues a run with its own settings: restore these values, or start a "
+                                  f"new run in another directory")
+
+    def _may_change_steps(self, old_steps, taken: int) -> bool:
+        """Whether a run that took `taken` steps of `old_steps` may continue with cfg.steps: they still cover those
+        steps, and with a learning-rate schedule each step taken had the factor the new schedule gives it (so the
+        run is what a run of cfg.steps from the start would be)."""
+        if not (is_int(old_steps, 1) and taken <= self.cfg.steps):
+            return False
+        if not hasattr(self.cfg, "lr_factor"):
+            return True
+        old = replace(self.cfg, steps=old_steps)
+        same_until = min(old.decay_start(), self.cfg.decay_start())  # both are warmup, then 1, before it
+        return all(old.lr_factor(i) == self.cfg.lr_factor(i) for i in range(max(0, same_until), taken))
 
 
 class Trainer(Checkpointed):
