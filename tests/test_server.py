@@ -120,6 +120,22 @@ def test_error_shapes(server):
     assert status == 413 and "exceeds" in body["error"]["message"]
 
 
+def test_json_that_python_cannot_read_is_a_400_on_every_route(server):
+    """api.md section 11: a bad body is a 400. Arrays nested past Python's recursion limit (a 40 KB body), an
+    integer of more than 4300 digits, and (Chat, Messages) arrays nested past deepseek-recipe's 128 levels made
+    json.loads or the recipe raise RecursionError / ValueError, which were 500s (the SDKs retry those)."""
+    def body(x: bytes, seed: bytes = b"1") -> bytes:
+        return (b'{"model": "deepseek-chat", "prompt": "x", "max_tokens": 1, "seed": ' + seed + b', "x": ' + x +
+                b', "messages": [{"role": "user", "content": "x"}]}')
+    for path in ("/chat/completions", "/anthropic/v1/messages", "/beta/completions"):
+        cases = {"nested 20000": body(b"[" * 20_000 + b"]" * 20_000), "digits": body(b"0", b"9" * 5001)}
+        if path != "/beta/completions":  # FIM ignores what it does not know
+            cases["nested 500"] = body(b"[" * 500 + b"]" * 500)
+        for what, raw in cases.items():
+            status, answer = post(server[0] + path, None, raw=raw)
+            assert status == 400 and answer["error"]["type"] == "invalid_request_error", (path, what, status, answer)
+
+
 def test_thinking_passback_rule(client):
     """A thinking-mode tool-call turn without reasoning_content is DeepSeek's 400."""
     from openai import BadRequestError
@@ -257,15 +273,17 @@ def test_anthropic_forced_tool_use_round_trip(claude, stream, choice, thinking):
     assert after.type == "message" and after.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 def test_request_checks_deepseek_recipe_leaves_to_the_server(server, claude):
-    """api.md section 2: at most 128 tools, names of at most 64 characters, no json_schema response format;
-    and deepseek-chat / deepseek-reasoner select the thinking mode on the Anthropic route as on Chat."""
+    """api.md section 2: at most 128 tools, names of at most 64 characters, response_format text or json_object
+    only (regex, which deepseek-recipe converts, was accepted and then neither enforced nor refused); and
+    deepseek-chat / deepseek-reasoner select the thinking mode on the Anthropic route as on Chat."""
     url = server[0]
     fn = lambda name: {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}  # noqa: E731
     chat = dict(model="deepseek-chat", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
     for extra, named in (({"tools": [fn(f"f{i}") for i in range(129)]}, "128 tools"),
                          ({"tools": [fn("x" * 65)]}, "64 characters"),
                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-                          "json_schema")):
+                          "json_schema"),
+                         ({"response_format": {"type": "regex", "regex": "[0-9]{3}"}}, "regex")):
         status, body = post(f"{url}/chat/completions", chat | extra)
         assert status == 400 and named in body["error"]["message"]
     assert post(f"{url}/chat/completions", chat | {"tools": [fn(f"f{i}") for i in range(128)]})[0] == 200
@@ -685,6 +703,159 @@ def test_keepalive_is_sent_while_waiting():
     assert out[-1] == "token" and out.count(None) >= 2
 
 
+@pytest.fixture
+def gated(server, monkeypatch):
+    """(url, app, gate, fail) of a second app on the test engine, with keep-alive intervals of 0.05 s: the engine's
+    steps wait until `gate` is set (the requests wait, as queued ones do), then fail if `fail` holds a message."""
+    import threading
+
+    _, llm, _, path = server
+    gate, fail, step = threading.Event(), [], llm.engine.step
+
+    def gated_step():
+        gate.wait(60)
+        if fail:
+            raise RuntimeError(fail[0])
+        return step()
+    monkeypatch.setattr(llm.engine, "step", gated_step)
+    app = create_app(llm, str(path / "tokenizer.json"), ServerConfig(api_keys=[KEY], keepalive_seconds=0.05))
+    try:
+        with serving(app) as url:
+            yield url, app, gate, fail
+    finally:
+        fail.clear()
+        gate.set()
+
+
+def _while_waiting(app, calls: dict, gate) -> dict:
+    """Run `calls` (name -> function) in threads until each request waits in the engine for a while, then open
+    `gate`; -> name -> what it returned or raised."""
+    import threading
+
+    out = {}
+
+    def run(name, call):
+        try:
+            out[name] = call()
+        except Exception as e:  # the test looks at what was raised
+            out[name] = e
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while app.state.stats["active"] < len(calls) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # ten keep-alive intervals
+    gate.set()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_a_waiting_non_streamed_request_gets_blank_lines_then_its_json(gated):
+    """api.md sections 4 and 11: while a request waits, DeepSeek sends a non-streamed one blank lines (a stream
+    gets `: keep-alive`); the SDKs skip them and parse the JSON. The non-streamed ones got nothing at all."""
+    from anthropic import Anthropic
+    from openai import OpenAI
+
+    url, app, gate, _ = gated
+    oai = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    beta = OpenAI(base_url=url + "/beta", api_key=KEY, max_retries=0)
+    claude = Anthropic(base_url=url + "/anthropic", api_key=KEY, max_retries=0)
+    ask = [{"role": "user", "content": "hi"}]
+    out = _while_waiting(app, {
+        "chat": lambda: oai.chat.completions.with_raw_response.create(model="deepseek-chat", messages=ask,
+                                                                      max_tokens=3),
+        "fim": lambda: beta.completions.with_raw_response.create(model="deepseek-v4-pro", prompt="x", max_tokens=3),
+        "messages": lambda: claude.messages.with_raw_response.create(model="deepseek-chat", messages=ask,
+                                                                     max_tokens=3),
+    }, gate)
+    for name, raw in out.items():
+        assert not isinstance(raw, Exception), (name, raw)
+        text = raw.http_response.text
+        assert raw.http_response.status_code == 200 and text.startswith("\n\n"), (name, text[:40])
+        assert text.lstrip("\n").startswith("{") and json.loads(text)
+    chat, fim, message = (out[k].parse() for k in ("chat", "fim", "messages"))
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 3
+    assert fim.object == "text_completion" and fim.usage.completion_tokens == 3
+    assert message.type == "message" and message.usage.output_tokens == 3
+    assert app.state.stats["active"] == 0
+
+
+def test_a_failure_after_the_blank_lines_cuts_the_response(gated):
+    """Once a blank line is sent the status is 200: an engine failure after it ends the body with the error
+    object and closes the connection mid-response, so that no client takes it for an answer. The SDKs raise a
+    connection error (they retry it as a 500); a raw client sees the error and an incomplete read."""
+    import http.client
+
+    import anthropic
+    import openai
+
+    url, app, gate, fail = gated
+    fail.append("simulated device failure")
+    errors = app.state.stats["errors"]
+
+    def raw():
+        req = urllib.request.Request(url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                     data=json.dumps({"model": "deepseek-chat", "max_tokens": 3, "messages": [
+                                         {"role": "user", "content": "hi"}]}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    ask = {"model": "deepseek-chat", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+    out = _while_waiting(app, {
+        "raw": raw,
+        "openai": lambda: openai.OpenAI(base_url=url, api_key=KEY, max_retries=0).chat.completions.create(**ask),
+        "anthropic": lambda: anthropic.Anthropic(base_url=url + "/anthropic", api_key=KEY,
+                                                 max_retries=0).messages.create(**ask),
+    }, gate)
+    assert isinstance(out["raw"], http.client.IncompleteRead), out["raw"]
+    body = out["raw"].partial.decode()
+    assert body.startswith("\n") and json.loads(body)["error"]["type"] == "internal_error"
+    assert isinstance(out["openai"], openai.APIConnectionError), out["openai"]
+    assert isinstance(out["anthropic"], anthropic.APIConnectionError), out["anthropic"]
+    assert app.state.stats["errors"] == errors + 3 and app.state.stats["active"] == 0
+
+
+def test_a_client_leaving_during_the_blank_lines_cancels_its_request(gated, server, monkeypatch):
+    """As a closed connection cancels a request that has not waited (test_closed_connection_cancels_...)."""
+    url, app, gate, _ = gated
+    llm, seqs = server[1], []
+    submit = llm.submit
+
+    def recording(*args, **kw):
+        seq, queue = submit(*args, **kw)
+        seqs.append(seq)
+        return seq, queue
+    monkeypatch.setattr(llm, "submit", recording)
+    body = json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "go"}],
+                       "max_tokens": 3000}).encode()
+    head = (f"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with _raw(url, head, body) as sock:
+        got = b""
+        while b"\r\n\r\n1\r\n\n\r\n" not in got:  # the headers, then the first blank line's chunk
+            got += sock.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
+    deadline = time.time() + 30
+    while app.state.stats["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert app.state.stats["active"] == 0  # released while the engine still waits
+    gate.set()
+    while (llm.engine.running or llm.engine.waiting) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not llm.engine.running and not llm.engine.waiting
+    assert seqs[0].finish_reason == "abort" and len(seqs[0].output_ids) < 3000
+    assert app.state.stats["errors"] == 0
+
+
+def test_a_quick_non_streamed_answer_is_plain_json(client):
+    """A request that never waited a keep-alive interval: no blank lines, its length known (and its status, had
+    it failed: see test_engine_failure_is_a_500_without_traceback)."""
+    raw = client.chat.completions.with_raw_response.create(model="deepseek-chat", max_tokens=2,
+                                                           messages=[{"role": "user", "content": "hi"}])
+    assert raw.http_response.text.startswith("{") and raw.http_response.headers["content-length"]
+
+
 def test_request_beyond_the_decode_state_budget_is_503(server, client):
     """Chat and FIM alike (FIM used to answer 500)."""
     from openai import InternalServerError
@@ -775,6 +946,62 @@ def test_fim_logprobs_and_echo(client):
     assert echoed == kw["prompt"] + r.choices[0].text
     first = [c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kw) if c.choices][0]
     assert first.startswith(kw["prompt"])
+
+
+def test_fim_logprobs_always_include_the_sampled_token(client):
+    """DeepSeek's FIM reference (api.md section 8, D12): "The API will always return the logprob of the sampled
+    token, so there may be up to logprobs+1 elements". Sampled at temperature 2, the token is often not among
+    the best N, and it was left out."""
+    kw = dict(model="deepseek-v4-pro", prompt="def f(x):", suffix="\n", max_tokens=8, temperature=2, seed=0)
+    outside = 0
+    for n in (0, 1, 3):
+        lp = client.completions.create(logprobs=n, **kw).choices[0].logprobs
+        assert len(lp.tokens) == len(lp.top_logprobs) == 8
+        for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert top[token] == chosen and len(top) <= n + 1
+            best = sorted(top.values(), reverse=True)
+            outside += len(top) == n + 1
+            assert chosen in best[:n] or (len(top) == n + 1 and chosen == best[-1])  # the N best, then it
+    assert outside >= 8  # logprobs=0 alone: every position holds just the sampled token
+
+
+def test_fim_nulls_mean_the_defaults(server):
+    """DeepSeek's FIM reference (api.md section 8, D12) documents echo, max_tokens, temperature, top_p, stream,
+    logprobs, frequency/presence_penalty, stop, suffix and stream_options as nullable: null is the default, as
+    on the chat route (most of them were a 422)."""
+    url = server[0] + "/beta/completions"
+    base = {"model": "deepseek-v4-pro", "prompt": "def f(x):", "max_tokens": 4, "temperature": 0}
+    status, ref = post(url, base)
+    assert status == 200
+    for name in ("echo", "top_p", "stream", "logprobs", "presence_penalty", "frequency_penalty", "stop", "suffix",
+                 "stream_options", "seed", "user_id"):
+        status, body = post(url, base | {name: None})
+        assert status == 200 and body["choices"][0]["text"] == ref["choices"][0]["text"], (name, body)
+        assert body["choices"][0]["logprobs"] is None
+    status, body = post(url, base | {"max_tokens": None})  # 16
+    assert status == 200
+    assert body["usage"]["completion_tokens"] == 16 or body["choices"][0]["finish_reason"] == "stop"
+    status, body = post(url, base | {"temperature": None})  # 1
+    assert status == 200 and body["usage"]["completion_tokens"] <= 4
+
+
+def test_fim_stream_usage_comes_in_a_last_chunk_without_choices(server, client):
+    """DeepSeek's FIM reference (D12, stream_options.include_usage): "an additional chunk will be streamed before
+    the data: [DONE] message ... the choices field will always be an empty array. All other chunks will also
+    include a usage field, but with a null value". The usage rode on the finish chunk, the others had none."""
+    kw = {"model": "deepseek-v4-pro", "prompt": "def f(x):", "suffix": "\n", "max_tokens": 3, "stream": True}
+    lines = _stream_lines(server[0] + "/beta/completions", kw | {"stream_options": {"include_usage": True}})
+    assert lines[-1] == "data: [DONE]"
+    *chunks, last = [json.loads(line[len("data: "):]) for line in lines[:-1] if line.startswith("data: ")]
+    assert chunks and all(len(c["choices"]) == 1 and "usage" in c and c["usage"] is None for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert last["choices"] == [] and last["object"] == "text_completion" and last["id"] == chunks[0]["id"]
+    assert last["usage"]["completion_tokens"] == 3
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + 3
+    streamed = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                              **{k: v for k, v in kw.items() if k != "stream"}))
+    assert [c.usage is not None for c in streamed] == [False] * (len(streamed) - 1) + [True]
+    assert not any("usage" in line for line in _stream_lines(server[0] + "/beta/completions", kw))  # not asked
 
 
 def test_fim_prompt_text_spelling_a_special_token_stays_text(client, server):
@@ -985,6 +1212,27 @@ def test_stop_strings_end_free_text_but_not_a_tool_call(client, claude, model_wr
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("thinking", ["disabled", "enabled"])
+def test_json_mode_with_tools_answers_json_or_calls(client, model_writes, thinking, stream):
+    """response_format json_object with tools (auto): deepseek-recipe converts it as auto alone, so a plain answer
+    was free text. The answer is now a JSON object whatever the model writes, or a call; not both, as the recipe's
+    parser reads a JSON-mode reply that opens with '{' as content only. Stop strings do not cut the object."""
+    reasoning = 'First, "think": a, b.</think>' if thinking == "enabled" else ""
+    kw = dict(model="deepseek-v4-flash", messages=[{"role": "user", "content": "Kitchen light on, in json."}],
+              tools=[LIGHT], response_format={"type": "json_object"}, max_tokens=300, stop=STOPS,
+              extra_body={"thinking": {"type": thinking}})
+    for writes, want in (("Sure, here it is.", None), (BLOCK, ("", LIGHT_CALL)),
+                         (json.dumps(ANSWER) + BLOCK, (json.dumps(ANSWER), []))):
+        model_writes(reasoning + writes + EOS)
+        content, calls, finish, _ = _chat_reply(client, stream, **kw)
+        if want is None:  # the model's text is not JSON: the constraint made it an object, or a call
+            assert content == "" and [name for name, _ in calls] == ["set_light"] * len(calls) if calls else \
+                isinstance(json.loads(content), dict), (content, calls)
+        else:
+            assert (content, calls) == want and finish == ("tool_calls" if calls else "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("route", ["chat", "messages"])
 def test_usage_counts_a_last_token_that_ends_inside_a_character(client, claude, server, model_writes, route, stream):
     """max_tokens can stop the model after the first byte of a character: that token is generated and billed,
@@ -1056,6 +1304,26 @@ def test_anthropic_routes_answer_errors_in_anthropic_shape(server, claude, monke
                                     messages=[{"role": "user", "content": "x"}]) as stream:
             stream.get_final_message()
     assert "simulated device failure" in str(e.value)
+
+
+def test_unknown_anthropic_paths_answer_in_anthropic_shape(server, claude):
+    """Any path under /anthropic (and /v1/messages/...) is Anthropic's: a 404 there is its not_found_error (the
+    SDK's count_tokens and models.list got OpenAI's shape); OpenAI's paths keep OpenAI's."""
+    import anthropic
+
+    expected = {"type": "error", "error": {"type": "not_found_error", "message": "Not Found"}}
+    root = anthropic.Anthropic(base_url=server[0], api_key=KEY, max_retries=0)
+    for call in (lambda: claude.messages.count_tokens(model="deepseek-v4-flash", messages=[
+                     {"role": "user", "content": "x"}]),
+                 lambda: root.messages.count_tokens(model="deepseek-v4-flash", messages=[
+                     {"role": "user", "content": "x"}]),
+                 lambda: claude.models.list()):
+        with pytest.raises(anthropic.NotFoundError) as e:
+            call()
+        assert e.value.body == expected
+    assert post(server[0] + "/anthropic/x", {}) == (404, expected)
+    status, body = post(server[0] + "/v1/no/such/path", {})
+    assert status == 404 and body["error"]["code"] == "not_found"
 
 
 def _raw(url: str, head: str, body: bytes = b"") -> socket.socket:

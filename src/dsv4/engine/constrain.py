@@ -105,6 +105,15 @@ def text_or_tool_call_grammar(tools: list):
     return xgr.Grammar.concat(text, xgr.Grammar.union(tool_block_grammar(tools), xgr.Grammar.from_ebnf('root ::= ""')))
 
 
+def json_or_tool_call_grammar(tools: list):
+    """tool_choice auto with response_format json_object: a JSON object or a DSML tool-call block, not both
+    (deepseek-recipe's output parser reads a JSON-mode reply that opens with '{' as content only: a block after
+    the object would be text in it)."""
+    import xgrammar as xgr
+
+    return xgr.Grammar.union(xgr.Grammar.from_json_schema('{"type": "object"}'), tool_block_grammar(tools))
+
+
 def tool_block_grammar(tools: list, max_calls: int = MAX_CALLS):
     """A whole DSML tool-call block, opener included, with 1 to `max_calls` calls under the tools' schemas."""
     import xgrammar as xgr

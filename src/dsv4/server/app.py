@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
     return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status in (429, 503) else None)
 
 
-ANTHROPIC_PATHS = ("/anthropic/v1/messages", "/v1/messages")
+ANTHROPIC_PREFIXES = ("/anthropic", "/v1/messages")  # DeepSeek's Anthropic base URL; Messages from the root
 # Anthropic's error types by status (its SDK raises the matching exception class)
 ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     402: "billing_error", 404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
@@ -61,8 +62,10 @@ ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 4
 
 def shaped(request: Request, response: JSONResponse) -> JSONResponse:
     """An error response in the shape of the caller's protocol: DeepSeek / OpenAI's
-    {"error": {message, type, param, code}}, or on the Anthropic routes {"type": "error", "error": {type, message}}."""
-    if request.url.path not in ANTHROPIC_PATHS:
+    {"error": {message, type, param, code}}, or on the Anthropic routes {"type": "error", "error": {type, message}}:
+    any path under /anthropic (an unknown one too, e.g. the SDK's count_tokens) and /v1/messages."""
+    path = request.url.path
+    if not any(path == p or path.startswith(p + "/") for p in ANTHROPIC_PREFIXES):
         return response
     message = json.loads(response.body)["error"]["message"]
     kind = ANTHROPIC_ERRORS.get(response.status_code, "api_error")
@@ -338,7 +341,7 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
             conv = req.convert(options)
         except dr.ConversionError as e:
             return shaped(request, Response(e.body, status_code=e.status_code, media_type="application/json"))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:  # RecursionError: nested past the recipe's 128 levels
             raise _Reject(error(400, f"Invalid request: {e}")) from None
         ids = encoding.encode(conv.conversation)
         app.state.last_prompt_ids = ids  # what the model is fed (inspected by tests and debugging)
@@ -348,15 +351,17 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
             return shaped(request, Response(e.body, status_code=e.status_code, media_type="application/json"))
         io, po = conv.inference_options, conv.parsing_options
         required = proto is MESSAGES and _tool_choice_any(d)
+        fmt = d.get("response_format")
+        json_mode = proto is CHAT and isinstance(fmt, dict) and fmt.get("type") == "json_object"
         try:
-            constraint = _constraint(io.output_constraint, conv, po, engine, d.get("tools"), required=required)
+            constraint = _constraint(io.output_constraint, conv, po, engine, d.get("tools"), required, json_mode)
         except SchemaError as e:
             raise _Reject(error(400, f"Invalid request: {e}")) from None
         # Stop sequences end free text, never the reasoning or a constrained answer (a JSON object, a forced call),
         # which they would cut into one that does not parse. The output parser matches them in the answer's text
         # but not inside a DSML tool-call block (tool_choice auto); an answer constrained throughout gets none.
         # The engine's stop check sees the whole output: it applies them only where all of it is free text.
-        if constraint is not None and (io.output_constraint.kind != "tool_call" or required):
+        if constraint is not None and (io.output_constraint.kind != "tool_call" or required or json_mode):
             po.stop_sequences = []
         all_free = constraint is None and not conv.conversation.thinking_mode
         try:
@@ -371,7 +376,8 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         # </think> after reasoning): with fewer tokens it would be empty or cut
         need = constraint.shortest - 1 + int(constraint.start_after is not None) if constraint is not None else 0
         if max_tokens < need:
-            what = "a JSON answer" if io.output_constraint.kind == "json" else "the tool call it asks for"
+            forced = required or io.output_constraint.kind == "tool_call_required"
+            what = "the tool call it asks for" if forced else "a JSON answer"
             raise _Reject(error(400, f"Invalid request: max_tokens {max_tokens} is too small for {what}, "
                                      f"which needs at least {need} tokens"))
         seq, queue = admit(ids, params, user, constraint)
@@ -383,21 +389,21 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         if conv.stream:
             return StreamingResponse(_sse(chunks, done, proto), media_type="text/event-stream")
 
-        async def collect():
+        async def answer():
             response = None
-            async for item in chunks:
-                if item is None:
-                    continue
-                if response is None:
-                    response = proto.response(rid, model, int(time.time()), len(ids), seq.cached_tokens)
-                response.accumulate(item)
-            return response
+            try:
+                async for item in chunks:
+                    if item is None:
+                        yield None
+                        continue
+                    if response is None:
+                        response = proto.response(rid, model, int(time.time()), len(ids), seq.cached_tokens)
+                    response.accumulate(item)
+            finally:
+                done()
+            yield response.to_json()
 
-        try:
-            response = await _unless_disconnected(request, collect())
-        finally:
-            done()
-        return Response(response.to_json(), media_type="application/json")
+        return await _answer(request, answer())
 
     async def run_text(user, r: _TextRequest, account, request: Request):
         seq, queue = admit(r.ids, r.params, user)
@@ -418,7 +424,8 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
 
         def logprobs(out, text):
             """OpenAI completions logprobs of one delta: each token's text, logprob, top alternatives
-            (token text -> logprob) and the offset of its first character in the response text."""
+            (token text -> logprob; the sampled token always among them, as DeepSeek documents: up to
+            logprobs + 1) and the offset of its first character in the response text."""
             if out.logprobs is None:
                 return None
             res = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -427,7 +434,10 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                 piece = tokenizer.decode([lp.token_id], skip_special_tokens=False)
                 res["tokens"].append(piece)
                 res["token_logprobs"].append(lp.logprob)
-                res["top_logprobs"].append({tokenizer.decode([t], skip_special_tokens=False): v for t, v in lp.top})
+                top = dict(lp.top)
+                top.setdefault(lp.token_id, lp.logprob)
+                res["top_logprobs"].append({tokenizer.decode([t], skip_special_tokens=False): v
+                                            for t, v in top.items()})
                 res["text_offset"].append(min(at, offset[0] + len(text)))
                 at += len(piece)
             return res
@@ -448,6 +458,9 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         if r.stream:
             async def events():
                 head = r.echo
+                # include_usage, as DeepSeek documents it: `usage: null` on every chunk, then one more chunk
+                # with no choices and the usage before [DONE]
+                null_usage = {"usage": None} if r.include_usage else {}
                 try:
                     async for out in chunks:
                         if out is None:
@@ -455,10 +468,12 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                             continue
                         reason = accept(out)
                         body = {"id": rid, "object": "text_completion", "created": created, "model": r.model,
-                                "choices": [choice(out, reason, head)]}
+                                "choices": [choice(out, reason, head)], **null_usage}
                         head = ""
-                        if reason and r.include_usage:
-                            body["usage"] = usage()
+                        yield f"data: {json.dumps(body)}\n\n"
+                    if r.include_usage:
+                        body = {"id": rid, "object": "text_completion", "created": created, "model": r.model,
+                                "choices": [], "usage": usage()}
                         yield f"data: {json.dumps(body)}\n\n"
                     yield "data: [DONE]\n\n"
                 except Exception as e:
@@ -467,24 +482,25 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
                     done()
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        async def collect():
+        async def answer():
             parts, reason = [], None
-            async for out in chunks:
-                if out is not None:
+            try:
+                async for out in chunks:
+                    if out is None:
+                        yield None
+                        continue
                     reason = accept(out) or reason
                     parts.append(out)
-            return parts, reason
+            finally:
+                done()
+            whole = parts[-1]
+            whole.token_ids = [t for p in parts for t in p.token_ids]
+            whole.text = "".join(p.text for p in parts)
+            whole.logprobs = None if whole.logprobs is None else [lp for p in parts for lp in p.logprobs]
+            yield json.dumps({"id": rid, "object": "text_completion", "created": created, "model": r.model,
+                              "choices": [choice(whole, reason, r.echo)], "usage": usage()})
 
-        try:
-            parts, reason = await _unless_disconnected(request, collect())
-        finally:
-            done()
-        whole = parts[-1]
-        whole.token_ids = [t for p in parts for t in p.token_ids]
-        whole.text = "".join(p.text for p in parts)
-        whole.logprobs = None if whole.logprobs is None else [lp for p in parts for lp in p.logprobs]
-        return {"id": rid, "object": "text_completion", "created": created, "model": r.model,
-                "choices": [choice(whole, reason, r.echo)], "usage": usage()}
+        return await _answer(request, answer())
 
     app.state.llm = llm
     app.state.stats = state
@@ -550,6 +566,49 @@ async def _unless_disconnected(request: Request, work):
     return task.result()
 
 
+async def _answer(request: Request, parts) -> Response:
+    """A non-streamed response from `parts`: None for each keep-alive interval the request waits with nothing
+    new (queued, or in a long prefill: where a stream gets `: keep-alive`), then its JSON.
+
+    As DeepSeek's API does, a request that waits gets a blank line per interval, which JSON parsers (the SDKs'
+    too) skip before the body. The first one fixes the status at 200, so they start only once the request has
+    waited an interval: what is decided before keeps its status (the 4xx checks, 429 and 503 at admission, an
+    engine failure of a request that never waited). What can still fail after it is the server's side (an engine
+    step failing, a shutdown): the body then ends in the protocol's error object and the connection is closed
+    without finishing the response, so that no client takes it for an answer: the SDKs raise a connection error
+    (after their retries, as for a 500), a raw client sees the error object and a cut transfer."""
+    step = functools.partial(_unless_disconnected, request)
+    try:
+        first = await step(anext(parts))
+    except BaseException:
+        await _close(parts)
+        raise
+    if first is not None:
+        return Response(first, media_type="application/json")
+
+    async def blank_lines_then_json():
+        try:
+            yield "\n"
+            while (part := await step(anext(parts))) is None:
+                yield "\n"
+            yield part
+        except _Disconnected:
+            return
+        except Exception:
+            yield shaped(request, error(500, "Internal server error", "internal_error", "internal_error")).body
+            raise  # uvicorn closes the connection mid-response
+        finally:  # also when the client left between blank lines: the request ends now
+            await _close(parts)
+
+    return StreamingResponse(blank_lines_then_json(), media_type="application/json")
+
+
+async def _close(agen) -> None:
+    """aclose() an async generator, unless a cancelled step of it is still unwinding (it then ends by itself)."""
+    if not agen.ag_running:
+        await agen.aclose()
+
+
 async def _with_keepalive(stream, seconds: float):
     """Re-yield `stream`, inserting None whenever nothing arrived for `seconds`."""
     it = stream.__aiter__()
@@ -612,6 +671,11 @@ def _json(body: bytes) -> dict:
         d = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _Reject(error(400, f"Invalid request: body is not valid JSON ({e})")) from None
+    except RecursionError:  # arrays or objects nested past Python's recursion limit (~1000 levels: 2 KB)
+        raise _Reject(error(400, "Invalid request: body is nested too deeply")) from None
+    except ValueError:  # the only other: an integer past Python's digit limit for int conversion
+        raise _Reject(error(400, f"Invalid request: body has an integer of more than "
+                                 f"{sys.get_int_max_str_digits()} digits")) from None
     if not isinstance(d, dict):
         raise _Reject(error(400, "Invalid request: body must be a JSON object"))
     return d
@@ -619,7 +683,8 @@ def _json(body: bytes) -> dict:
 
 def _check_tools_and_format(d: dict) -> None:
     """api.md section 2's limits deepseek-recipe does not check: at most 128 tools, names of at most 64
-    characters, no `response_format` json_schema (json_object only)."""
+    characters, `response_format` text or json_object only (the recipe also converts json_schema and regex,
+    which DeepSeek's API does not offer: regex was accepted and then neither enforced nor refused)."""
     tools = d.get("tools")
     if isinstance(tools, list):
         if len(tools) > 128:
@@ -630,9 +695,11 @@ def _check_tools_and_format(d: dict) -> None:
             if isinstance(name, str) and len(name) > 64:
                 raise _Reject(error(400, f"Invalid request: tool name {name[:16]!r}... is longer than 64 characters"))
     fmt = d.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        raise _Reject(error(400, "Invalid request: response_format type 'json_schema' is not supported; use "
-                                 "'json_object' (and describe the fields in the prompt)"))
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("json_schema", "regex"):
+        raise _Reject(error(400, f"Invalid request: response_format type {kind!r} is not supported (only 'text' "
+                                 "and 'json_object'); for JSON use 'json_object' and describe the fields in the "
+                                 "prompt"))
 
 
 def _user_id(user):
@@ -706,6 +773,9 @@ def fim_request(body: dict, path: str, plain, served: str) -> _TextRequest:
     characters: only the FIM markers this function places are special)."""
     from ..tokenizer import FIM_TOKENS
 
+    # DeepSeek's FIM reference documents the parameters as nullable (echo, max_tokens, temperature, top_p, stream,
+    # logprobs, penalties, stop, suffix, stream_options): null is the default, as on the chat route
+    body = {k: v for k, v in body.items() if v is not None}
     prompt, suffix = body.get("prompt"), body.get("suffix")
     if not isinstance(prompt, str):
         raise RequestError("'prompt' is required and must be a string")
@@ -764,18 +834,20 @@ def _tool_choice_any(d: dict) -> bool:
     return isinstance(choice, dict) and choice.get("type") == "any" and bool(d.get("tools"))
 
 
-def _constraint(oc, conv, po, engine, request_tools=None, required: bool = False):
+def _constraint(oc, conv, po, engine, request_tools=None, required: bool = False, json_mode: bool = False):
     """The engine-side output constraint for deepseek-recipe's OutputConstraint, or None.
 
     json: a valid JSON object (after the thinking, if any). tool_call_required (tool_choice required
     or a named function): the DSML tool-call block the prompt opened, under the tools' schemas.
     `request_tools`: the request's own tool list, whose `$defs` the strict conversion drops.
     required: a call is due though the prompt opened no block (Anthropic tool_choice any, which
-    deepseek-recipe converts as auto): the answer is the block, opener included."""
+    deepseek-recipe converts as auto): the answer is the block, opener included.
+    json_mode: response_format json_object, which deepseek-recipe drops for tool_choice auto (tool_call):
+    the answer is a JSON object or a call."""
     if oc is None:
         return None
-    from ..engine.constrain import (GrammarConstraint, JSONObjectConstraint, text_or_tool_call_grammar,
-                                    tool_block_grammar, tool_call_grammar)
+    from ..engine.constrain import (GrammarConstraint, JSONObjectConstraint, json_or_tool_call_grammar,
+                                    text_or_tool_call_grammar, tool_block_grammar, tool_call_grammar)
 
     think_end = engine.tokenizer.token_to_id(dr.SpecialToken.ThinkingEnd.default_str())
     if oc.kind == "json":
@@ -794,8 +866,9 @@ def _constraint(oc, conv, po, engine, request_tools=None, required: bool = False
     if required:
         return GrammarConstraint(engine.tokenizer, engine.eos, tool_block_grammar(tools, max_calls=1), start,
                                  reply_reserve=128)
-    # auto: free text, and any calls it makes follow the tools' schemas
-    return GrammarConstraint(engine.tokenizer, engine.eos, text_or_tool_call_grammar(tools), start)
+    # auto: free text (in JSON mode a JSON object, or else a call), and any calls follow the tools' schemas
+    grammar = json_or_tool_call_grammar(tools) if json_mode else text_or_tool_call_grammar(tools)
+    return GrammarConstraint(engine.tokenizer, engine.eos, grammar, start)
 
 
 def _with_defs(tools: list, request_tools) -> list:
