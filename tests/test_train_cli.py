@@ -153,6 +153,13 @@ def test_sft_replay_mixes_in_pretraining_rows_and_needs_its_source(tmp_path, cap
                      steps=1, seq_len=64)
     assert main(["train", str(cfg)]) == 0
     assert "rows of" in capsys.readouterr().err
+    # --resume compares what the replayed rows are drawn from, not only replay_from's path
+    base = tmp_path / "base.toml"
+    base.write_text(base.read_text().replace("fim_rate = 0.5", "fim_rate = 0.25"))
+    assert main(["train", str(cfg), "--resume"]) == 2
+    assert "[data] replay_from: [data] fim_rate 0.5 (checkpoint) vs 0.25 (now)" in capsys.readouterr().err
+    base.write_text(base.read_text().replace("fim_rate = 0.25", "fim_rate = 0.5"))
+    assert main(["train", str(cfg), "--resume"]) == 0
     bad = tmp_path / "bad.toml"
     bad.write_text(cfg.read_text().replace(f'replay_from = "{tmp_path / "base.toml"}"', ""))
     assert main(["train", str(bad)]) == 2
@@ -207,7 +214,9 @@ def test_bad_train_values_are_clear_errors_before_training(tmp_path, capsys, mon
              ('preset = "tiny"', 'preset = "tiny"\nvocab_size = 500', "[data] vocab_size"),
              (files, "files = []", "empty list"), (files, "files = 5", "[data] files"),
              (files, f'files = ["{binary}"]', "binary.py is not UTF-8"),
-             ("fim_rate = 0.5", 'tokenizer = "nope.json"', "nope.json"),
+             ("vocab_size = 400", 'tokenizer = "nope.json"', "nope.json"),
+             ("vocab_size = 400", 'vocab_size = 400\ntokenizer = "nope.json"', "read only when a tokenizer is trained"),
+             ("vocab_size = 400", 'tokenizer_files = 2\ntokenizer = "nope.json"', "[data] tokenizer_files"),
              ("fim_rate = 0.5", 'replay = "lots"', "replay"), ("fim_rate = 0.5", "replay = -0.5", "replay"),
              (out, f'out = "{tmp_path / "checks.toml"}"', "[train] out")]
     for old, new, named in cases:
@@ -263,8 +272,8 @@ def test_a_fresh_run_trains_its_own_tokenizer_and_resume_survives_damaged_metric
     # with a given tokenizer, a file that is not UTF-8 is refused by name too (not read as replacement characters)
     (tmp_path / "binary.py").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     files = next(ln for ln in cfg.read_text().splitlines() if ln.startswith("files"))
-    cfg.write_text(cfg.read_text().replace(files, f'files = ["{tmp_path / "binary.py"}"]\n'
-                                                  f'tokenizer = "{tmp_path / "fresh" / "tokenizer.json"}"'))
+    cfg.write_text(cfg.read_text().replace(files, f'files = ["{tmp_path / "binary.py"}"]').replace(
+        "vocab_size = 300", f'tokenizer = "{tmp_path / "fresh" / "tokenizer.json"}"'))
     assert main(["train", str(cfg)]) == 2 and "binary.py is not UTF-8" in capsys.readouterr().err
 
 
@@ -318,8 +327,9 @@ def test_values_that_crashed_or_were_ignored_are_clear_errors_before_any_work(tm
              (base.replace("fim_rate = 0.5", 'fim_rate = 0.5\nkind = "chat"'), "[data] fim_rate"),
              (base.replace('preset = "tiny"', 'preset = "tiny"\neos_token_id = 3'), "[model] eos_token_id"),
              (init_and_preset, "[model] preset"),
-             (base.replace("fim_rate = 0.5", f'fim_rate = 0.5\ntokenizer = "{tmp_path / "plain.json"}"'),
-              "[data] tokenizer")]
+             (f'[model]\ninit = "{tmp_path}"\n[data]\nkind = "chat"\nvocab_size = 400\n[train]\nout = "{tmp_path / "mistakes"}"\n',
+              "[data] vocab_size: read only when a tokenizer is trained, and [model] init gives one"),
+             (base.replace("vocab_size = 400", f'tokenizer = "{tmp_path / "plain.json"}"'), "[data] tokenizer")]
     cfg = tmp_path / "bad.toml"
     for text, named in cases:
         cfg.write_text(text)
@@ -376,7 +386,7 @@ def test_a_tokenizer_s_bos_and_eos_ids_go_into_the_model_config(tmp_path, capsys
     bos, eos = tok.token_to_id("<｜begin▁of▁sentence｜>"), tok.token_to_id("<｜end▁of▁sentence｜>")
     assert (bos, eos) == (2, 3)
     cfg = write_config(tmp_path, "shifted")
-    text = cfg.read_text().replace("fim_rate = 0.5", f'fim_rate = 0.5\ntokenizer = "{tmp_path / "shifted.json"}"')
+    text = cfg.read_text().replace("vocab_size = 400", f'tokenizer = "{tmp_path / "shifted.json"}"')
     cfg.write_text(text.replace("steps = 6", "steps = 2"))
     assert main(["train", str(cfg)]) == 0
     model = dsv4.load_model(tmp_path / "shifted" / "model")

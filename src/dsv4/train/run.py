@@ -4,14 +4,14 @@ or YAML file (by its suffix: .yaml / .yml are YAML, anything else TOML) of these
 [model]  preset = "tiny" | "flash" | "pro", plus any Config field (vocab_size, bos/eos_token_id come from the
          tokenizer); or init = a model directory alone (post-training)
 [data]   files = a glob or [globs] ("stdlib:" = this interpreter's standard library; default "stdlib:*.py"),
-         exclude = [fnmatch patterns], tokenizer = path or omitted to train one,
-         vocab_size, fim_rate (kind "text"), val_fraction; kind = "chat" with examples, mix, replay, replay_from
+         exclude = [fnmatch patterns], tokenizer = path or omitted to train one (with vocab_size and
+         tokenizer_files), fim_rate (kind "text"), val_fraction; kind = "chat" with examples, mix, replay, replay_from
 [train]  any TrainConfig field, plus out (run directory), checkpoint_every, tensorboard (true: out/tensorboard),
          qat ("fp4" | "fp4+fp8": fake-quantised training, exported also to out/official)
 Writes out/metrics.jsonl, out/loss.png, out/checkpoint/ (resumable) and out/model/ (HF format + tokenizer).
 An unknown section or field is an error naming it: misspelt, it would otherwise be ignored and its default used;
 so is a field the run's kind or method never reads. --resume refuses a run whose settings differ from its
-checkpoint's, naming each (`trainer.Checkpointed`), except out, checkpoint_every, tensorboard, [rl] eval_every,
+checkpoint's, naming each (`trainer.Checkpointed`; for replay, what replay_from's corpus is made of), except out, checkpoint_every, tensorboard, [rl] eval_every,
 device, compile, and steps while the steps taken keep their learning rate (a longer run before its decay).
 """
 from __future__ import annotations
@@ -179,6 +179,7 @@ def _check_data(data: dict) -> None:
              "tokenizer": (lambda v: isinstance(v, str), "a path to a tokenizer.json"),
              "replay_from": (lambda v: isinstance(v, str), "a path to a pretraining config")}
     check_fields("[data]", [(n, data[n], ok(data[n]), what) for n, (ok, what) in rules.items() if n in data])
+    _check_trained_tokenizer(data, "tokenizer" in data and f"[data] tokenizer gives one ({data['tokenizer']})")
     kind = data.get("kind", DATA_DEFAULTS["kind"])
     if kind not in KIND_FIELDS:
         raise ConfigError(f"config [data] kind: expected 'text' or 'chat' (got {kind!r})")
@@ -187,6 +188,14 @@ def _check_data(data: dict) -> None:
         if unused:
             raise ConfigError(f"config [data] {unused[0]}: read only by kind = {other!r}, and this corpus is "
                               f"kind = {kind!r}; remove it")
+
+
+def _check_trained_tokenizer(data: dict, why) -> None:
+    """vocab_size and tokenizer_files say how to train a tokenizer: refused (rather than ignored) when `why`
+    says the run trains none."""
+    for name in ("vocab_size", "tokenizer_files"):
+        if why and name in data:
+            raise ConfigError(f"config [data] {name}: read only when a tokenizer is trained, and {why}; remove it")
 
 
 def read_config(path, where: str = "") -> dict:
@@ -260,6 +269,7 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
         if mspec:
             raise ConfigError(f"config [model] {sorted(mspec)[0]}: with init, the model is init's ({init_from}); "
                               f"no other [model] field (got {', '.join(sorted(mspec))})")
+        _check_trained_tokenizer(data, "tokenizer" not in data and f"[model] init gives one ({init_from})")
         _model_dir(init_from, "[model] init")
     _run_dir(run)
     tok, trained = _tokenizer(data, run, resume, init_from)
@@ -316,6 +326,11 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     trainer = Trainer(model, train_tokens, tcfg, DataParallel(rank, world) if world > 1 else None, train_mask)
     # what a resume must match besides [train]: the data and QAT (the model config is checked on its own)
     trainer.settings = {**{f"[data] {k}": data.get(k, DATA_DEFAULTS[k]) for k in DATA_FIELDS}, "[train] qat": qat}
+    if replay_source:  # the replayed rows come from that config's corpus, split and seed, not from its path
+        pdata, ptcfg = replay_source
+        trainer.settings.update({f"[data] replay_from: [data] {k}": pdata.get(k, DATA_DEFAULTS[k])
+                                 for k in ("files", "exclude", "fim_rate", "val_fraction")})
+        trainer.settings.update({f"[data] replay_from: [train] {k}": getattr(ptcfg, k) for k in ("seq_len", "seed")})
     if resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         trainer.resume(ckpt)
         out.write(f"dsv4 train: resumed at step {trainer.step_count}\n")
