@@ -1322,6 +1322,9 @@ def test_unknown_anthropic_paths_answer_in_anthropic_shape(server, claude):
             call()
         assert e.value.body == expected
     assert post(server[0] + "/anthropic/x", {}) == (404, expected)
+    with pytest.raises(urllib.error.HTTPError) as e:  # a wrong method is the caller's error, not Anthropic's api_error
+        urllib.request.urlopen(urllib.request.Request(server[0] + "/anthropic/v1/messages", method="GET"))
+    assert e.value.code == 405 and json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
     status, body = post(server[0] + "/v1/no/such/path", {})
     assert status == 404 and body["error"]["code"] == "not_found"
 

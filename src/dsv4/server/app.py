@@ -68,7 +68,9 @@ def shaped(request: Request, response: JSONResponse) -> JSONResponse:
     if not any(path == p or path.startswith(p + "/") for p in ANTHROPIC_PREFIXES):
         return response
     message = json.loads(response.body)["error"]["message"]
-    kind = ANTHROPIC_ERRORS.get(response.status_code, "api_error")
+    # another client error (405 wrong method, ...) is the caller's mistake; api_error is Anthropic's own failure
+    kind = ANTHROPIC_ERRORS.get(response.status_code, "invalid_request_error" if response.status_code < 500
+                                else "api_error")
     return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
                         status_code=response.status_code,
                         headers={k: v for k, v in response.headers.items() if k.lower() == "retry-after"})
