@@ -13,6 +13,7 @@ import torch
 import dsv4
 from dsv4.engine import AsyncLLM, EngineConfig, LLMEngine
 from dsv4.server import ServerConfig, create_app
+from dsv4.server.app import DEFAULT_PRICES
 from dsv4.server.devmodel import build_dev_model
 from dsv4.tokenizer import load_tokenizer
 
@@ -1367,6 +1368,17 @@ def test_closed_connection_cancels_a_non_streamed_request(server):
     assert server[2].state.stats["errors"] == errors  # a client leaving is not a server error (it raised)
 
 
+def test_with_api_keys_no_route_but_health_answers_without_one(server):
+    """FastAPI's own /docs, /redoc and /openapi.json are not served when keys are required (they answered
+    without one); without keys they are."""
+    url, llm, _, path = server
+    for route in ("/docs", "/redoc", "/openapi.json"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + route)
+        assert e.value.code == 404, route
+    assert create_app(llm, str(path / "tokenizer.json"), ServerConfig()).openapi_url == "/openapi.json"
+
+
 def test_user_balance_and_402_once_spent(server):
     """GET /user/balance in DeepSeek's shape; with --balance-usd each key's balance is spent at the price
     table and a key whose balance is gone gets 402 Insufficient Balance (Anthropic: billing_error)."""
@@ -1390,6 +1402,17 @@ def test_user_balance_and_402_once_spent(server):
         status, body = post(f"{url}/v1/messages", chat)
         assert status == 402 and body["type"] == "error" and body["error"]["type"] == "billing_error"
         assert post(f"{url}/chat/completions", chat, key=other)[0] == 200  # each key has its own balance
+    # a custom served name is billed as deepseek-v4-flash unless the table prices it, also for FIM without a model
+    cfg = ServerConfig(api_keys=[KEY], served_model_name="mymodel", balance_usd=1e-9)
+    with serving(create_app(llm, str(path / "tokenizer.json"), cfg)) as url:
+        assert post(f"{url}/chat/completions", {**chat, "model": "mymodel"})[0] == 200
+        status, body = _get(f"{url}/usage")
+        hit, miss, out = DEFAULT_PRICES["deepseek-v4-flash"]
+        assert body["cost_usd"] == pytest.approx((body["prompt_cache_hit_tokens"] * hit + (
+            body["prompt_tokens"] - body["prompt_cache_hit_tokens"]) * miss + body["completion_tokens"] * out) / 1e6)
+        assert body["cost_usd"] > 0
+        assert post(f"{url}/chat/completions", {**chat, "model": "mymodel"})[0] == 402
+        assert post(f"{url}/beta/completions", {"prompt": "x", "max_tokens": 1})[0] == 402
     llm.close()
 
 

@@ -115,6 +115,7 @@ def test_tensorboard_option_logs_or_names_the_missing_package(tmp_path, capsys):
     rc = main(["train", str(cfg)])
     if importlib.util.find_spec("tensorboard") is None:
         assert rc == 2 and "pip install tensorboard" in capsys.readouterr().err
+        assert not (tmp_path / "tb").exists()  # refused before the tokenizer and corpus were built
     else:
         assert rc == 0 and any((tmp_path / "tb" / "tensorboard").iterdir())
 

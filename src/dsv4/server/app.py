@@ -144,7 +144,9 @@ def _raise_if_failed(reason: str | None) -> None:
 
 def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None = None) -> FastAPI:
     cfg = config or ServerConfig()
-    app = FastAPI(title="dsv4", description="DeepSeek-compatible API served by dsv4")
+    # with API keys, every route but /health needs one: FastAPI's own /docs, /redoc and /openapi.json would not
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if cfg.api_keys else {}
+    app = FastAPI(title="dsv4", description="DeepSeek-compatible API served by dsv4", **hidden)
     recipe_tok = dr.Tokenizer.from_file(str(tokenizer_file))
     plain = Tokenizer.from_file(str(tokenizer_file))
     plain.encode_special_tokens = True  # user text is text: a special token's spelling stays characters
@@ -172,13 +174,17 @@ def create_app(llm: AsyncLLM, tokenizer_file: str, config: ServerConfig | None =
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
     accounts: dict = {}
+    # a name without a price (a custom --served-model-name; FIM without a model) is billed as the served model,
+    # and a served name without one as DeepSeek's V4 Flash: never free by accident
+    default_price = cfg.prices.get(cfg.served_model_name,
+                                   cfg.prices.get("deepseek-v4-flash", DEFAULT_PRICES["deepseek-v4-flash"]))
 
     def release(seq, model: str, account: str, prompt_tokens: int, tally: _Tally) -> None:
         """A request is over: free its concurrency slot and bill the caller's account for the tokens its
         response reports."""
         state["active"] -= 1
         hit, out = seq.cached_tokens, tally.completion
-        p_hit, p_miss, p_out = cfg.prices.get(model, cfg.prices.get(cfg.served_model_name, (0.0, 0.0, 0.0)))
+        p_hit, p_miss, p_out = cfg.prices.get(model, default_price)
         cost = (hit * p_hit + (prompt_tokens - hit) * p_miss + out * p_out) / 1e6
         a = accounts.setdefault(account, {"requests": 0, "prompt_tokens": 0, "prompt_cache_hit_tokens": 0,
                                           "completion_tokens": 0, "cost_usd": 0.0})

@@ -11,12 +11,14 @@ or YAML file (by its suffix: .yaml / .yml are YAML, anything else TOML) of these
 Writes out/metrics.jsonl, out/loss.png, out/checkpoint/ (resumable) and out/model/ (HF format + tokenizer).
 An unknown section or field is an error naming it: misspelt, it would otherwise be ignored and its default used;
 so is a field the run's kind or method never reads. --resume refuses a run whose settings differ from its
-checkpoint's, naming each (`trainer.Checkpointed`; for replay, what replay_from's corpus is made of), except out, checkpoint_every, tensorboard, [rl] eval_every,
-device, compile, and steps while the steps taken keep their learning rate (a longer run before its decay).
+checkpoint's, naming each (`trainer.Checkpointed`; for replay, what replay_from's corpus is made of), except out,
+checkpoint_every, tensorboard, [rl] eval_every, device, compile, and steps while the steps taken keep their
+learning rate (a longer run before its decay).
 """
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import glob
 import json
 import math
@@ -255,6 +257,8 @@ def run_from_config(path, resume: bool = False, stop_after: int | None = None, o
     tensorboard = tspec.pop("tensorboard", False)
     if not isinstance(tensorboard, bool):  # bool("false") would be true
         raise ConfigError(f"config [train] tensorboard: must be true or false (got {tensorboard!r})")
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:  # known now, not after the corpus is built
+        raise ConfigError(TENSORBOARD_MISSING)
     qat = tspec.pop("qat", None)  # "fp4" (routed experts) or "fp4+fp8" (and the official FP8 linears)
     if qat not in (None, "fp4", "fp4+fp8"):
         raise ConfigError(f"config [train] qat: expected 'fp4' or 'fp4+fp8' (got {qat!r})")
@@ -594,12 +598,14 @@ def _with_replay(tokens: np.ndarray, mask: np.ndarray, data: dict, source: tuple
     return all_rows[order].reshape(-1), all_mask[order].reshape(-1)
 
 
+TENSORBOARD_MISSING = "config [train] tensorboard = true needs the tensorboard package (pip install tensorboard)"
+
+
 def _board(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError("config [train] tensorboard = true needs the tensorboard package "
-                          "(pip install tensorboard)") from None
+        raise ConfigError(TENSORBOARD_MISSING) from None
     return SummaryWriter(str(path))
 
 
