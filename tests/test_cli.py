@@ -1,4 +1,5 @@
-"""`dsv4 generate` and `dsv4 convert`: what they print and write equals the library calls they stand for."""
+"""`dsv4 generate` and `dsv4 bench`: what they print equals the library calls they stand for (`dsv4 convert`:
+test_convert.py)."""
 import io
 import json
 
@@ -34,38 +35,6 @@ def test_generate_names_a_bad_option_or_prompt(capsys, tmp_path):
         assert main(["generate", "hello", *bad]) == 2, bad
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err, err
-
-
-def logits(path, ids):
-    with torch.no_grad():
-        return dsv4.load_model(path, dtype=torch.float32)(ids)
-
-
-def test_convert_between_formats_equals_the_writers_and_keeps_the_tokenizer(tmp_path, capsys):
-    """HF -> official writes what save_official writes (FP8 linears, FP4 experts); official -> HF gives the
-    same logits as the official checkpoint itself, HF -> HF those of the source; the tokenizer comes along;
-    nothing is overwritten."""
-    ids = torch.tensor([[0, 5, 17, 99, 3, 250]])
-    official, back = tmp_path / "official", tmp_path / "back"
-    assert main(["convert", str(BUNDLED), str(official), "--to", "official"]) == 0
-    direct = tmp_path / "direct"
-    dsv4.save_official(dsv4.load_model(BUNDLED, dtype=torch.bfloat16), direct)
-    assert torch.equal(logits(official, ids), logits(direct, ids))
-    config = json.loads((official / "config.json").read_text())
-    assert config["dtype"] == "fp8" and config["expert_dtype"] == "fp4"
-    assert main(["convert", str(official), str(back), "--to", "hf", "--dtype", "float32"]) == 0
-    assert torch.equal(logits(back, ids), logits(official, ids))
-    for out in (official, back):
-        assert (out / "tokenizer.json").read_bytes() == (BUNDLED / "tokenizer.json").read_bytes()
-    same = tmp_path / "same"  # HF -> HF in the weights' own dtype: the same model
-    assert main(["convert", str(BUNDLED), str(same), "--to", "hf", "--dtype", "float32"]) == 0
-    assert torch.equal(logits(same, ids), logits(BUNDLED, ids))
-    capsys.readouterr()
-    for args, named in (([str(BUNDLED), str(back)], "not empty"), ([str(BUNDLED), str(BUNDLED)], "is the source"),
-                        ([str(tmp_path / "none"), str(tmp_path / "x")], "not a checkpoint directory")):
-        assert main(["convert", *args, "--to", "hf"]) == 2
-        assert named in capsys.readouterr().err
-    assert (back / "config.json").exists()
 
 
 def test_bench_measures_the_engine_and_reports_the_state_it_holds(capsys):

@@ -6,7 +6,8 @@ with routed experts stacked per layer. Any of these key styles loads:
 - transformers in memory: `model.layers.3.self_attn.q_a_proj.weight`, `mlp.experts.gate_up_proj`;
 - transformers' save_pretrained: `model.` + official-style leaves (`attn.norm` for `attn.kv_norm`).
 `save_model` writes the transformers in-memory names plus `mtp.*` in official names (transformers
-ignores those; we keep them).
+ignores those; we keep them). `convert_checkpoint` rewrites a checkpoint in either layout tensor by tensor,
+with the same checks and tensors as `load_model` followed by `save_model` / `save_official`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import re
 import shutil
 import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -203,17 +206,6 @@ def _shard_files(path: Path) -> tuple[list[Path], dict | None]:
     return files, None
 
 
-def _has_mtp(files: list[Path]) -> bool:
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                if any(k.startswith("mtp.") for k in h.keys()):
-                    return True
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-    return False
-
-
 def _read_config(path: Path) -> Config:
     for name in ("config.json", "inference/config.json"):
         if (path / name).exists():
@@ -221,8 +213,105 @@ def _read_config(path: Path) -> Config:
     raise CheckpointError(f"{path}: no config.json")
 
 
+_QUANTISED = ("F8_E4M3", "I8")  # header dtypes of FP8 weights and packed FP4 experts: each has a `.scale`
+
+
+def _open_shard(f: Path):
+    try:
+        return safe_open(str(f), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+class _Piece(NamedTuple):
+    """One checkpoint tensor as the loader takes it: canonical name, shard and key, and the (shard, key) of its
+    scale where it is quantised."""
+    name: str
+    file: Path
+    key: str
+    scale: tuple[Path, str] | None = None
+
+
+class _Source:
+    """A checkpoint's tensors. Iterating lists them from the shard headers, shard by shard (a shard's header is
+    read once the pieces before it are taken), FP8/FP4 weights paired with their scales (which may sit in
+    another shard); `read` reads one tensor."""
+
+    def __init__(self, path: Path, files: list[Path], weight_map: dict | None):
+        self.path, self.files, self.weight_map = path, files, weight_map
+        self._open: tuple[Path, object] | None = None  # the shard read last: reads follow shard order
+
+    def __iter__(self) -> Iterator[_Piece]:
+        shard_of: dict[str, str] = {}  # checkpoint tensor name -> the shard it is read from
+        weights, scales = {}, {}  # base name -> (shard, key), waiting for their partner
+        for f in self.files:
+            src = f.name
+            with _open_shard(f) as h:
+                pieces = []
+                for key in h.keys():
+                    name = canonical_name(key)
+                    if name is None or self.weight_map is not None and self.weight_map.get(key, src) != src:
+                        continue
+                    if key in shard_of:
+                        raise CheckpointError(f"{self.path}: tensor '{key}' is in two shards, {shard_of[key]} and "
+                                              f"{src}; keep one copy, or list it in model.safetensors.index.json")
+                    shard_of[key] = src
+                    if name.endswith(".scale"):
+                        scales[name[: -len(".scale")]] = (f, key)
+                    elif name.endswith(".weight") and h.get_slice(key).get_dtype() in _QUANTISED:
+                        weights[name[: -len(".weight")]] = (f, key)
+                    else:
+                        pieces.append(_Piece(name, f, key))
+            yield from pieces
+            for base in [b for b in weights if b in scales]:  # pairs may span shards
+                yield _Piece(base + ".weight", *weights.pop(base), scale=scales.pop(base))
+        unpaired = sorted(weights) + sorted(scales)
+        if unpaired:
+            raise CheckpointError(f"{self.path}: quantised weights without their scale (or scales without their "
+                                  f"weight): {unpaired[:5]}")
+
+    def has_mtp(self) -> bool:
+        for f in self.files:
+            with _open_shard(f) as h:
+                if any(k.startswith("mtp.") for k in h.keys()):
+                    return True
+        return False
+
+    def read(self, f: Path, key: str) -> torch.Tensor:
+        # one shard open at a time: the pages of the shard's mapping that were read count as resident memory
+        if self._open is None or self._open[0] != f:
+            self._open = None  # closes the last shard before the next is mapped
+            self._open = (f, _open_shard(f))
+        try:
+            return self._open[1].get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: tensor '{key}' cannot be read ({e})") from None
+
+
+def _open_checkpoint(path, quant_simulation: bool = False) -> tuple[Path, Config, _Source]:
+    """A checkpoint directory (or, where a save was killed between its renames, its whole `.old` twin), its
+    validated config and its tensors' catalogue."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():  # a save killed between its renames: the previous model is whole there
+        warnings.warn(f"{path} is missing; loading the previous save, {old}", stacklevel=3)
+        path = old
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    cfg = _read_config(path)
+    cfg.quant_simulation = quant_simulation
+    cfg.validate()
+    source = _Source(path, *_shard_files(path))
+    if cfg.num_nextn_predict_layers and not source.has_mtp():
+        # transformers drops MTP weights on save; such a checkpoint loads without the MTP module
+        warnings.warn(f"{path}: checkpoint has no mtp.* weights; loading without the MTP module", stacklevel=3)
+        cfg.num_nextn_predict_layers = 0
+    return path, cfg, source
+
+
 class _Loader:
-    """Streams tensors shard by shard into a pre-allocated model."""
+    """Checks checkpoint tensors and puts them in place in a pre-allocated model, or (`fill`) into new tensors
+    for a few tensors of a model built on the meta device."""
 
     def __init__(self, model: Transformer):
         self.model = model
@@ -232,10 +321,6 @@ class _Loader:
         self.tied = ("embed.weight", "head.weight") if model.config.tie_word_embeddings else ()
         self.loaded: set[str] = set()
         self.expert_seen: dict[str, set] = {}
-        self.shard_of: dict[str, str] = {}  # checkpoint tensor name -> the shard it was read from
-        # quantised weights and scales waiting for their partner (which may sit in another shard)
-        self.weights: dict[str, tuple[torch.Tensor, str]] = {}
-        self.scales: dict[str, tuple[torch.Tensor, str]] = {}
 
     def _target(self, name: str, src: str, shape) -> torch.Tensor:
         t = self.params.get(name)
@@ -358,58 +443,45 @@ class _Loader:
         t = self.params.get(key)
         return t.dtype if t is not None else torch.float32
 
-    def load_file(self, f: Path, weight_map: dict | None = None) -> None:
-        """Every tensor of shard `f`, but those the index (`weight_map`) places in another shard."""
-        src = f.name
-        try:
-            handle = safe_open(str(f), framework="pt")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-        with handle:
-            keys = list(handle.keys())
-            raw = {}
-            for key in keys:
-                name = canonical_name(key)
-                if name is None or weight_map is not None and weight_map.get(key, src) != src:
-                    continue
-                if key in self.shard_of:
-                    raise CheckpointError(f"{f.parent}: tensor '{key}' is in two shards, {self.shard_of[key]} and "
-                                          f"{src}; keep one copy, or list it in model.safetensors.index.json")
-                self.shard_of[key] = src
-                try:
-                    raw[name] = handle.get_tensor(key)
-                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                    raise CheckpointError(f"{f}: tensor '{key}' cannot be read ({e})") from None
-            for name, t in raw.items():
-                if name.endswith(".scale"):
-                    self.scales[name[: -len(".scale")]] = (t, src)
-                elif t.dtype in (torch.float8_e4m3fn, torch.int8) and name.endswith(".weight"):
-                    self.weights[name[: -len(".weight")]] = (t, src)
-                else:
-                    self.put(name, t, src)
-            for base in [b for b in self.weights if b in self.scales]:  # pairs may span shards
-                (w, wsrc), (sc, _) = self.weights.pop(base), self.scales.pop(base)
-                self.put_quantised(base + ".weight", w, sc, wsrc)
+    def load(self, piece: _Piece, source: _Source) -> None:
+        """Read one checkpoint tensor (and its scale), check it and put it in place, dequantised."""
+        t = source.read(piece.file, piece.key)
+        if piece.scale is None:
+            self.put(piece.name, t, piece.file.name)
+        else:
+            self.put_quantised(piece.name, t, source.read(*piece.scale), piece.file.name)
 
-    def finish(self, path: Path) -> None:
-        unpaired = sorted(self.weights) + sorted(self.scales)
-        if unpaired:
-            raise CheckpointError(f"{path}: quantised weights without their scale (or scales without their "
-                                  f"weight): {unpaired[:5]}")
+    def fill(self, names: list[str], pieces: list[_Piece], source: _Source, path: Path) -> dict[str, torch.Tensor]:
+        """The model tensors `names` (of a model on the meta device) in new tensors, loaded from `pieces` and
+        checked as load_model checks them. With tied embeddings `embed.weight` and `head.weight` are one tensor."""
+        group: dict[str, torch.Tensor] = {}
+        for n in names:
+            tied = [group[m] for m in self.tied if m in group and n in self.tied]
+            group[n] = tied[0] if tied else torch.empty(self.params[n].shape, dtype=self.params[n].dtype)
+        skeleton = {n: self.params[n] for n in names}
+        self.params.update(group)
+        try:
+            for piece in pieces:
+                self.load(piece, source)
+            self.check_filled(names, path)
+        finally:
+            self.params.update(skeleton)
+        return group
+
+    def expected(self) -> set[str]:
+        """The model tensors a checkpoint must fill; packed routed experts by their dense names."""
         expected = set(self.params)
-        n_experts = self.model.config.n_routed_experts
-        for name, seen in self.expert_seen.items():
-            if len(seen) == n_experts:
-                self.loaded.add(name)
         for mod_name, mod in self.model.named_modules():
             if isinstance(mod, PackedExperts):
                 for w in ("w1", "w2", "w3"):
-                    expected.discard(f"{mod_name}.{w}_packed")
-                    expected.discard(f"{mod_name}.{w}_scale")
-                    if len(self.expert_seen.get(f"{mod_name}.{w}", ())) == n_experts:
-                        self.loaded.add(f"{mod_name}.{w}")
+                    expected -= {f"{mod_name}.{w}_packed", f"{mod_name}.{w}_scale"}
                     expected.add(f"{mod_name}.{w}")
-        missing = sorted(expected - self.loaded)
+        return expected
+
+    def check_filled(self, names, path: Path) -> None:
+        """Refuse a checkpoint that left any of the model tensors `names` unfilled (routed experts: any expert)."""
+        n_experts = self.model.config.n_routed_experts
+        missing = sorted(n for n in names if n not in self.loaded and len(self.expert_seen.get(n, ())) != n_experts)
         if missing:
             more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
             raise CheckpointError(f"{path}: checkpoint lacks tensors the config needs: {missing[:8]}{more}")
@@ -433,57 +505,60 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
                quant_simulation: bool = False) -> Transformer:
     """Load an HF-format or official DeepSeek-V4 checkpoint directory.
 
-    Shards are streamed one at a time into a pre-allocated model (peak memory about the model
-    plus the largest shard). dtype: float32, bfloat16, float16 or float64, as a torch dtype or its
-    name (parameters the reference keeps in fp32 stay fp32). fp4_experts keeps official FP4 routed
+    Tensors are read one at a time into a pre-allocated model (peak memory about the model plus the
+    largest tensor). dtype: float32, bfloat16, float16 or float64, as a torch dtype or its name
+    (parameters the reference keeps in fp32 stay fp32). fp4_experts keeps official FP4 routed
     experts packed and dequantises them per use. quant_simulation turns on the reference's FP8/FP4
     quantisation points.
     Only safetensors are read."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and old.is_dir():  # a save killed between its renames: the previous model is whole there
-        warnings.warn(f"{path} is missing; loading the previous save, {old}", stacklevel=2)
-        path = old
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    cfg = _read_config(path)
-    cfg.quant_simulation = quant_simulation
-    cfg.validate()
-    files, weight_map = _shard_files(path)
-    if cfg.num_nextn_predict_layers and not _has_mtp(files):
-        # transformers drops MTP weights on save; such a checkpoint loads without the MTP module
-        warnings.warn(f"{path}: checkpoint has no mtp.* weights; loading without the MTP module", stacklevel=2)
-        cfg.num_nextn_predict_layers = 0
+    path, cfg, source = _open_checkpoint(path, quant_simulation)
     model = build_model(cfg, dtype, "cpu")
     if fp4_experts:
         _pack_experts(model)
     loader = _Loader(model)
-    for f in files:
-        loader.load_file(f, weight_map)
-    loader.finish(path)
+    for piece in source:
+        loader.load(piece, source)
+    loader.check_filled(loader.expected(), path)
     return model.to(device).eval()
 
 
 # ---------------------------------------------------------------- writing
 
-def _write_dir(path: Path, files: dict[str, dict[str, torch.Tensor]], config: dict) -> None:
-    """Write shards + index + config as a whole new directory that replaces `path` (`replacing_dir`),
-    keeping whatever else `path` holds (a tokenizer.json, subdirectories) but its old weights."""
+def _write_dir(path: Path, tensors, config: dict, max_shard_bytes: int, pattern: str) -> None:
+    """Write (name, tensor) pairs as safetensors shards of at most `max_shard_bytes` (a larger tensor alone),
+    each saved as soon as it is full, + index + config, as a whole new directory that replaces `path`
+    (`replacing_dir`), keeping whatever else `path` holds (a tokenizer.json, subdirectories) but its old weights.
+    `tensors` may read and convert as it goes: if it raises, `path` is left as it was."""
     path = Path(path)
     if Path.cwd().resolve().is_relative_to(path.resolve()):  # renaming it would pull the ground from under us
         raise ConfigError(f"{path}: save a model into a directory of its own, not the current one or above it")
     ours = ("model.safetensors.index.json", "config.json")
     with replacing_dir(path, keep=lambda name: not (name.endswith(".safetensors") or name in ours
                                                     or name.startswith(".tmp-"))) as tmp:
-        weight_map = {}
-        for fname, tensors in files.items():
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in tensors})
-        if len(files) > 1:
-            total = sum(v.numel() * v.element_size() for t in files.values() for v in t.values())
+        shards: list[list[str]] = []  # the tensor names of each saved shard
+        cur, size, total = {}, 0, 0
+        for k, v in tensors:
+            b = v.numel() * v.element_size()
+            if cur and size + b > max_shard_bytes:
+                shards.append(_save_shard(tmp / f".shard-{len(shards)}", cur))
+                cur, size = {}, 0
+            cur[k] = v
+            size, total = size + b, total + b
+        shards.append(_save_shard(tmp / f".shard-{len(shards)}", cur))
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [pattern.format(i + 1, len(shards)) for i in range(len(shards))])
+        for i, fname in enumerate(names):  # the names are known once the count is
+            (tmp / f".shard-{i}").rename(tmp / fname)
+        if len(shards) > 1:
+            weight_map = {k: fname for fname, keys in zip(names, shards) for k in keys}
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _save_shard(f: Path, tensors: dict[str, torch.Tensor]) -> list[str]:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(f), metadata={"format": "pt"})
+    return list(tensors)
 
 
 @contextlib.contextmanager
@@ -531,21 +606,6 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def _shard(tensors: dict[str, torch.Tensor], max_bytes: int, pattern: str) -> dict[str, dict[str, torch.Tensor]]:
-    shards, cur, size = [], {}, 0
-    for k, v in tensors.items():
-        b = v.numel() * v.element_size()
-        if cur and size + b > max_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += b
-    shards.append(cur)
-    if len(shards) == 1:
-        return {"model.safetensors": shards[0]}
-    return {pattern.format(i + 1, len(shards)): s for i, s in enumerate(shards)}
-
-
 def _dense_state(model: Transformer) -> dict[str, torch.Tensor]:
     """Official names, experts stacked; packed experts dequantised."""
     out = {}
@@ -561,40 +621,46 @@ def _dense_state(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: Transformer, path, max_shard_bytes: int = 2 << 30) -> None:
-    """Write `model` in the transformers format (config.json + safetensors, sharded with an index).
+_HF_SHARDS, _OFFICIAL_SHARDS = "model-{:05d}-of-{:05d}.safetensors", "model{:05d}-of-{:05d}.safetensors"
 
-    MTP weights are kept under `mtp.*` (official names); transformers ignores them on load. Tied
-    embeddings are written once, as `model.embed_tokens.weight` (as transformers does)."""
-    hf = {}
-    dense = _dense_state(model)
-    if model.config.tie_word_embeddings:
-        del dense["head.weight"]
-    for name, t in dense.items():
+
+def _to_hf(state: dict[str, torch.Tensor], tied: bool):
+    """Model tensors (official names, routed experts stacked) -> (transformers name, tensor) pairs. A block's three
+    routed-expert tensors come in one `state` (gate_up_proj is w1 and w3 in one)."""
+    for name, t in state.items():
+        if tied and name == "head.weight":  # tied embeddings are written once, as transformers does
+            continue
         t = t.detach().cpu()
         m = re.match(r"^(layers\.\d+\.)ffn\.experts\.(w[123])$", name)
         if name.startswith("mtp."):
             me = re.match(r"^(mtp\.\d+\.ffn\.experts)\.(w[123])$", name)
             if me:
                 for e in range(t.shape[0]):
-                    hf[f"{me.group(1)}.{e}.{me.group(2)}.weight"] = t[e]
+                    yield f"{me.group(1)}.{e}.{me.group(2)}.weight", t[e]
             else:
-                hf[name] = t
+                yield name, t
         elif m:
             if m.group(2) == "w2":
-                hf[f"model.{m.group(1)}mlp.experts.down_proj"] = t
+                yield f"model.{m.group(1)}mlp.experts.down_proj", t
             elif m.group(2) == "w1":
-                w3 = dense[name[:-2] + "w3"].detach().cpu()
-                hf[f"model.{m.group(1)}mlp.experts.gate_up_proj"] = torch.cat([t, w3], dim=1)
+                w3 = state[name[:-2] + "w3"].detach().cpu()
+                yield f"model.{m.group(1)}mlp.experts.gate_up_proj", torch.cat([t, w3], dim=1)
         elif name in _OFF_TO_HF_TOP:
-            hf[_OFF_TO_HF_TOP[name]] = t
+            yield _OFF_TO_HF_TOP[name], t
         else:
             lm = _LAYER.match(name)
             if not lm or lm.group(2) not in _OFF_TO_HF_LEAF:
                 raise CheckpointError(f"no transformers name for parameter '{name}'")
-            hf[f"model.{lm.group(1)}{_OFF_TO_HF_LEAF[lm.group(2)]}"] = t
-    _write_dir(Path(path), _shard(hf, max_shard_bytes, "model-{:05d}-of-{:05d}.safetensors"),
-               model.config.to_hf_dict())
+            yield f"model.{lm.group(1)}{_OFF_TO_HF_LEAF[lm.group(2)]}", t
+
+
+def save_model(model: Transformer, path, max_shard_bytes: int = 2 << 30) -> None:
+    """Write `model` in the transformers format (config.json + safetensors, sharded with an index).
+
+    MTP weights are kept under `mtp.*` (official names); transformers ignores them on load. Tied
+    embeddings are written once, as `model.embed_tokens.weight` (as transformers does)."""
+    _write_dir(Path(path), _to_hf(_dense_state(model), model.config.tie_word_embeddings), model.config.to_hf_dict(),
+               max_shard_bytes, _HF_SHARDS)
 
 
 _OFFICIAL_FP32 = re.compile(r"(hc_\w+_(fn|base|scale)$|attn_sink$|\.ape$|gate\.bias$)")
@@ -602,13 +668,8 @@ _FP8_LEAVES = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|
                          r"\.weight$")
 
 
-def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8: bool = True,
-                  fp4_experts: bool = True) -> None:
-    """Write DeepSeek's official layout: official names, FP8 weights with 128x128 UE8M0 scales, routed
-    experts FP4 e2m1 packed two per byte with per-32 UE8M0 scales, int64 tid2eid, MTP weights,
-    BF16 for the rest (fp32 where the reference keeps fp32), sharded with an index json. The official
-    config cannot say that embeddings are tied: both tensors are written."""
-    cfg = model.config  # what the official config cannot say is refused before the (long) quantisation
+def _check_official(cfg: Config) -> None:
+    """Refuse what the official config cannot say (before the long quantisation)."""
     if cfg.csa_compress_ratio != 4:
         raise ConfigError("the official layout marks CSA layers by compress ratio 4; csa_compress_ratio must be 4")
     if HCA in cfg.layer_types and cfg.hca_compress_ratio == 4:
@@ -619,39 +680,122 @@ def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8:
         raise ConfigError(f"the official config cannot say bos_token_id {cfg.bos_token_id} and eos_token_id "
                           f"{cfg.eos_token_id} (it is read back with DeepSeek's {Config.bos_token_id} and "
                           f"{Config.eos_token_id}); save this model with save_model")
-    out = {}
-    for name, t in _dense_state(model).items():
+
+
+def _to_official(state: dict[str, torch.Tensor], tied: bool, fp8: bool, fp4_experts: bool):
+    """Model tensors (official names, routed experts stacked) -> the official layout's (name, tensor) pairs."""
+    for name, t in state.items():
         t = t.detach().cpu()
-        if name == "head.weight" and model.config.tie_word_embeddings:
+        if name == "head.weight" and tied:
             t = t.clone()  # safetensors refuses two names for one storage
         m = re.match(r"^(.*\.ffn\.experts)\.(w[123])$", name)
         if m:
             for e in range(t.shape[0]):
                 key = f"{m.group(1)}.{e}.{m.group(2)}"
                 if fp4_experts:
-                    out[key + ".weight"], out[key + ".scale"] = quant_fp4_weight(t[e])
+                    w, scale = quant_fp4_weight(t[e])
+                    yield key + ".weight", w
+                    yield key + ".scale", scale
                 else:
-                    out[key + ".weight"] = t[e].to(torch.bfloat16)
+                    yield key + ".weight", t[e].to(torch.bfloat16)
         elif fp8 and _FP8_LEAVES.search(name):
-            out[name], out[name[: -len(".weight")] + ".scale"] = quant_fp8_weight(t)
+            w, scale = quant_fp8_weight(t)
+            yield name, w
+            yield name[: -len(".weight")] + ".scale", scale
         elif t.dtype == torch.long:
-            out[name] = t
+            yield name, t
         else:
-            out[name] = t.float() if _OFFICIAL_FP32.search(name) else t.to(torch.bfloat16)
-    config = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
-              "moe_inter_dim": cfg.moe_intermediate_size, "n_hash_layers": cfg.num_hash_layers,
-              "n_mtp_layers": cfg.num_nextn_predict_layers, "n_heads": cfg.num_attention_heads,
-              "head_dim": cfg.head_dim, "rope_head_dim": cfg.qk_rope_head_dim, "q_lora_rank": cfg.q_lora_rank,
-              "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank, "window_size": cfg.sliding_window,
-              "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
-              "index_topk": cfg.index_topk, "n_routed_experts": cfg.n_routed_experts,
-              "n_activated_experts": cfg.num_experts_per_tok, "n_shared_experts": cfg.n_shared_experts,
-              "score_func": cfg.scoring_func, "route_scale": cfg.routed_scaling_factor,
-              "swiglu_limit": cfg.swiglu_limit, "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
-              "hc_eps": cfg.hc_eps, "rope_theta": cfg.rope_theta, "compress_rope_theta": cfg.compress_rope_theta,
-              "rope_factor": cfg.rope_factor, "original_seq_len": cfg.original_max_position_embeddings,
-              "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow, "max_seq_len": cfg.max_position_embeddings,
-              "norm_eps": cfg.rms_norm_eps, "compress_ratios": cfg.compress_ratios,
-              "dtype": "fp8" if fp8 else "bf16", "expert_dtype": "fp4" if fp4_experts else "bf16",
-              "scale_fmt": "ue8m0"}
-    _write_dir(Path(path), _shard(out, max_shard_bytes, "model{:05d}-of-{:05d}.safetensors"), config)
+            yield name, t.float() if _OFFICIAL_FP32.search(name) else t.to(torch.bfloat16)
+
+
+def _official_config(cfg: Config, fp8: bool, fp4_experts: bool) -> dict:
+    """DeepSeek's inference/config.json for `cfg`."""
+    return {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
+            "moe_inter_dim": cfg.moe_intermediate_size, "n_hash_layers": cfg.num_hash_layers,
+            "n_mtp_layers": cfg.num_nextn_predict_layers, "n_heads": cfg.num_attention_heads,
+            "head_dim": cfg.head_dim, "rope_head_dim": cfg.qk_rope_head_dim, "q_lora_rank": cfg.q_lora_rank,
+            "o_groups": cfg.o_groups, "o_lora_rank": cfg.o_lora_rank, "window_size": cfg.sliding_window,
+            "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
+            "index_topk": cfg.index_topk, "n_routed_experts": cfg.n_routed_experts,
+            "n_activated_experts": cfg.num_experts_per_tok, "n_shared_experts": cfg.n_shared_experts,
+            "score_func": cfg.scoring_func, "route_scale": cfg.routed_scaling_factor,
+            "swiglu_limit": cfg.swiglu_limit, "hc_mult": cfg.hc_mult, "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
+            "hc_eps": cfg.hc_eps, "rope_theta": cfg.rope_theta, "compress_rope_theta": cfg.compress_rope_theta,
+            "rope_factor": cfg.rope_factor, "original_seq_len": cfg.original_max_position_embeddings,
+            "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow, "max_seq_len": cfg.max_position_embeddings,
+            "norm_eps": cfg.rms_norm_eps, "compress_ratios": cfg.compress_ratios,
+            "dtype": "fp8" if fp8 else "bf16", "expert_dtype": "fp4" if fp4_experts else "bf16",
+            "scale_fmt": "ue8m0"}
+
+
+def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8: bool = True,
+                  fp4_experts: bool = True) -> None:
+    """Write DeepSeek's official layout: official names, FP8 weights with 128x128 UE8M0 scales, routed
+    experts FP4 e2m1 packed two per byte with per-32 UE8M0 scales, int64 tid2eid, MTP weights,
+    BF16 for the rest (fp32 where the reference keeps fp32), sharded with an index json. The official
+    config cannot say that embeddings are tied: both tensors are written."""
+    cfg = model.config
+    _check_official(cfg)
+    _write_dir(Path(path), _to_official(_dense_state(model), cfg.tie_word_embeddings, fp8, fp4_experts),
+               _official_config(cfg, fp8, fp4_experts), max_shard_bytes, _OFFICIAL_SHARDS)
+
+
+# ---------------------------------------------------------------- converting
+
+_STACKED = re.compile(r"^(.*\.ffn\.experts)\.(gate_up|w[123])$")
+
+
+def _group_of(name: str, tied) -> str:
+    """The group a model tensor or checkpoint tensor (canonical name) is converted in: its block's routed experts
+    (stacked in the model, per expert or gate_up in checkpoints), the embedding for a tied head, else itself."""
+    m = _EXPERT.match(name) or _STACKED.match(name)
+    if m:
+        return m.group(1).rstrip(".")
+    return "embed.weight" if name in tied else name
+
+
+def _plan(loader: _Loader, source: _Source, path: Path) -> list[tuple[list[str], list[_Piece]]]:
+    """The model's tensors in state_dict order, grouped as they are converted together, each group with the
+    checkpoint tensors that fill it. A checkpoint tensor with no place in the model, or a model tensor with no
+    checkpoint tensor, is refused here, before anything is written."""
+    groups: dict[str, list[str]] = {}
+    for name in loader.model.state_dict():
+        groups.setdefault(_group_of(name, loader.tied), []).append(name)
+    pieces: dict[str, list[_Piece]] = {g: [] for g in groups}
+    for piece in source:
+        group = _group_of(piece.name, loader.tied)
+        if group not in pieces:
+            loader.load(piece, source)  # says why it has no place, as load_model does
+            raise CheckpointError(f"{piece.file.name}: tensor '{piece.name}' has no place in this model "
+                                  f"(config mismatch?)")
+        pieces[group].append(piece)
+    loader.check_filled([n for g, names in groups.items() if not pieces[g] for n in names], path)
+    return [(names, pieces[g]) for g, names in groups.items()]
+
+
+def convert_checkpoint(src, dst, to: str = "hf", dtype=torch.bfloat16, fp8: bool = True, fp4_experts: bool = True,
+                       max_shard_bytes: int = 2 << 30) -> None:
+    """Rewrite checkpoint `src` (either format) into `dst`: what save_model (`to="hf"`) or save_official
+    (`to="official"`, with `fp8` and `fp4_experts`) writes for load_model(src, dtype), streamed. Tensors are read,
+    converted and written as shards fill, a block's routed experts together, so peak memory is about one
+    output shard plus one block's routed experts, not the model. `src` is refused where load_model refuses it
+    (tensors missing or without a place before anything is written; bad shapes or values as they are read),
+    and then `dst` is left as it was."""
+    if to not in ("hf", "official"):
+        raise ConfigError(f"to: must be 'hf' or 'official' (got {to!r})")
+    path, cfg, source = _open_checkpoint(src)
+    if to == "official":
+        _check_official(cfg)
+    loader = _Loader(build_model(cfg, dtype, "meta"))
+    plan = _plan(loader, source, path)
+    tied = cfg.tie_word_embeddings
+    if to == "hf":
+        convert, config, pattern = partial(_to_hf, tied=tied), cfg.to_hf_dict(), _HF_SHARDS
+    else:
+        convert = partial(_to_official, tied=tied, fp8=fp8, fp4_experts=fp4_experts)
+        config, pattern = _official_config(cfg, fp8, fp4_experts), _OFFICIAL_SHARDS
+
+    def tensors():  # one group alive at a time: each is dropped once converted
+        for names, pieces in plan:
+            yield from convert(loader.fill(names, pieces, source, path))
+    _write_dir(Path(dst), tensors(), config, max_shard_bytes, pattern)

@@ -164,12 +164,15 @@ def generate(args) -> int:
 
 def convert(args) -> int:
     """Rewrite a checkpoint (HF format or DeepSeek's official FP8/FP4 layout) in the other format, or the
-    same format in another dtype; tokenizer.json comes along. The whole model is loaded into memory."""
+    same format in another dtype; tokenizer.json comes along. Streamed (checkpoint.convert_checkpoint): tensors
+    are read, converted and written shard by shard, so peak memory is about one output shard plus one layer's
+    routed experts, not the model. The source is checked as load_model checks it; on an error nothing is
+    left at the destination."""
     import shutil
 
     import torch
 
-    from .checkpoint import load_model, save_model, save_official
+    from .checkpoint import convert_checkpoint
 
     src, dst = Path(args.source), Path(args.dest)
     if not src.is_dir():
@@ -178,11 +181,8 @@ def convert(args) -> int:
         raise ConfigError(f"{dst}: the destination is the source; write the converted checkpoint elsewhere")
     if dst.exists() and any(dst.iterdir()):
         raise ConfigError(f"{dst}: exists and is not empty; choose a new directory")
-    model = load_model(src, dtype=getattr(torch, args.dtype))
-    if args.to == "official":
-        save_official(model, dst, fp8=not args.no_fp8, fp4_experts=not args.no_fp4)
-    else:
-        save_model(model, dst)
+    convert_checkpoint(src, dst, args.to, getattr(torch, args.dtype), fp8=not args.no_fp8,
+                       fp4_experts=not args.no_fp4)
     if (src / "tokenizer.json").is_file():
         shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
     print(f"dsv4: wrote {dst} ({args.to} format)", file=sys.stderr)
@@ -343,7 +343,8 @@ def main(argv=None) -> int:
     gen.add_argument("--compile", action="store_true", help="compile the decode step (as dsv4 serve --compile)")
     gen.add_argument("--json", action="store_true",
                      help="one JSON line per prompt: prompt, text, token_ids, finish_reason")
-    cv = sub.add_parser("convert", help="rewrite a checkpoint in HF format or DeepSeek's official FP8/FP4 layout")
+    cv = sub.add_parser("convert", help="rewrite a checkpoint in HF format or DeepSeek's official FP8/FP4 layout, "
+                                        "streamed tensor by tensor (memory: about one shard plus one layer)")
     cv.add_argument("source", help="checkpoint directory (either format)")
     cv.add_argument("dest", help="new directory to write")
     cv.add_argument("--to", required=True, choices=["hf", "official"],
