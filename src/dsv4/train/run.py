@@ -18,8 +18,8 @@ learning rate (a longer run before its decay).
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import glob
+import importlib.util
 import json
 import math
 import os
