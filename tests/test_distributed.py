@@ -27,9 +27,9 @@ def run(parallel=None, masked=False):
     if hasattr(parallel, "apply"):
         model = parallel.apply(model)
     trainer = Trainer(model, TOKENS, TCFG, parallel, MASK if masked else None)
-    losses = [trainer.step()["loss"] for _ in range(4)]
+    stats = [trainer.step() for _ in range(4)]
     sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in trainer.model.state_dict().items()}
-    return losses, sd
+    return [s["loss"] for s in stats], [s["grad_norm"] for s in stats], sd
 
 
 def _leave():
@@ -43,9 +43,10 @@ def _leave():
 def worker(rank, world, init_file, out, plan, masked):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    losses, sd = run({"ddp": DataParallel, "fsdp": FullyShardedDataParallel}[plan](rank, world), masked)
+    losses, norms, sd = run({"ddp": DataParallel, "fsdp": FullyShardedDataParallel}[plan](rank, world), masked)
     if rank == 0:
-        torch.save({"losses": losses, "head": sd["head.weight"], "w1": sd["layers.1.ffn.experts.w1"]}, out)
+        torch.save({"losses": losses, "norms": norms, "head": sd["head.weight"], "w1": sd["layers.1.ffn.experts.w1"]},
+                   out)
     _leave()
 
 
@@ -53,11 +54,14 @@ def worker(rank, world, init_file, out, plan, masked):
 @pytest.mark.parametrize("plan", ["ddp", "fsdp"])
 def test_two_process_data_parallel_equals_one_process(tmp_path, plan, masked):
     torch.set_num_threads(1)
-    single, sd = run(masked=masked)
+    single, norms, sd = run(masked=masked)
     out = tmp_path / "rank0.pt"
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(out), plan, masked), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     assert np.allclose(got["losses"], single, rtol=0, atol=1e-5), (got["losses"], single)
+    # the pre-clip gradient norm: the rank-averaged gradient is the single process's (a sum over ranks would be
+    # twice it; clipping to 1 and Muon's scale invariance would hide that from the weights)
+    assert min(norms) > TCFG.grad_clip and np.allclose(got["norms"], norms, rtol=1e-4), (got["norms"], norms)
     assert torch.allclose(got["head"], sd["head.weight"], atol=1e-5)
     # Muon's Newton-Schulz amplifies the last-bit difference between a summed-then-halved gradient and a
     # single-process mean (see test_muon): weights agree to ~1e-4, losses to 1e-5

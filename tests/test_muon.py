@@ -1,4 +1,7 @@
 """Muon against hand-computed cases: Newton-Schulz on known singular values, update RMS, weight decay."""
+import re
+
+import pytest
 import torch
 
 import dsv4
@@ -39,13 +42,26 @@ def test_update_rms_matches_adamw_and_weight_decay_is_decoupled():
 
 
 def test_param_groups_split_matrices_from_the_rest():
+    """AdamW takes the embedding, the output head, every RMSNorm weight, the mHC static biases and gating factors
+    (`hc_*_base`, `hc_*_scale`), attention sinks and the compressors' position biases (`ape`, an additive bias
+    [ratio, d] although 2-D); Muon takes every other parameter, each a matrix or a stack of expert matrices.
+    (The model has no Linear biases; the router's selection bias is a buffer, not trained by gradients.)"""
     model = random_model(dsv4.Config.tiny())
     muon, adamw = param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.dim() >= 2 for p in muon)
-    adamw_names = {names[id(p)] for p in adamw}
-    assert "embed.weight" in adamw_names and "head.weight" in adamw_names
-    assert any(names[id(p)].endswith("experts.w1") for p in muon)
+    leaf = {n: n.rsplit(".", 1)[-1] for n in names.values()}
+
+    def adamw_rule(n):  # written from architecture.md section 12, not from muon.py's tuple
+        return (n in ("embed.weight", "head.weight") or n.endswith("norm.weight")
+                or re.fullmatch(r"hc_\w+_(base|scale)", leaf[n]) is not None or leaf[n] in ("attn_sink", "ape"))
+    want_adamw = {n for n in names.values() if adamw_rule(n)}
+    assert {names[id(p)] for p in adamw} == want_adamw
+    assert {names[id(p)] for p in muon} == set(names.values()) - want_adamw
+    for p in muon:
+        n = names[id(p)]
+        assert p.dim() == 2 or (p.dim() == 3 and ".experts.w" in n), n
+    assert sum(n.endswith(".ape") for n in want_adamw) == 2 * 2 + 1  # 2 CSA layers (compressor, indexer's) + 1 HCA
+    assert any(n.endswith("experts.w1") for n in names.values() if n not in want_adamw)
     assert len(muon) + len(adamw) == sum(1 for _ in model.parameters())
 
 
@@ -103,3 +119,39 @@ def test_grouped_output_projection_is_orthogonalised_group_by_group():
         assert torch.allclose(got[i], want, atol=1e-5), i
     boosted = update([grads[0] * 10, *grads[1:]])
     assert torch.allclose(boosted[1:], got[1:], atol=1e-6)  # group 0's gradient leaves the others' updates alone
+
+
+def ns_reference(G: torch.Tensor) -> torch.Tensor:
+    """The hybrid Newton-Schulz iteration written out in fp64 (architecture.md section 12): X = G / ||G||_F on the
+    wide side, 8 steps of X <- aX + (bA + cA^2)X with A = XX^T and (3.4445, -4.7750, 2.0315), then 2 with (2, -1.5, 0.5)."""
+    X = G.double()
+    wide = X.shape[0] <= X.shape[1]
+    X = X if wide else X.T
+    X = X / X.norm()
+    for k in range(10):
+        a, b, c = (3.4445, -4.7750, 2.0315) if k < 8 else (2.0, -1.5, 0.5)
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.T
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy-ball", "nesterov"])
+def test_two_steps_with_momentum_hand_computed(nesterov):
+    """buf_t = mu buf_{t-1} + g_t; the orthogonalised direction u_t is g_t + mu buf_t (Nesterov) or buf_t; the step is
+    p <- p (1 - lr wd) - lr * 0.2 * sqrt(max(rows, cols)) * NS(u_t). Step 2 mixes g1 into the update: with g1 and g2
+    independent, NS(g2), NS(buf_2) and NS(g2 + mu buf_2) are far apart, so dropping momentum or Nesterov shows."""
+    mu, lr, wd, (m, n) = 0.9, 0.05, 0.1, (10, 6)  # tall: Muon orthogonalises the transpose
+    gen = torch.Generator().manual_seed(0)
+    g1, g2 = torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen)
+    p = torch.nn.Parameter(torch.randn(m, n, generator=gen))
+    opt = Muon([p], lr=lr, momentum=mu, weight_decay=wd, nesterov=nesterov)
+    want = p.detach().double().clone()
+    buf = torch.zeros(m, n, dtype=torch.float64)
+    scale = 0.2 * max(m, n) ** 0.5
+    for g in (g1, g2):
+        buf = mu * buf + g.double()
+        u = g.double() + mu * buf if nesterov else buf
+        want = want * (1 - lr * wd) - lr * scale * ns_reference(u)
+        p.grad = g.clone()
+        opt.step()
+        assert torch.allclose(p.detach().double(), want, rtol=0, atol=1e-5), (p.detach().double() - want).abs().max()

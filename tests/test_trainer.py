@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dsv4
 from dsv4.train import TrainConfig, Trainer
@@ -295,3 +296,110 @@ def test_resume_with_other_train_settings_names_each_with_both_values(tmp_path):
                    TrainConfig(steps=8, batch_size=4, seq_len=32, warmup=2, device="cpu"))
     same.resume(tmp_path / "ckpt")
     assert same.step_count == 1
+
+
+def small(**kw):
+    """A fresh Trainer on CFG with 2 rows of 16 tokens (fast steps); kw: TrainConfig fields."""
+    torch.manual_seed(0)
+    return Trainer(random_model(CFG, seed=1), tokens(), TrainConfig(**{"steps": 4, "batch_size": 2, "seq_len": 16,
+                                                                      "warmup": 1, **kw}))
+
+
+def hand_losses(model, ids, mask=None):
+    """(next-token CE, MTP CE) with plain F.cross_entropy: position t of ids[:, :-1] predicts ids[:, t+1]; the MTP
+    module at t, given token ids[:, t+1], predicts ids[:, t+2]. mask [B, S+1]: only targets whose mask is 1 count."""
+    logits, mtp = model(ids[:, :-1], ids[:, 1:-1])
+    V = logits.shape[-1]
+    main = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
+    two_ahead = F.cross_entropy(mtp.reshape(-1, V), ids[:, 2:].reshape(-1), reduction="none")
+    if mask is None:
+        return main.mean(), two_ahead.mean()
+    m1, m2 = mask[:, 1:].reshape(-1), mask[:, 2:].reshape(-1)
+    return (main * m1).sum() / m1.sum(), (two_ahead * m2).sum() / m2.sum()
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-tokens", "masked"])
+def test_loss_is_next_token_ce_plus_weighted_mtp_ce_on_the_token_two_ahead(masked):
+    """With the balance and indexer losses off: total = CE(logits, the next tokens) + 0.3 * CE(MTP logits, the tokens
+    two ahead); masked, each CE averages over its own targets with mask 1."""
+    t = small(seq_balance_coef=0.0, indexer_loss_weight=0.0, mtp_weight=0.3)
+    ids, _ = t.batch()
+    mask = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.6).float() if masked else None
+    with torch.no_grad():
+        total, stats = t.loss(ids, mask)
+        main, two_ahead = hand_losses(t.model, ids, mask)
+    assert stats["loss"] == pytest.approx(main.item(), rel=1e-6)
+    assert stats["mtp_loss"] == pytest.approx(two_ahead.item(), rel=1e-6)
+    assert total.item() == pytest.approx(main.item() + 0.3 * two_ahead.item(), rel=1e-6)
+
+
+def test_total_loss_adds_the_weighted_balance_and_indexer_losses():
+    """total = CE + mtp_weight * CE_mtp + seq_balance_coef * mean(balance losses of the top-k MoE layers, MTP's
+    included) + indexer_loss_weight * mean(indexer KL losses of the CSA layers), with coefficients large enough to see."""
+    from dsv4.model.attention import Attention
+    from dsv4.model.moe import MoE
+
+    t = small(seq_balance_coef=0.5, indexer_loss_weight=0.7, mtp_weight=0.3)
+    ids, _ = t.batch()
+    total, stats = t.loss(ids)
+    balance = [m.balance_loss for m in t.model.modules() if isinstance(m, MoE) and m.balance_loss is not None]
+    kl = [a.indexer_loss for a in t.model.modules() if isinstance(a, Attention) and a.indexer_loss is not None]
+    topk = [i for i in range(CFG.num_hidden_layers) if not CFG.is_hash_layer(i)]
+    assert len(balance) == len(topk) + 1 and len(kl) == CFG.layer_types.count("compressed_sparse_attention")
+    balance, kl = sum(b.item() for b in balance) / len(balance), sum(k.item() for k in kl) / len(kl)
+    assert 0.5 * balance > 0.1 and 0.7 * kl > 0.01  # terms large enough to show in the total
+    with torch.no_grad():
+        main, two_ahead = hand_losses(t.model, ids)
+    assert stats["balance_loss"] == pytest.approx(balance, rel=1e-6)
+    assert stats["indexer_loss"] == pytest.approx(kl, rel=1e-6)
+    want = main.item() + 0.3 * two_ahead.item() + 0.5 * balance + 0.7 * kl
+    assert total.item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.5, 1e3], ids=["norm-above-cap", "norm-below-cap"])
+def test_grad_clip_caps_the_gradient_norm_and_reports_the_unclipped_one(clip):
+    """After step() the gradients are the backward's scaled by min(1, clip / norm) (norm: sqrt of the sum of all
+    squared entries), so their norm is min(clip, norm); stats["grad_norm"] is the norm before clipping."""
+    ref = small(grad_clip=clip)  # the backward of the same first batch, by hand
+    ids, _ = ref.batch()
+    ref.loss(ids)[0].backward()
+    raw = [p.grad for p in ref.model.parameters()]
+    norm = sum(g.double().square().sum() for g in raw if g is not None).sqrt().item()
+    t = small(grad_clip=clip)
+    stats = t.step()
+    assert stats["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    got = [p.grad for p in t.model.parameters()]
+    assert norm > 1.0  # clip 0.5 clips, clip 1e3 does not
+    for g, r in zip(got, raw):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert torch.allclose(g, r * min(1.0, clip / norm), rtol=1e-4, atol=1e-9)
+    clipped = sum(g.double().square().sum() for g in got if g is not None).sqrt().item()
+    assert clipped == pytest.approx(min(clip, norm), rel=1e-5)
+
+
+def test_each_step_runs_the_optimisers_at_base_lr_times_the_schedule():
+    """The learning rate each optimiser steps with: warmup 3 gives 1/3, 2/3, then 1; the last ceil(8 x 0.25) = 2
+    steps decay from 1 to 0.1. And the first AdamW step moves each entry with a non-zero gradient by exactly its
+    lr (Adam's bias-corrected first step is lr * g / |g|; no weight decay on AdamW's group)."""
+    t = small(steps=8, warmup=3, decay_frac=0.25, lr_muon=0.02, lr_adamw=3e-3)
+    factors = [1 / 3, 2 / 3, 1, 1, 1, 1, 1, 0.1]
+    seen = []
+    for i, opt in enumerate(t.opts):
+        def recording(*a, opt=opt, real=opt.step, i=i, **k):
+            seen.append((i, [g["lr"] for g in opt.param_groups]))
+            return real(*a, **k)
+        opt.step = recording
+    adamw = [p for g in t.opts[1].param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in adamw]
+    for step, f in enumerate(factors):
+        t.step()
+        assert seen == [(0, [pytest.approx(0.02 * f)]), (1, [pytest.approx(3e-3 * f)])], step
+        seen.clear()
+        if step == 0:
+            moved = 0
+            for p, p0 in zip(adamw, before):
+                big = p.grad.abs() > 1e-4  # where Adam's eps (1e-8) shifts the step by < 1e-4
+                assert torch.allclose((p.detach() - p0)[big].abs(), torch.tensor(3e-3 / 3), rtol=1e-3)
+                moved += int(big.sum())
+            assert moved > 100
