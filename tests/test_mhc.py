@@ -1,4 +1,5 @@
 """mHC pieces against the equations of architecture.md section 2."""
+import numpy as np
 import torch
 
 from dsv4.model.mhc import hc_head, hc_post, hc_pre, sinkhorn
@@ -19,18 +20,66 @@ def test_uniform_logits_give_uniform_mixing():
     assert torch.allclose(c, torch.full((4, 4), 0.25), atol=1e-5)
 
 
-def test_hc_pre_post_hand_computed():
-    """fn = 0 makes mu = 0: pre = sigmoid(base) + eps, post = 2 sigmoid(base), C = Sinkhorn(softmax(base))."""
-    n, d = 4, 3
-    X = torch.randn(1, 2, n, d)
-    base = torch.zeros(24)
-    base[:4] = torch.tensor([0.0, 1.0, -1.0, 2.0])
-    h, post, C = hc_pre(X, torch.zeros(24, n * d), base, torch.ones(3), 1e-6, 1e-6, 20)
-    pre = torch.sigmoid(base[:4]) + 1e-6
-    assert torch.allclose(h, (pre[:, None] * X).sum(-2), atol=1e-6)
-    assert torch.allclose(post, torch.full((1, 2, 4), 1.0))  # 2 * sigmoid(0)
-    f = torch.randn(1, 2, d)
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def mixing_inputs(X, fn, norm_eps):
+    """mu = (fn @ x) * rho, x the token's n streams flattened stream-major, rho = 1/sqrt(mean(x^2) + eps)."""
+    x = np.asarray(X, dtype=np.float64).reshape(*X.shape[:-2], -1)
+    rho = 1 / np.sqrt((x ** 2).mean(-1, keepdims=True) + norm_eps)
+    return (x @ np.asarray(fn, dtype=np.float64).T) * rho
+
+
+def mhc_reference(X, fn, base, scale, norm_eps, hc_eps, iters):
+    """architecture.md section 2 in float64 NumPy, per token: mu = (fn @ x) rho, pre, post, comb, Sinkhorn-Knopp
+    (softmax over rows + eps, column normalisation, then iters - 1 row/column rounds), h = sum_j pre_j X_j."""
+    X, base, scale = (np.asarray(t, dtype=np.float64) for t in (X, base, scale))
+    n = X.shape[-2]
+    mu = mixing_inputs(X, fn, norm_eps)
+    pre = sigmoid(mu[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * sigmoid(mu[..., n:2 * n] * scale[1] + base[n:2 * n])
+    C = mu[..., 2 * n:].reshape(*mu.shape[:-1], n, n) * scale[2] + base[2 * n:].reshape(n, n)
+    C = np.exp(C - C.max(-1, keepdims=True))
+    C = C / C.sum(-1, keepdims=True) + hc_eps
+    C = C / (C.sum(-2, keepdims=True) + hc_eps)
+    for _ in range(iters - 1):
+        C = C / (C.sum(-1, keepdims=True) + hc_eps)
+        C = C / (C.sum(-2, keepdims=True) + hc_eps)
+    h = (pre[..., :, None] * X).sum(-2)
+    return h, pre, post, C
+
+
+def test_hc_pre_post_head_match_the_equations():
+    """Non-zero fn (the RMS-scaled mixing inputs), scales != 1 and a non-symmetric comb base: pre, post,
+    C = Sinkhorn(softmax(mu * scale + base)) and the outputs X_k = post_k f + sum_j C[j, k] X_j (row j the
+    source stream, column k the destination) against a float64 transcription of section 2."""
+    g = torch.Generator().manual_seed(0)
+    B, S, n, d, eps = 2, 3, 4, 5, 1e-6
+    X = torch.randn(B, S, n, d, generator=g)
+    fn = 0.3 * torch.randn(24, n * d, generator=g)
+    base = torch.randn(24, generator=g)
+    base[8:] += torch.arange(16.0) / 4  # rows and columns differ: C is far from symmetric
+    scale = torch.tensor([0.7, 1.3, 0.9])
+    assert np.abs(mixing_inputs(X, fn, 1e-6)).max() > 1  # mu (hence fn, rho and scale) moves every output
+    h, post, C = hc_pre(X, fn, base, scale, 1e-6, eps, 20)
+    want_h, _, want_post, want_C = mhc_reference(X, fn, base, scale, 1e-6, eps, 20)
+    assert np.abs(want_C - want_C.swapaxes(-1, -2)).max() > 0.1  # the test separates C from C^T
+    assert np.abs(want_C.sum(-2) - 1).max() < 1e-5  # columns sum to 1 after the last normalisation
+    assert torch.allclose(C, torch.from_numpy(want_C).float(), atol=1e-5)
+    assert torch.allclose(post, torch.from_numpy(want_post).float(), atol=1e-5)
+    assert torch.allclose(h, torch.from_numpy(want_h).float(), atol=1e-5)
+    f = torch.randn(B, S, d, generator=g)
     out = hc_post(f, X, post, C)
-    assert torch.allclose(out, f.unsqueeze(-2) + torch.einsum("bsjk,bsjd->bskd", C, X), atol=1e-6)
-    y = hc_head(X, torch.zeros(4, n * d), base[:4], torch.ones(1), 1e-6, 1e-6)
-    assert torch.allclose(y, (pre[:, None] * X).sum(-2), atol=1e-6)
+    Xd, Cd = X.double().numpy(), want_C
+    want_out = want_post[..., :, None] * f.double().numpy()[..., None, :]
+    for k in range(n):
+        for j in range(n):
+            want_out[..., k, :] += Cd[..., j, k, None] * Xd[..., j, :]
+    assert torch.allclose(out, torch.from_numpy(want_out).float(), atol=1e-5)
+    # the head: pre = sigmoid(mu * scale + base) + eps over 4 outputs, no Sinkhorn, no post
+    head_fn, head_base = 0.3 * torch.randn(n, n * d, generator=g), torch.randn(n, generator=g)
+    y = hc_head(X, head_fn, head_base, torch.tensor([0.7]), 1e-6, eps)
+    pre = sigmoid(mixing_inputs(X, head_fn, 1e-6) * 0.7 + head_base.double().numpy()) + eps
+    want_y = (pre[..., :, None] * X.double().numpy()).sum(-2)
+    assert torch.allclose(y, torch.from_numpy(want_y).float(), atol=1e-5)
