@@ -6,10 +6,23 @@ import socket
 import threading
 import time
 
+import numpy as np
 import torch
 
 from dsv4.checkpoint import build_model, init_random
 from dsv4.config import Config
+
+
+def np_sinkhorn(logits, iters: int, eps: float):
+    """Sinkhorn-Knopp in NumPy (architecture.md section 2): softmax over rows + eps, column normalisation, then
+    iters - 1 rounds of row and column normalisation, each with eps in the denominator."""
+    c = np.exp(logits - logits.max(-1, keepdims=True))
+    c = c / c.sum(-1, keepdims=True) + eps
+    c = c / (c.sum(-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdims=True) + eps)
+        c = c / (c.sum(-2, keepdims=True) + eps)
+    return c
 
 
 def random_model(cfg: Config, seed: int = 0, std: float = 0.05) -> torch.nn.Module:

@@ -3,6 +3,7 @@ import numpy as np
 import torch
 
 from dsv4.model.mhc import hc_head, hc_post, hc_pre, sinkhorn
+from helpers import np_sinkhorn
 
 
 def test_sinkhorn_numpy_and_torch_paths_agree_and_are_doubly_stochastic():
@@ -39,13 +40,8 @@ def mhc_reference(X, fn, base, scale, norm_eps, hc_eps, iters):
     mu = mixing_inputs(X, fn, norm_eps)
     pre = sigmoid(mu[..., :n] * scale[0] + base[:n]) + hc_eps
     post = 2 * sigmoid(mu[..., n:2 * n] * scale[1] + base[n:2 * n])
-    C = mu[..., 2 * n:].reshape(*mu.shape[:-1], n, n) * scale[2] + base[2 * n:].reshape(n, n)
-    C = np.exp(C - C.max(-1, keepdims=True))
-    C = C / C.sum(-1, keepdims=True) + hc_eps
-    C = C / (C.sum(-2, keepdims=True) + hc_eps)
-    for _ in range(iters - 1):
-        C = C / (C.sum(-1, keepdims=True) + hc_eps)
-        C = C / (C.sum(-2, keepdims=True) + hc_eps)
+    C = np_sinkhorn(mu[..., 2 * n:].reshape(*mu.shape[:-1], n, n) * scale[2] + base[2 * n:].reshape(n, n), iters,
+                    hc_eps)
     h = (pre[..., :, None] * X).sum(-2)
     return h, pre, post, C
 

@@ -3,17 +3,7 @@ import numpy as np
 import torch
 
 import dsv4
-from helpers import random_model
-
-
-def _np_sinkhorn(logits, iters, eps):
-    c = np.exp(logits - logits.max(-1, keepdims=True))
-    c = c / c.sum(-1, keepdims=True) + eps
-    c = c / (c.sum(-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        c = c / (c.sum(-1, keepdims=True) + eps)
-        c = c / (c.sum(-2, keepdims=True) + eps)
-    return c
+from helpers import np_sinkhorn, random_model
 
 
 def _np_rms(x, w, eps):
@@ -45,7 +35,7 @@ def test_mtp_matches_hand_computed_equations():
     Xm = e[:, :, None, :] + h
     for which in ("attn", "ffn"):
         base = P[f"mtp.0.hc_{which}_base"]
-        C = _np_sinkhorn(base[2 * n:].reshape(n, n), cfg.hc_sinkhorn_iters, hc_eps)
+        C = np_sinkhorn(base[2 * n:].reshape(n, n), cfg.hc_sinkhorn_iters, hc_eps)
         Xm = np.einsum("jk,bsjd->bskd", C, Xm)
     pre = 1 / (1 + np.exp(-P["mtp.0.hc_head_base"])) + hc_eps
     y = np.einsum("j,bsjd->bsd", pre, Xm)
