@@ -82,6 +82,18 @@ def ties_to_the_earlier_entry():
         torch.Tensor.topk = topk
 
 
+def assert_resume_refused(cfg, text: str, cases, capsys) -> None:
+    """For each (old, new, named) of `cases`: `dsv4 train cfg --resume` with `old` replaced by `new` in the config
+    `text` exits 2 naming every string of `named`, with the advice to restore them and no traceback."""
+    from dsv4.cli import main
+
+    for old, new, named in cases:
+        cfg.write_text(text.replace(old, new))
+        assert main(["train", str(cfg), "--resume"]) == 2, new
+        err = capsys.readouterr().err
+        assert all(n in err for n in named) and "restore these values" in err and "Traceback" not in err, err
+
+
 @contextlib.contextmanager
 def serving(app):
     """Run an ASGI app with uvicorn on a free localhost port in a thread; yields the base URL."""
