@@ -20,6 +20,7 @@ from dsv4.tokenizer import load_tokenizer
 from helpers import serving
 
 KEY = "sk-test-0123456789abcdef"
+MAX_BODY = 64 << 10  # the test server's max_body_bytes
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def server(tmp_path_factory):
     model = dsv4.load_model(path, dtype=torch.float32)
     llm = AsyncLLM(LLMEngine(model, load_tokenizer(path), EngineConfig(max_num_seqs=8)))
     app = create_app(llm, str(path / "tokenizer.json"), ServerConfig(api_keys=[KEY], max_concurrency=4,
-                                                                      max_body_bytes=64 << 10))
+                                                                      max_body_bytes=MAX_BODY))
     with serving(app) as url:
         yield url, llm, app, path
     llm.close()
@@ -41,10 +42,11 @@ def client(server):
     return OpenAI(base_url=server[0], api_key=KEY, max_retries=0)
 
 
-def post(url, body, key=KEY, raw=None):
+def post(url, body, key=KEY, raw=None, headers=None):
+    """(status, JSON body) of a POST; `headers` (e.g. x-api-key) replace the Bearer header."""
     data = raw if raw is not None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json",
-                                                          "Authorization": f"Bearer {key}"})
+                                                          **(headers or {"Authorization": f"Bearer {key}"})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -205,6 +207,18 @@ def test_anthropic_cache_read_tokens_on_repeat(claude):
     assert r.usage.cache_read_input_tokens and r.usage.cache_read_input_tokens % 64 == 0
 
 
+def test_anthropic_x_api_key_header_authenticates(server):
+    """api.md sections 1 and 10: the Anthropic side authenticates with `x-api-key` alone (no Bearer header; this
+    anthropic SDK sends a Bearer one): a valid key is served, a wrong one is Anthropic's 401 authentication_error."""
+    ask = {"model": "deepseek-v4-flash", "max_tokens": 1, "thinking": {"type": "disabled"},
+           "messages": [{"role": "user", "content": "hi"}]}
+    status, body = post(server[0] + "/anthropic/v1/messages", ask, headers={"x-api-key": KEY})
+    assert status == 200 and body["type"] == "message", body
+    status, body = post(server[0] + "/anthropic/v1/messages", ask, headers={"x-api-key": "sk-wrong-key-7777"})
+    assert (status, body) == (401, {"type": "error", "error": {
+        "type": "authentication_error", "message": "Authentication Fails, Your api key: ****7777 is invalid"}})
+
+
 
 def test_user_id_scopes_cache_hits_when_users_are_isolated(server):
     """`user_id` (chat, FIM) and `metadata.user_id` (Messages), DeepSeek's end-user field, reach the engine:
@@ -288,6 +302,7 @@ def test_request_checks_deepseek_recipe_leaves_to_the_server(server, claude):
         status, body = post(f"{url}/chat/completions", chat | extra)
         assert status == 400 and named in body["error"]["message"]
     assert post(f"{url}/chat/completions", chat | {"tools": [fn(f"f{i}") for i in range(128)]})[0] == 200
+    assert post(f"{url}/chat/completions", chat | {"tools": [fn("x" * 64)]})[0] == 200  # 64 characters: allowed
     for model, thinks in (("deepseek-chat", False), ("deepseek-reasoner", True)):
         r = claude.messages.create(model=model, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
         assert (r.content[0].type == "thinking") == thinks, model
@@ -428,6 +443,33 @@ def test_usage_and_cost_totals_per_key(client, server):
     assert after["requests"] == before["requests"] + 1
     assert abs((after["cost_usd"] - before["cost_usd"]) - want) < 1e-12
     assert KEY not in json.dumps(after)  # accounts are hashes, never the key
+
+
+@pytest.mark.parametrize("route", ["chat", "fim"])
+def test_a_repeated_prompt_is_billed_at_the_cache_hit_price(client, route):
+    """api.md sections 9 and 12: a repeated prompt hits the context cache; usage reports prompt_tokens = hit + miss,
+    and /usage bills the hits at the cache-hit price and the rest at the miss price (v4-pro: $0.003625 hit,
+    $0.435 miss, $0.87 output per 1M tokens) and counts the hits in its prompt_cache_hit_tokens."""
+    if route == "chat":
+        def ask():
+            return client.chat.completions.create(
+                model="deepseek-v4-pro", max_tokens=2, extra_body={"thinking": {"type": "disabled"}},
+                messages=[{"role": "system", "content": "bill " * 150}, {"role": "user", "content": "twice"}]).usage
+    else:
+        def ask():
+            return client.completions.create(model="deepseek-v4-pro", prompt="def bill(x):\n" + "    x += 1\n" * 40,
+                                             suffix="\n", max_tokens=2).usage
+    ask()
+    before = client.get("/usage", cast_to=object)
+    u = ask()
+    after = client.get("/usage", cast_to=object)
+    hit, miss = u.model_extra["prompt_cache_hit_tokens"], u.model_extra["prompt_cache_miss_tokens"]
+    assert hit >= 64 and miss == u.prompt_tokens - hit and u.prompt_tokens_details.cached_tokens == hit
+    counts = ("requests", "prompt_tokens", "prompt_cache_hit_tokens", "completion_tokens")
+    assert {k: after[k] - before[k] for k in counts} == dict(zip(counts, (1, u.prompt_tokens, hit,
+                                                                          u.completion_tokens)))
+    want = (hit * 0.003625 + (u.prompt_tokens - hit) * 0.435 + u.completion_tokens * 0.87) / 1e6
+    assert after["cost_usd"] - before["cost_usd"] == pytest.approx(want, rel=1e-9)
 
 
 def test_64_concurrent_streams_complete_or_get_429_and_health_stays_fast(server):
@@ -688,6 +730,42 @@ def test_engine_failure_is_a_500_without_traceback(server, client, monkeypatch):
     assert "Traceback" not in str(e.value) and e.value.status_code == 500
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("path", ["/chat/completions", "/beta/completions"])
+def test_a_request_the_engine_aborts_is_a_failure_not_a_stop(server, monkeypatch, path, stream):
+    """A request the engine aborts part-way (finish_reason "abort", e.g. at shutdown) did not finish: it is a 500,
+    streamed an error event without [DONE], never a 200 whose cut-off text ends with finish_reason "stop"."""
+    llm = server[1]
+    seqs, aborted, submit, step = [], set(), llm.submit, llm.engine.step
+
+    def recording(*args, **kw):
+        seq, queue = submit(*args, **kw)
+        seqs.append(seq)
+        return seq, queue
+
+    def step_then_abort():  # once a request has written two tokens, the engine aborts it
+        out = step()
+        for seq in seqs:
+            if len(seq.output_ids) >= 2 and seq.request_id not in aborted:
+                aborted.add(seq.request_id)
+                llm.abort(seq.request_id)
+        return out
+    monkeypatch.setattr(llm, "submit", recording)
+    monkeypatch.setattr(llm.engine, "step", step_then_abort)
+    body = {"model": "deepseek-chat", "max_tokens": 50, "stream": stream} | (
+        {"prompt": "def f(x):"} if path == "/beta/completions" else {"messages": [{"role": "user", "content": "x"}]})
+    if not stream:
+        status, answer = post(server[0] + path, body)
+        assert status == 500 and answer["error"]["type"] == "internal_error", answer
+    else:
+        lines = _stream_lines(server[0] + path, body)
+        assert lines[-1] != "data: [DONE]", lines[-3:]
+        *chunks, last = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+        assert last["error"]["type"] == "internal_error" and "abort" in last["error"]["message"]
+        assert not any(c.get("finish_reason") for chunk in chunks for c in chunk["choices"])
+    assert len(aborted) == 1 and seqs[0].finish_reason == "abort"
+
+
 def test_keepalive_is_sent_while_waiting():
     import asyncio
 
@@ -817,6 +895,43 @@ def test_a_failure_after_the_blank_lines_cuts_the_response(gated):
     assert app.state.stats["errors"] == errors + 3 and app.state.stats["active"] == 0
 
 
+def test_the_concurrency_limit_admits_that_many_then_429_with_retry_after(gated, server):
+    """max_concurrency 4: four requests run at once (streams the engine holds), the fifth gets 429 with Retry-After
+    (api.md section 11), and once they end a request is admitted again."""
+    import threading
+
+    _, llm, _, path = server
+    gate = gated[2]
+    app = create_app(llm, str(path / "tokenizer.json"), ServerConfig(api_keys=[KEY], max_concurrency=4,
+                                                                      keepalive_seconds=0.05))
+    ask = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "wait"}], "max_tokens": 2, "stream": True}
+    with serving(app) as url:
+        done = []
+        threads = [threading.Thread(target=lambda: done.append(_stream_lines(url + "/chat/completions", ask)[-1]))
+                   for _ in range(4)]
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.time() + 60
+            while app.state.stats["active"] < 4 and time.time() < deadline:
+                time.sleep(0.02)
+            assert app.state.stats["active"] == 4
+            req = urllib.request.Request(url + "/chat/completions", data=json.dumps(ask).encode(), headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30).close()
+            assert e.value.code == 429 and e.value.headers["Retry-After"] == "1"
+            assert json.loads(e.value.read())["error"]["type"] == "rate_limit_error"
+        finally:
+            gate.set()
+            for t in threads:
+                t.join(60)
+        assert done == ["data: [DONE]"] * 4
+        while app.state.stats["active"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert post(url + "/chat/completions", ask | {"stream": False})[0] == 200
+
+
 def test_a_client_leaving_during_the_blank_lines_cancels_its_request(gated, server, monkeypatch):
     """As a closed connection cancels a request that has not waited (test_closed_connection_cancels_...)."""
     url, app, gate, _ = gated
@@ -930,7 +1045,9 @@ def test_bad_fim_parameters_are_4xx_and_leave_other_requests_running(server):
     status, body = post(url, None, raw=b'{"model": "deepseek-v4-pro", "prompt": "\\ud800", "max_tokens": 2}')
     assert status == 400 and "Unicode" in body["error"]["message"]
     runner.join()
-    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1] if line.startswith("data: ")]
+    assert events and not any("error" in e for e in events)  # the model's text may say "error"; no event is one
 
 
 def test_fim_logprobs_and_echo(client):
@@ -1256,6 +1373,30 @@ def test_usage_counts_a_last_token_that_ends_inside_a_character(client, claude, 
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_fim_end_of_sequence_is_the_finish_not_a_completion_token(client, server, model_writes, stream):
+    """A FIM completion the model ends with its end-of-sequence token: that token is the finish, so usage and
+    the bill count only the tokens of the text written, one logprobs entry each."""
+    written = "return a + b"
+    n = len(server[1].engine.tokenizer.encode(written).ids)
+    model_writes(written + EOS)
+    billed = client.get("/usage", cast_to=object)["completion_tokens"]
+    kw = {"model": "deepseek-v4-pro", "prompt": "def add(a, b):\n    ", "suffix": "\n", "max_tokens": 50, "logprobs": 0}
+    if stream:
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        usage = chunks[-1].usage
+    else:
+        r = client.completions.create(**kw)
+        text, tokens, finish, usage = r.choices[0].text, r.choices[0].logprobs.tokens, [r.choices[0].finish_reason], \
+            r.usage
+    assert (text, finish) == (written, ["stop"])
+    assert usage.completion_tokens == len(tokens) == n
+    assert client.get("/usage", cast_to=object)["completion_tokens"] - billed == n
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("route", ["chat", "messages"])
 def test_dsml_in_the_reasoning_is_not_a_tool_call(client, claude, model_writes, route, stream):
     """A model that writes a DSML call inside its thinking: the output parser took that for the call (naming a
@@ -1346,6 +1487,15 @@ def test_body_over_the_cap_is_refused_while_it_still_arrives(server):
     sock.settimeout(20)
     with sock:
         assert sock.recv(64).startswith(b"HTTP/1.1 413")
+
+
+def test_a_body_of_exactly_the_size_cap_is_accepted(server):
+    """max_body_bytes is the largest body served: one of exactly that size is answered, one byte more is a 413."""
+    body = json.dumps({"model": "deepseek-chat", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+    exact = body.encode() + b" " * (MAX_BODY - len(body))  # JSON allows whitespace after the value
+    assert len(exact) == MAX_BODY and post(server[0] + "/chat/completions", None, raw=exact)[0] == 200
+    status, answer = post(server[0] + "/chat/completions", None, raw=exact + b" ")
+    assert status == 413 and "exceeds" in answer["error"]["message"]
 
 
 def test_closed_connection_cancels_a_non_streamed_request(server):
