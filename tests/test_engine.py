@@ -158,6 +158,11 @@ def test_corrupt_disk_block_is_ignored(model, tmp_path):
     out = dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY)
     assert out.cached_tokens == 0
     assert out.token_ids == reference_greedy(model, p, GREEDY.max_tokens)
+    # the corrupt file met (block 0) was removed, so its recomputed block was written again; block 1's file
+    # is met, dropped and rewritten only by the next engine whose lookup reaches it
+    again = dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY)
+    assert again.cached_tokens == 64 and again.token_ids == out.token_ids
+    assert dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY).cached_tokens == 128
 
 
 def test_user_isolation(model):
@@ -177,6 +182,40 @@ def test_disk_prefix_blocks_are_kept_apart_by_storage_dtype(model, tmp_path):
     assert dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY).cached_tokens == 0
     assert dsv4.LLM(model, prefix_cache_dir=str(tmp_path), cache_dtype=torch.bfloat16).generate(
         p, GREEDY).cached_tokens == 64
+
+
+def test_disk_prefix_blocks_are_kept_apart_by_cache_layout(tmp_path):
+    """Blocks hold decode state as stored: an fp8-layout engine's blocks (FP8 / FP4 entries) are no hit for a
+    dense engine of the same weights and dtype sharing the directory; each layout hits its own."""
+    model = random_model(dsv4.Config.tiny(head_dim=80, qk_rope_head_dim=16, index_n_heads=8), seed=6)
+    p = prompts(90, seed=16)[0]
+    fp8 = {"cache_layout": "fp8", "prefix_cache_dir": str(tmp_path)}
+    dsv4.LLM(model, **fp8).generate(p, GREEDY)
+    assert dsv4.LLM(model, **fp8).generate(p, GREEDY).cached_tokens == 64  # the block is there, for fp8
+    dense = dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY)
+    assert dense.cached_tokens == 0
+    assert dense.token_ids == dsv4.LLM(model, prefix_block=0).generate(p, GREEDY).token_ids
+    assert dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(p, GREEDY).cached_tokens == 64
+
+
+def test_engine_stats_count_each_requests_prompt_and_cached_tokens(model):
+    """stats["cached_tokens"] sums what the requests report as served from the prefix cache."""
+    llm = dsv4.LLM(model)
+    p = prompts(100, seed=22)[0]
+    assert llm.generate(p, GREEDY).cached_tokens == 0
+    assert (llm.engine.stats["prompt_tokens"], llm.engine.stats["cached_tokens"]) == (100, 0)
+    assert llm.generate(p, GREEDY).cached_tokens == 64
+    assert (llm.engine.stats["prompt_tokens"], llm.engine.stats["cached_tokens"]) == (200, 64)
+
+
+def test_a_prompt_of_whole_blocks_hits_all_but_its_last_block(model):
+    """A 128-token prompt is two whole 64-token blocks, both cached by its first run: a hit must leave at least
+    one prompt token to compute (its logits give the first sample), so the second run hits the first block only."""
+    p = prompts(128, seed=23)[0]
+    llm = dsv4.LLM(model)
+    first, second = llm.generate(p, GREEDY), llm.generate(p, GREEDY)
+    assert (first.cached_tokens, second.cached_tokens) == (0, 64)
+    assert first.token_ids == second.token_ids == dsv4.LLM(model, prefix_block=0).generate(p, GREEDY).token_ids
 
 
 # ---- sampling ----
@@ -308,6 +347,9 @@ def test_eos_stops_unless_ignored(model):
     try:
         out = dsv4.LLM(model).generate(p, dsv4.SamplingParams(max_tokens=12, temperature=0))
         assert out.token_ids == g[:g.index(g[2]) + 1] and out.finish_reason == "stop"
+        # ignore_eos: the eos token is kept as any other, and all max_tokens come
+        out = dsv4.LLM(model).generate(p, dsv4.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        assert out.token_ids == g and out.finish_reason == "length"
     finally:
         model.config.eos_token_id = 1
 
@@ -483,6 +525,11 @@ def test_empty_and_over_long_prompts_are_clear_errors(model):
         llm.generate([], GREEDY)
     with pytest.raises(dsv4.RequestError, match="maximum context length of 100"):
         llm.generate(prompts(95)[0], GREEDY)
+    # prompt + max_tokens may fill the context exactly, not one token more
+    fits = llm.generate(prompts(88)[0], GREEDY)
+    assert fits.token_ids == reference_greedy(model, prompts(88)[0], 12) and fits.finish_reason == "length"
+    with pytest.raises(dsv4.RequestError, match=r"prompt \(89 tokens\) \+ max_tokens \(12\)"):
+        llm.generate(prompts(89)[0], GREEDY)
     with pytest.raises(dsv4.RequestError, match="token ids"):
         llm.generate([1, 2, 99999], GREEDY)
     with pytest.raises(dsv4.RequestError, match="tokenizer"):
@@ -613,6 +660,48 @@ def test_request_larger_than_the_whole_budget_fails_cleanly(model):
     llm = dsv4.LLM(model, prefix_block=0, kv_budget_bytes=1000)
     out = llm.generate(prompts(50)[0], GREEDY)
     assert out.finished and out.finish_reason.startswith("error") and out.token_ids == []
+    # refused, it is gone from the engine: its request id is free again
+    eng = llm.engine
+    assert not eng.requests and not eng.has_unfinished()
+    s = eng.add_request(prompts(50)[0], GREEDY, request_id="big")
+    eng.step()
+    assert s.finish_reason.startswith("error") and not eng.requests
+    assert eng.add_request(prompts(50)[0], GREEDY, request_id="big").request_id == "big"
+
+
+def test_a_request_id_in_use_is_refused_until_its_request_ends(model):
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    a = eng.add_request(prompts(5)[0], GREEDY, request_id="x")
+    with pytest.raises(dsv4.RequestError, match="request id 'x' is already in use"):
+        eng.add_request(prompts(6)[0], GREEDY, request_id="x")
+    assert list(eng.waiting) == [a] and eng.requests == {"x": a}
+    while eng.has_unfinished():
+        eng.step()
+    assert a.output_ids == reference_greedy(model, a.prompt, GREEDY.max_tokens)
+    assert eng.add_request(prompts(6)[0], GREEDY, request_id="x").request_id == "x"
+
+
+def test_aborting_a_queued_request_removes_it_before_it_runs(model):
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    a, b = (eng.add_request(p, GREEDY) for p in prompts(5, 6, seed=24))
+    eng.abort(b.request_id)
+    assert list(eng.waiting) == [a] and b.request_id not in eng.requests
+    while eng.has_unfinished():
+        eng.step()
+    assert b.output_ids == [] and b.finish_reason == "abort" and b.cache is None and b.num_computed == 0
+    assert a.output_ids == reference_greedy(model, a.prompt, GREEDY.max_tokens)
+
+
+def test_at_most_max_num_seqs_requests_run_at_once(model):
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0, max_num_seqs=2))
+    seqs = [eng.add_request(p, GREEDY) for p in prompts(5, 6, 7, seed=25)]
+    eng.step()
+    assert eng.running == seqs[:2] and list(eng.waiting) == seqs[2:]
+    while eng.has_unfinished():
+        eng.step()
+        assert len(eng.running) <= 2
+    for s in seqs:
+        assert s.output_ids == reference_greedy(model, s.prompt, GREEDY.max_tokens)
 
 
 def test_cancellation_mid_prefill_frees_state(model):
@@ -667,6 +756,37 @@ def test_async_streams_equal_offline_and_cancel_frees_state(model):
         assert toks == w and finals[-1] and not any(finals[:-1])
     assert seq.cache is None and seq.finish_reason == "abort" and not eng.has_unfinished()
     assert ends[-1].finished and ends[-1].finish_reason == "abort"
+
+
+def test_closing_a_stream_early_aborts_its_request(model):
+    """A reader that stops reading (a client gone: the server closes its stream) frees the request's decode
+    state, rather than leaving it to generate all its max_tokens for no one."""
+    import asyncio
+    import contextlib
+    import time
+
+    from dsv4.engine import AsyncLLM
+
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=0))
+    allm = AsyncLLM(eng)
+
+    async def main():
+        seq, queue = allm.submit(prompts(20)[0], dsv4.SamplingParams(max_tokens=5000, ignore_eos=True))
+        async with contextlib.aclosing(allm.stream(seq, queue)) as stream:
+            async for out in stream:
+                if out.token_ids:
+                    break
+        deadline = time.time() + 10
+        while seq.status != dsv4.engine.sequence.Status.FINISHED and time.time() < deadline:
+            await asyncio.sleep(0.01)
+        return seq, seq.finish_reason, len(seq.output_ids)  # before close(), which aborts what is left
+
+    try:
+        seq, reason, n = asyncio.run(main())
+    finally:
+        allm.close()
+    assert reason == "abort" and 0 < n < 5000
+    assert seq.cache is None and not eng.requests and len(eng.pool.free) == eng.cfg.max_num_seqs
 
 
 def test_closing_the_async_engine_ends_open_streams(model):
@@ -764,6 +884,34 @@ def test_decodes_keep_a_token_per_step_while_a_long_prompt_prefills(model):
     while eng.has_unfinished():
         eng.step()
     assert talker.output_ids == alone
+
+
+def test_a_decode_admitted_after_a_long_prefill_still_gets_a_token_every_step(model):
+    """Decodes go first whatever their admission order: a request whose prompt is all cached but its last
+    token decodes from its first step, and keeps a token per step while an earlier 200-token prompt prefills
+    through a 16-token budget (admission order would hand all 16 to the prefill)."""
+    sp = dsv4.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    short = prompts(17)[0]
+    alone = dsv4.LLM(model, prefix_block=0).generate(short, sp).token_ids
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=16, max_num_batched_tokens=16))
+    eng.add_request(short, sp)  # caches the short prompt's first block
+    while eng.has_unfinished():
+        eng.step()
+    long = eng.add_request(prompts(200, seed=3)[0], sp)
+    eng.step()
+    assert long.num_computed == 16
+    talker = eng.add_request(short, sp)
+    steps = 0
+    while long.num_computed < len(long.prompt):
+        before = len(talker.output_ids)
+        eng.step()
+        steps += 1
+        assert len(talker.output_ids) == before + 1, steps
+    assert talker.cached_tokens == 16 and steps >= 12
+    while eng.has_unfinished():
+        eng.step()
+    assert talker.output_ids == alone
+    assert long.output_ids == dsv4.LLM(model, prefix_block=0).generate(long.prompt, sp).token_ids
 
 
 def test_text_prompt_past_the_models_vocab_is_refused_alone(model):

@@ -58,6 +58,32 @@ def test_a_chain_longer_than_the_cache_cap_keeps_hitting_its_first_blocks(model)
         assert llm.engine.prefix.bytes <= 6 * block + block // 2
 
 
+def test_the_memory_cache_evicts_the_least_recently_used_block(model):
+    """17-token prompts leave one 16-token block each; a cap of 2.5 blocks holds two. The third block evicts
+    the least recently used: the oldest inserted, or, after a hit on it, the other one."""
+    a, b, c = prompts(17, 17, 17, seed=9)
+    probe = dsv4.LLM(model, prefix_block=16)
+    probe.generate(a, GREEDY)
+    assert len(probe.engine.prefix.blocks) == 1
+    block = probe.engine.prefix.bytes
+    cap = 2 * block + block // 2
+
+    def llm_after(*ps):
+        llm = dsv4.LLM(model, prefix_block=16, prefix_cache_bytes=cap)
+        return llm, [llm.generate(p, GREEDY).cached_tokens for p in ps]
+
+    llm, hits = llm_after(a, b, c)
+    assert hits == [0, 0, 0]
+    out = llm.generate(b, GREEDY)
+    assert out.cached_tokens == 16 and out.token_ids == cold(model, b)
+    assert llm.generate(a, GREEDY).cached_tokens == 0
+    llm, hits = llm_after(a, b, a, c)
+    assert hits == [0, 0, 16, 0]
+    out = llm.generate(a, GREEDY)
+    assert out.cached_tokens == 16 and out.token_ids == cold(model, a)
+    assert llm.generate(b, GREEDY).cached_tokens == 0
+
+
 def test_a_hit_restores_the_mtp_layer_as_of_the_block_end(model):
     """With speculative decoding, a block recorded the MTP layer's window at the end of the step's MTP
     segment (here position 100), not at the block's end (96): after a hit the MTP state, so the drafts,
@@ -92,6 +118,26 @@ def test_a_block_file_under_another_blocks_name_is_not_a_hit(model, tmp_path):
     shutil.copy(fb, fa)
     out = dsv4.LLM(model, prefix_cache_dir=str(tmp_path)).generate(a, GREEDY)
     assert out.cached_tokens == 0 and out.token_ids == cold(model, a)
+
+
+def test_memory_pressure_preempts_the_newest_request_to_the_front_of_the_queue(model):
+    """With the decode state over the budget the newest running request is preempted (the oldest keeps its
+    progress) and goes back to the front of the queue, ahead of requests never admitted. Its usage counts
+    its first admission only: the blocks its recompute hits are not reported as cached prompt tokens."""
+    eng = LLMEngine(model, config=dsv4.EngineConfig(prefix_block=16, max_num_seqs=2))
+    a, b, c = (eng.add_request(p, GREEDY) for p in prompts(30, 40, 20, seed=7))
+    eng.step()
+    assert eng.running == [a, b] and list(eng.waiting) == [c]
+    eng.cfg.kv_budget_bytes = eng.used_bytes() - 1
+    eng.schedule()
+    assert eng.running == [a] and list(eng.waiting) == [b, c]
+    assert a.cache is not None and b.cache is None and eng.stats["preemptions"] == 1
+    eng.cfg.kv_budget_bytes = 8 << 30
+    while eng.has_unfinished():
+        eng.step()
+    assert [s.output_ids for s in (a, b, c)] == [cold(model, s.prompt) for s in (a, b, c)]
+    assert [s.cached_tokens for s in (a, b, c)] == [0, 0, 0]
+    assert (eng.stats["prompt_tokens"], eng.stats["cached_tokens"]) == (30 + 40 + 20, 0)
 
 
 @pytest.mark.parametrize("odd", ["no metadata", "directory"])
@@ -202,6 +248,9 @@ def test_the_disk_cache_stays_under_its_cap_least_recently_used_first(model, tmp
         assert sum(files().values()) <= cap
         assert run(first).cached_tokens == 16  # from disk, and now the most recently used: kept
     assert 2 <= len(files()) <= 3
+    # the trims removed the oldest new blocks, never the one just written
+    assert run(prompts(17, seed=207)[0]).cached_tokens == 16
+    assert run(prompts(17, seed=200)[0]).cached_tokens == 0
 
 
 def test_the_batched_decoders_copy_counts_against_the_budget(model):
