@@ -44,6 +44,14 @@ def random_model(cfg: Config, seed: int = 0, std: float = 0.05) -> torch.nn.Modu
     return model.eval()
 
 
+def tid2eid_with(value, dtype=torch.long) -> dict[str, torch.Tensor]:
+    """A hash layer's tid2eid for Config.tiny() holding `value` once (an expert id, or not one) among zeros."""
+    cfg = Config.tiny()
+    t = torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=dtype)
+    t[3, 0] = value
+    return {"layers.0.ffn.gate.tid2eid": t}
+
+
 def hf_model(path):
     """transformers' model, its indexer's ties broken as dsv4 breaks them (`ties_to_the_earlier_entry`)."""
     from transformers import DeepseekV4ForCausalLM

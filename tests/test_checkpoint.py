@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import dsv4
 from dsv4.quant import dequant_fp4_weight, dequant_fp8_weight, quant_fp4_weight, quant_fp8_weight
-from helpers import random_model
+from helpers import random_model, tid2eid_with
 
 CFG = dsv4.Config.tiny()
 # architecture.md section 10 dtype table, restated independently of dsv4.checkpoint
@@ -95,8 +95,6 @@ def test_scales_stored_as_bytes_or_floats_load_alike(official, tmp_path):
     same weights on both expert paths; uint8 read as numbers was silently wrong (errors up to 730)."""
     import shutil
 
-    from safetensors.torch import load_file
-
     _, path = official
     ref = dsv4.load_model(path, dtype=torch.float32).state_dict()
     for name, conv in (("bytes", lambda t: t.view(torch.uint8)), ("float", lambda t: t.float()),
@@ -176,12 +174,6 @@ def test_missing_scale_is_reported(official, tmp_path):
 
 
 E, D, INTER = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
-
-
-def tid2eid_with(value, dtype=torch.long):
-    t = torch.zeros(CFG.vocab_size, CFG.num_experts_per_tok, dtype=dtype)
-    t[3, 0] = value
-    return {"layers.0.ffn.gate.tid2eid": t}
 
 
 @pytest.mark.parametrize("layout,tensors,match", [
@@ -316,6 +308,35 @@ def test_a_save_killed_at_any_step_leaves_a_whole_model(tmp_path, monkeypatch, c
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
+def test_shards_are_byte_for_byte_what_safetensors_writes(tmp_path):
+    """The shard writer (which streams a stacked tensor part by part) writes the bytes safetensors' save_file
+    writes with metadata {"format": "pt"}: tensors ordered by dtype, then name; the JSON header; its padding."""
+    import dsv4.checkpoint as ck
+
+    g = torch.Generator().manual_seed(0)
+
+    def random_bytes(dtype, shape):
+        n = torch.Size(shape).numel()
+        if dtype == torch.bool:
+            return torch.randint(0, 2, shape, generator=g).bool()
+        return torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
+
+    tensors = {f"{name}.{i}": random_bytes(dtype, shape) for i, dtype in enumerate(ck._SAFETENSORS_DTYPES)
+               for name, shape in (("w", (3, 5)), ("b", (7,)), ("scalar", ()), ("empty", (0, 3)))}
+    tensors.update({"A": torch.zeros(1), "a.10": torch.ones(2), "a.9": torch.ones(3), "q\"uoté": torch.ones(1)})
+    w1, w3 = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    for k in range(1, 4):  # a few header lengths, so the padding varies
+        cases = {**dict(list(tensors.items())[:-k]), "gate_up": torch.cat([w1, w3], dim=1)}
+        save_file(cases, str(tmp_path / "want"), metadata={"format": "pt"})
+        ck._save_shard(tmp_path / "got", {**cases, "gate_up": ck._Stacked((4, 6, 5), torch.float32,
+                                                                           ck._by_expert(w1, w3))})
+        assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes()
+    dsv4.save_official(random_model(CFG), tmp_path / "official", max_shard_bytes=150_000)
+    for f in sorted((tmp_path / "official").glob("*.safetensors")):  # every dtype of the official layout
+        save_file(load_file(str(f)), str(tmp_path / "again"), metadata={"format": "pt"})
+        assert f.read_bytes() == (tmp_path / "again").read_bytes(), f.name
+
+
 def test_save_is_atomic_previous_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
     model = random_model(CFG, seed=1)
     dsv4.save_model(model, tmp_path)
@@ -324,7 +345,7 @@ def test_save_is_atomic_previous_checkpoint_survives_a_failed_save(tmp_path, mon
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(ck, "_save_shard", boom)
     with pytest.raises(OSError):
         dsv4.save_model(random_model(CFG, seed=2), tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before

@@ -16,8 +16,7 @@ from dsv4.checkpoint import convert_checkpoint
 from dsv4.cli import BUNDLED, main
 from dsv4.config import CSA, HCA, SLIDING
 from dsv4.quant import quant_fp4_weight
-from helpers import random_model
-from test_checkpoint import tid2eid_with  # the same config (Config.tiny())
+from helpers import random_model, tid2eid_with
 
 CFG = dsv4.Config.tiny()
 SHARD = 150_000  # several shards for the tiny models, in the sources and the outputs
@@ -113,10 +112,10 @@ def test_shards_are_written_as_they_fill_within_the_limit(sources, tmp_path):
     """Each output shard holds at most the limit (or one larger tensor), and is saved before the source's later
     tensors are read."""
     events = []
-    read, save = ck._Source.read, ck.save_file
+    read, save = ck._Source.read, ck._save_shard
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ck._Source, "read", lambda self, f, key: events.append("read") or read(self, f, key))
-        mp.setattr(ck, "save_file", lambda t, f, **kw: events.append("save") or save(t, f, **kw))
+        mp.setattr(ck._Source, "read", lambda self, *a: events.append("read") or read(self, *a))
+        mp.setattr(ck, "_save_shard", lambda f, t: events.append("save") or save(f, t))
         convert_checkpoint(sources / "official", tmp_path / "out", "hf", torch.float32, max_shard_bytes=SHARD)
     assert events.count("save") > 3 and events[-1] == "save"
     assert "read" in events[events.index("save"):]  # the first shard was written before reading was done
@@ -157,6 +156,11 @@ def assert_refused_alike(src, tmp_path, to="official", same_message=True):
     assert str(got.value) == str(want.value) or not same_message
     assert list(out.iterdir()) == []
     return got.value
+
+
+def nan_at(t, *index):
+    t[index] = float("nan")
+    return t
 
 
 def drop(*keys):
@@ -213,6 +217,13 @@ def test_refuses_a_checkpoint_that_lacks_a_tensor(sources, tmp_path, source, key
     ("official", tid2eid_with(1.5, torch.float32), "integer expert ids"),
     ("official", {"layers.1.attn.wq_a.weight": torch.zeros(64, dtype=torch.float8_e4m3fn),
                   "layers.1.attn.wq_a.scale": torch.ones(1, 1)}, "expected a matrix"),
+    # routed experts, read one at a time from transformers' stacks
+    ("hf", {"model.layers.1.mlp.experts.gate_up_proj": torch.zeros(E + 1, 2 * INTER, D)}, "out of range"),
+    ("hf", {"model.layers.1.mlp.experts.gate_up_proj": torch.zeros(E, 2 * INTER + 1, D)}, "expert 0 has shape"),
+    ("hf", {"model.layers.2.mlp.experts.gate_up_proj": nan_at(torch.zeros(E, 2 * INTER, D), 5, INTER + 2, 0)},
+     "w3[5]' contains NaN"),
+    ("hf", {"model.layers.3.mlp.experts.down_proj": torch.zeros(E - 1, D, INTER)}, "layers.3.ffn.experts.w2"),
+    ("hf", {"layers.1.ffn.experts.w1": torch.zeros(E, INTER, D + 1)}, "the config expects"),
 ])
 def test_refuses_a_bad_tensor_by_name(sources, tmp_path, source, extra, named):
     """The bad tensor sits in an extra shard, which the index names for it."""
@@ -222,6 +233,33 @@ def test_refuses_a_bad_tensor_by_name(sources, tmp_path, source, extra, named):
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     save_file(extra, str(src / "extra.safetensors"))
     assert named in str(assert_refused_alike(src, tmp_path))
+
+
+@pytest.mark.parametrize("to", ["hf", "official"])
+def test_routed_experts_are_taken_as_load_model_takes_them(sources, tmp_path, to):
+    """Routed experts stacked under the model's own names (layer 1), and a layer's expert given twice, stacked and
+    alone in a later shard (layer 2, expert 3's w1: the later one counts), convert as load_model loads them."""
+    src = copy_of(sources / "hf", tmp_path)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    prefix = "model.layers.1.mlp.experts."
+    with safe_open(str(shard_holding(src, prefix + "gate_up_proj")), "pt") as h:
+        gate_up = h.get_tensor(prefix + "gate_up_proj")
+    with safe_open(str(shard_holding(src, prefix + "down_proj")), "pt") as h:
+        down = h.get_tensor(prefix + "down_proj")
+    extra = {"layers.1.ffn.experts.w1": gate_up[:, :INTER], "layers.1.ffn.experts.w3": gate_up[:, INTER:],
+             "layers.1.ffn.experts.w2": down, "layers.2.ffn.experts.3.w1.weight": torch.randn(INTER, D)}
+    for key in (prefix + "gate_up_proj", prefix + "down_proj"):
+        rewrite(shard_holding(src, key), drop(key))
+        del index["weight_map"][key]
+    index["weight_map"].update(dict.fromkeys(extra, "zzz.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({k: v.contiguous() for k, v in extra.items()}, str(src / "zzz.safetensors"))
+    convert_checkpoint(src, tmp_path / "streamed", to, torch.float32, max_shard_bytes=SHARD)
+    in_memory(src, tmp_path / "in-memory", to, torch.float32)
+    assert_same_checkpoint(tmp_path / "streamed", tmp_path / "in-memory")
+    if to == "hf":
+        assert torch.equal(tensors(tmp_path / "streamed")[0]["model.layers.2.mlp.experts.gate_up_proj"][3, :INTER],
+                           extra["layers.2.ffn.experts.3.w1.weight"])
 
 
 def test_a_bad_value_read_late_leaves_no_destination_after_shards_were_written(sources, tmp_path):
@@ -237,8 +275,8 @@ def test_a_bad_value_read_late_leaves_no_destination_after_shards_were_written(s
     rewrite(last, nan)
     saved = []
     with pytest.MonkeyPatch.context() as mp:
-        save = ck.save_file
-        mp.setattr(ck, "save_file", lambda t, f, **kw: saved.append(f) or save(t, f, **kw))
+        save = ck._save_shard
+        mp.setattr(ck, "_save_shard", lambda f, t: saved.append(f) or save(f, t))
         assert "contains NaN" in str(assert_refused_alike(src, tmp_path, to="hf"))
     assert len(saved) > 2
 
@@ -362,19 +400,27 @@ def hwm():  # peak resident set of this process (VmHWM; unlike ru_maxrss it is n
             return int(line.split()[1]) * 1024
 
 
-src, dst, mode = sys.argv[1:]
+src, dst, how, shard_mib = sys.argv[1:]
 base = hwm()
-if mode == "in-memory":
-    dsv4.save_model(dsv4.load_model(src, dtype=torch.float32), dst, max_shard_bytes=16 << 20)
-else:
-    convert_checkpoint(src, dst, "hf", torch.float32, max_shard_bytes=16 << 20)
+if how == "in-memory":  # load_model, then save_model
+    dsv4.save_model(dsv4.load_model(src, dtype=torch.float32), dst, max_shard_bytes=int(shard_mib) << 20)
+else:  # streamed, to layout `how`
+    convert_checkpoint(src, dst, how, torch.float32, max_shard_bytes=int(shard_mib) << 20)
 print(hwm() - base)
 """
 
 
+def peak_growth(src, dst, how, shard_mib):
+    """How much more memory a fresh process converting `src` to `dst` (PEAK_SCRIPT) held at its peak than at its
+    start, in bytes."""
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(src), str(dst), how, str(shard_mib)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
 def test_streamed_conversion_peak_memory_is_a_fraction_of_the_in_memory_path(tmp_path):
     """A 24-layer model of ~340 MB (fp32) in 16 MB shards: the in-memory path holds the model (at least its size
-    more than it started with); streaming holds a shard and a layer's experts (~13 MB), well under half of that."""
+    more than it started with); streaming holds a shard and a few experts, well under half of that."""
     cfg = dsv4.Config.tiny(hidden_size=256, moe_intermediate_size=256, n_routed_experts=16, vocab_size=4096,
                            num_hidden_layers=24, layer_types=[[SLIDING, CSA, HCA, CSA][i % 4] for i in range(24)])
     model = random_model(cfg)
@@ -382,13 +428,27 @@ def test_streamed_conversion_peak_memory_is_a_fraction_of_the_in_memory_path(tmp
     dsv4.save_model(model, tmp_path / "src", max_shard_bytes=16 << 20)
     del model
 
-    def growth(mode):
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "src"), str(tmp_path / mode), mode],
-                             capture_output=True, text=True, check=True).stdout
-        return int(out.split()[-1])
-
-    streamed, whole = growth("streamed"), growth("in-memory")
+    streamed = peak_growth(tmp_path / "src", tmp_path / "streamed", "hf", 16)
+    whole = peak_growth(tmp_path / "src", tmp_path / "in-memory", "in-memory", 16)
     print(f"\nmodel {model_bytes / 2**20:.0f} MiB: peak growth streamed {streamed / 2**20:.0f} MiB, "
           f"in memory {whole / 2**20:.0f} MiB")
     assert_same_checkpoint(tmp_path / "streamed", tmp_path / "in-memory")
     assert streamed < model_bytes / 2 and 2 * streamed < whole
+
+
+def test_streamed_conversion_holds_a_few_routed_experts_not_a_blocks(tmp_path):
+    """One block of 512 experts, 384 MB stacked (fp32), in 8 MB shards: HF -> official (FP4) and back each hold a
+    shard and a few experts, 25-130 MB with what glibc's heap keeps of FP4 quantisation's temporaries, under half
+    the block's experts; converting a block's experts together held them all stacked (340-370 MB)."""
+    cfg = dsv4.Config.tiny(hidden_size=512, moe_intermediate_size=128, n_routed_experts=512, vocab_size=1024,
+                           num_hidden_layers=1, layer_types=[SLIDING], num_nextn_predict_layers=0)
+    block = 3 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size * 4
+    dsv4.save_model(random_model(cfg), tmp_path / "hf", max_shard_bytes=8 << 20)
+    to_official = peak_growth(tmp_path / "hf", tmp_path / "official", "official", 8)
+    to_hf = peak_growth(tmp_path / "official", tmp_path / "back", "hf", 8)
+    print(f"\nrouted experts {block / 2**20:.0f} MiB a block: peak growth HF -> official {to_official / 2**20:.0f} "
+          f"MiB, official -> HF {to_hf / 2**20:.0f} MiB")
+    assert max(to_official, to_hf) < block / 2
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    with safe_open(str(shard_holding(tmp_path / "back", key)), "pt") as h:
+        assert h.get_slice(key).get_shape() == [512, 256, 512]

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import HCA, Config, ConfigError
 from .model.moe import PackedExperts
@@ -213,6 +214,15 @@ def _read_config(path: Path) -> Config:
     raise CheckpointError(f"{path}: no config.json")
 
 
+# safetensors' dtype names, in the order of its `Dtype` enum, the reverse of the order it lays tensors out in
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e8m0fnu: "F8_E8M0", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32", torch.float64: "F64",
+    torch.int64: "I64", torch.uint64: "U64"}
+_DTYPE_RANK = {dtype: i for i, dtype in enumerate(_SAFETENSORS_DTYPES)}
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 _QUANTISED = ("F8_E4M3", "I8")  # header dtypes of FP8 weights and packed FP4 experts: each has a `.scale`
 
 
@@ -235,11 +245,14 @@ class _Piece(NamedTuple):
 class _Source:
     """A checkpoint's tensors. Iterating lists them from the shard headers, shard by shard (a shard's header is
     read once the pieces before it are taken), FP8/FP4 weights paired with their scales (which may sit in
-    another shard); `read` reads one tensor."""
+    another shard); `read` reads one tensor, `read_rows` one expert's rows of a stack of experts."""
+    MAPPED_BYTES = 16 << 20  # read through one opening of a shard before it is opened again
 
     def __init__(self, path: Path, files: list[Path], weight_map: dict | None):
         self.path, self.files, self.weight_map = path, files, weight_map
-        self._open: tuple[Path, object] | None = None  # the shard read last: reads follow shard order
+        self._open: tuple[Path, object] | None = None  # the shard read last: reads mostly follow shard order
+        self._mapped = 0  # bytes read through it
+        self._headers: dict[Path, tuple[int, dict]] = {}  # shard -> where its data starts, its header
 
     def __iter__(self) -> Iterator[_Piece]:
         shard_of: dict[str, str] = {}  # checkpoint tensor name -> the shard it is read from
@@ -277,15 +290,55 @@ class _Source:
                     return True
         return False
 
+    def _shard(self, f: Path):
+        # safetensors maps the shard, and the pages read count as resident memory until the mapping is closed: one
+        # shard open at a time, and opened again (closing the mapping) every MAPPED_BYTES read (about 1 ms a time)
+        if self._open is None or self._open[0] != f or self._mapped > self.MAPPED_BYTES:
+            self._open = None  # closes the last mapping before the next is made
+            self._open, self._mapped = (f, _open_shard(f)), 0
+        return self._open[1]
+
     def read(self, f: Path, key: str) -> torch.Tensor:
-        # one shard open at a time: the pages of the shard's mapping that were read count as resident memory
-        if self._open is None or self._open[0] != f:
-            self._open = None  # closes the last shard before the next is mapped
-            self._open = (f, _open_shard(f))
+        h = self._shard(f)
         try:
-            return self._open[1].get_tensor(key)
+            t = h.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{f}: tensor '{key}' cannot be read ({e})") from None
+        self._mapped += t.nbytes
+        return t
+
+    def _header(self, f: Path, key: str) -> tuple[int, dict]:
+        """Where shard `f`'s data starts, and tensor `key`'s entry in its header (which safe_open checked)."""
+        if f not in self._headers:
+            with open(f, "rb") as h:
+                n = int.from_bytes(h.read(8), "little")
+                self._headers[f] = (8 + n, json.loads(h.read(n)))
+        start, header = self._headers[f]
+        return start, header[key]
+
+    def shape(self, f: Path, key: str) -> tuple[int, ...]:
+        return tuple(self._header(f, key)[1]["shape"])
+
+    def read_rows(self, f: Path, key: str, e: int, rows: slice) -> torch.Tensor:
+        """Rows `rows` of entry e of tensor `key` ([E, R, ...]) of shard `f`, read alone (safetensors' get_slice
+        maps, or reads, the whole tensor)."""
+        start, info = self._header(f, key)
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{f}: tensor '{key}' has dtype {info['dtype']}, which dsv4 does not read")
+        shape = info["shape"]
+        first, end, _ = rows.indices(shape[1])
+        out = torch.empty((max(end - first, 0), *shape[2:]), dtype=dtype)
+        row_bytes = math.prod(shape[2:]) * dtype.itemsize
+        try:
+            with open(f, "rb") as h:
+                h.seek(start + info["data_offsets"][0] + (e * shape[1] + first) * row_bytes)
+                got = h.readinto(out.view(-1).view(torch.uint8).numpy())
+        except OSError as err:
+            raise CheckpointError(f"{f}: tensor '{key}' cannot be read ({err})") from None
+        if got != out.nbytes:
+            raise CheckpointError(f"{f}: tensor '{key}' cannot be read (the file ends early)")
+        return out
 
 
 def _open_checkpoint(path, quant_simulation: bool = False) -> tuple[Path, Config, _Source]:
@@ -356,9 +409,7 @@ class _Loader:
         if m:
             return self.put_expert(m.group(1), int(m.group(2)), m.group(3), t, src)
         if name.endswith("ffn.experts.gate_up"):
-            if t.dim() != 3:
-                raise CheckpointError(f"{src}: tensor '{name}' has shape {tuple(t.shape)}, expected "
-                                      f"[experts, 2 * moe_intermediate_size, hidden_size]")
+            self.check_gate_up(name, src, t.shape)
             base = name[: -len("gate_up")]
             inter = t.shape[1] // 2
             for e in range(t.shape[0]):
@@ -382,12 +433,20 @@ class _Loader:
         if name in self.tied:
             self.loaded.update(self.tied)
 
-    def put_expert(self, base: str, e: int, w: str, t: torch.Tensor | None, src: str, packed=None) -> None:
-        name = f"{base}{w}"
-        experts = self._experts(base, name, src)
+    def check_gate_up(self, name: str, src: str, shape) -> None:
+        if len(shape) != 3:
+            raise CheckpointError(f"{src}: tensor '{name}' has shape {tuple(shape)}, expected "
+                                  f"[experts, 2 * moe_intermediate_size, hidden_size]")
+
+    def check_expert_index(self, name: str, e: int, src: str) -> None:
         if not 0 <= e < self.model.config.n_routed_experts:
             raise CheckpointError(f"{src}: expert index {e} out of range for '{name}' "
                                   f"({self.model.config.n_routed_experts} experts)")
+
+    def put_expert(self, base: str, e: int, w: str, t: torch.Tensor | None, src: str, packed=None) -> None:
+        name = f"{base}{w}"
+        experts = self._experts(base, name, src)
+        self.check_expert_index(name, e, src)
         if isinstance(experts, PackedExperts):
             if packed is None:
                 raise CheckpointError(f"{src}: '{name}' expert {e} is not FP4-packed; fp4_experts=True needs an "
@@ -468,6 +527,29 @@ class _Loader:
             self.params.update(skeleton)
         return group
 
+    def read_expert(self, name: str, e: int, parts: list[_Part], source: _Source) -> torch.Tensor:
+        """Expert e of the routed-expert weight `name` (of a model on the meta device) in a new tensor [out, in],
+        read from `parts` (the last wins, as in load_model) and checked as load_model checks it."""
+        base, w = name.rsplit(".", 1)
+        shape = self.params[name].shape
+        out = torch.empty(shape[1:], dtype=self.params[name].dtype)
+        skeleton = self.params[name]
+        self.params[name] = out.expand(shape)  # put_expert writes expert e into params[name][e]: into `out`
+        try:
+            for piece, rows, whole in parts:
+                if rows is None:  # the expert's own tensor (FP8/FP4 ones dequantised)
+                    self.load(piece, source)
+                    continue
+                t = source.read_rows(piece.file, piece.key, e, rows)
+                if whole:
+                    self._check_finite(name, piece.file.name, t)
+                    out.copy_(t)
+                else:
+                    self.put_expert(base + ".", e, w, t, piece.file.name)
+        finally:
+            self.params[name] = skeleton
+        return out
+
     def expected(self) -> set[str]:
         """The model tensors a checkpoint must fill; packed routed experts by their dense names."""
         expected = set(self.params)
@@ -524,9 +606,29 @@ def load_model(path, dtype=torch.bfloat16, device="cpu", fp4_experts: bool = Fal
 
 # ---------------------------------------------------------------- writing
 
+class _Stacked(NamedTuple):
+    """A tensor to write whose bytes come in parts, tensors of its dtype in order (a block's routed experts
+    stacked as transformers stores them, written expert by expert: the stack is never made)."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: Iterator[torch.Tensor]
+
+
+def _by_expert(*stacks) -> Iterator[torch.Tensor]:
+    """Expert 0 of each of `stacks` ([E, ...] each), then expert 1 of each, ...: the bytes of their
+    concatenation along dim 1."""
+    for e in range(stacks[0].shape[0]):
+        for t in stacks:
+            yield t[e]
+
+
+def _nbytes(t: torch.Tensor | _Stacked) -> int:
+    return math.prod(t.shape) * t.dtype.itemsize
+
+
 def _write_dir(path: Path, tensors, config: dict, max_shard_bytes: int, pattern: str) -> None:
-    """Write (name, tensor) pairs as safetensors shards of at most `max_shard_bytes` (a larger tensor alone),
-    each saved as soon as it is full, + index + config, as a whole new directory that replaces `path`
+    """Write (name, tensor or `_Stacked`) pairs as safetensors shards of at most `max_shard_bytes` (a larger
+    tensor alone), each saved as soon as it is full, + index + config, as a whole new directory that replaces `path`
     (`replacing_dir`), keeping whatever else `path` holds (a tokenizer.json, subdirectories) but its old weights.
     `tensors` may read and convert as it goes: if it raises, `path` is left as it was."""
     path = Path(path)
@@ -538,7 +640,7 @@ def _write_dir(path: Path, tensors, config: dict, max_shard_bytes: int, pattern:
         shards: list[list[str]] = []  # the tensor names of each saved shard
         cur, size, total = {}, 0, 0
         for k, v in tensors:
-            b = v.numel() * v.element_size()
+            b = _nbytes(v)
             if cur and size + b > max_shard_bytes:
                 shards.append(_save_shard(tmp / f".shard-{len(shards)}", cur))
                 cur, size = {}, 0
@@ -556,8 +658,33 @@ def _write_dir(path: Path, tensors, config: dict, max_shard_bytes: int, pattern:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _save_shard(f: Path, tensors: dict[str, torch.Tensor]) -> list[str]:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(f), metadata={"format": "pt"})
+def _save_shard(f: Path, tensors: dict[str, torch.Tensor | _Stacked]) -> list[str]:
+    """One safetensors file, byte for byte what `safetensors.torch.save_file(tensors, f, {"format": "pt"})`
+    writes (tensors by descending dtype, then name; the JSON header padded with spaces to 8 bytes), written
+    tensor by tensor and a `_Stacked` part by part, so that no more than one part is copied at a time."""
+    if sys.byteorder != "little":  # safetensors is little-endian; the bytes below are written as they lie in memory
+        raise RuntimeError("writing safetensors needs a little-endian host")
+    names = sorted(tensors, key=lambda k: (-_DTYPE_RANK[tensors[k].dtype], k))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k in names:
+        t = tensors[k]
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + _nbytes(t)]}
+        offset += _nbytes(t)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    with open(f, "wb") as out:
+        out.write(len(head).to_bytes(8, "little") + head)
+        for k in names:
+            t, written = tensors[k], 0
+            for part in t.parts if isinstance(t, _Stacked) else [t]:
+                if part.dtype != t.dtype:
+                    raise RuntimeError(f"'{k}' is {t.dtype}, a part of it {part.dtype}")
+                data = part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                out.write(data)
+                written += data.nbytes
+            if written != _nbytes(t):  # a file that says otherwise would be corrupt
+                raise RuntimeError(f"'{k}' {tuple(t.shape)}: {written} bytes written, {_nbytes(t)} expected")
     return list(tensors)
 
 
@@ -624,34 +751,35 @@ def _dense_state(model: Transformer) -> dict[str, torch.Tensor]:
 _HF_SHARDS, _OFFICIAL_SHARDS = "model-{:05d}-of-{:05d}.safetensors", "model{:05d}-of-{:05d}.safetensors"
 
 
-def _to_hf(state: dict[str, torch.Tensor], tied: bool):
-    """Model tensors (official names, routed experts stacked) -> (transformers name, tensor) pairs. A block's three
-    routed-expert tensors come in one `state` (gate_up_proj is w1 and w3 in one)."""
+def _to_hf(state: dict, tied: bool):
+    """Model tensors (official names; routed experts stacked [E, out, in], as tensors or `_StreamedExperts`) ->
+    (transformers name, tensor or `_Stacked`) pairs. A block's three routed-expert tensors come in one `state`:
+    gate_up_proj [E, 2I, d] is w1 and w3 of each expert in turn, down_proj w2, both written expert by expert."""
     for name, t in state.items():
         if tied and name == "head.weight":  # tied embeddings are written once, as transformers does
             continue
-        t = t.detach().cpu()
         m = re.match(r"^(layers\.\d+\.)ffn\.experts\.(w[123])$", name)
-        if name.startswith("mtp."):
-            me = re.match(r"^(mtp\.\d+\.ffn\.experts)\.(w[123])$", name)
-            if me:
-                for e in range(t.shape[0]):
-                    yield f"{me.group(1)}.{e}.{me.group(2)}.weight", t[e]
-            else:
-                yield name, t
+        me = re.match(r"^(mtp\.\d+\.ffn\.experts)\.(w[123])$", name)
+        if me:
+            for e in range(t.shape[0]):
+                yield f"{me.group(1)}.{e}.{me.group(2)}.weight", t[e]
         elif m:
             if m.group(2) == "w2":
-                yield f"model.{m.group(1)}mlp.experts.down_proj", t
+                yield f"model.{m.group(1)}mlp.experts.down_proj", _Stacked(tuple(t.shape), t.dtype, _by_expert(t))
             elif m.group(2) == "w1":
-                w3 = state[name[:-2] + "w3"].detach().cpu()
-                yield f"model.{m.group(1)}mlp.experts.gate_up_proj", torch.cat([t, w3], dim=1)
+                w3 = state[name[:-2] + "w3"]
+                E, inter, d = t.shape
+                yield (f"model.{m.group(1)}mlp.experts.gate_up_proj",
+                       _Stacked((E, 2 * inter, d), t.dtype, _by_expert(t, w3)))
+        elif name.startswith("mtp."):
+            yield name, t.detach().cpu()
         elif name in _OFF_TO_HF_TOP:
-            yield _OFF_TO_HF_TOP[name], t
+            yield _OFF_TO_HF_TOP[name], t.detach().cpu()
         else:
             lm = _LAYER.match(name)
             if not lm or lm.group(2) not in _OFF_TO_HF_LEAF:
                 raise CheckpointError(f"no transformers name for parameter '{name}'")
-            yield f"model.{lm.group(1)}{_OFF_TO_HF_LEAF[lm.group(2)]}", t
+            yield f"model.{lm.group(1)}{_OFF_TO_HF_LEAF[lm.group(2)]}", t.detach().cpu()
 
 
 def save_model(model: Transformer, path, max_shard_bytes: int = 2 << 30) -> None:
@@ -682,23 +810,24 @@ def _check_official(cfg: Config) -> None:
                           f"{Config.eos_token_id}); save this model with save_model")
 
 
-def _to_official(state: dict[str, torch.Tensor], tied: bool, fp8: bool, fp4_experts: bool):
-    """Model tensors (official names, routed experts stacked) -> the official layout's (name, tensor) pairs."""
+def _to_official(state: dict, fp8: bool, fp4_experts: bool):
+    """Model tensors (official names; routed experts stacked [E, out, in], as tensors or `_StreamedExperts`) ->
+    the official layout's (name, tensor) pairs, routed experts one at a time."""
     for name, t in state.items():
-        t = t.detach().cpu()
-        if name == "head.weight" and tied:
-            t = t.clone()  # safetensors refuses two names for one storage
         m = re.match(r"^(.*\.ffn\.experts)\.(w[123])$", name)
         if m:
             for e in range(t.shape[0]):
                 key = f"{m.group(1)}.{e}.{m.group(2)}"
+                w = t[e].detach().cpu()
                 if fp4_experts:
-                    w, scale = quant_fp4_weight(t[e])
+                    w, scale = quant_fp4_weight(w)
                     yield key + ".weight", w
                     yield key + ".scale", scale
                 else:
-                    yield key + ".weight", t[e].to(torch.bfloat16)
-        elif fp8 and _FP8_LEAVES.search(name):
+                    yield key + ".weight", w.to(torch.bfloat16)
+            continue
+        t = t.detach().cpu()  # tied embeddings: head.weight is written too (the official config cannot say tied)
+        if fp8 and _FP8_LEAVES.search(name):
             w, scale = quant_fp8_weight(t)
             yield name, w
             yield name[: -len(".weight")] + ".scale", scale
@@ -736,7 +865,7 @@ def save_official(model: Transformer, path, max_shard_bytes: int = 2 << 30, fp8:
     config cannot say that embeddings are tied: both tensors are written."""
     cfg = model.config
     _check_official(cfg)
-    _write_dir(Path(path), _to_official(_dense_state(model), cfg.tie_word_embeddings, fp8, fp4_experts),
+    _write_dir(Path(path), _to_official(_dense_state(model), fp8, fp4_experts),
                _official_config(cfg, fp8, fp4_experts), max_shard_bytes, _OFFICIAL_SHARDS)
 
 
@@ -754,10 +883,64 @@ def _group_of(name: str, tied) -> str:
     return "embed.weight" if name in tied else name
 
 
-def _plan(loader: _Loader, source: _Source, path: Path) -> list[tuple[list[str], list[_Piece]]]:
-    """The model's tensors in state_dict order, grouped as they are converted together, each group with the
-    checkpoint tensors that fill it. A checkpoint tensor with no place in the model, or a model tensor with no
-    checkpoint tensor, is refused here, before anything is written."""
+class _Part(NamedTuple):
+    """Where a checkpoint holds one routed expert's weight: a checkpoint tensor, and unless it is the expert's own
+    tensor the expert's `rows` in a stack [E, rows, in]; `whole` for a stack under the model's own name, which
+    load_model checks as one tensor."""
+    piece: _Piece
+    rows: slice | None = None
+    whole: bool = False
+
+
+class _StreamedExperts:
+    """A block's routed-expert weight `name` (`layers.N.ffn.experts.w1`, [E, out, in]) of a model on the meta
+    device, read from the checkpoint one expert at a time: `[e]` reads and checks expert e (`_Loader.read_expert`)
+    from where `parts[e]` says, [out, in]."""
+
+    def __init__(self, loader: _Loader, source: _Source, name: str, parts: list[list[_Part]]):
+        self.loader, self.source, self.name, self.parts = loader, source, name, parts
+        self.shape, self.dtype = tuple(loader.params[name].shape), loader.params[name].dtype
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self.loader.read_expert(self.name, e, self.parts[e], self.source)
+
+
+def _stream_experts(loader: _Loader, source: _Source, group: str, pieces: list[_Piece]) -> dict:
+    """Block `group`'s (`layers.N.ffn.experts`) routed-expert weights as `_StreamedExperts`, found from the
+    checkpoint tensors' names and shard headers. Expert ids out of range and stacks of the wrong rank or shape
+    are refused here; an expert's values as it is read."""
+    n_experts = loader.model.config.n_routed_experts
+    parts = {f"{group}.{w}": [[] for _ in range(n_experts)] for w in ("w1", "w2", "w3")}
+    for piece in pieces:
+        src = piece.file.name
+        m = _EXPERT.match(piece.name)
+        if m:  # one expert's tensor
+            e = int(m.group(2))
+            loader.check_expert_index(m.group(1) + m.group(3), e, src)
+            parts[m.group(1) + m.group(3)][e].append(_Part(piece))
+            continue
+        shape, w = source.shape(piece.file, piece.key), piece.name.rsplit(".", 1)[1]
+        if w == "gate_up":  # transformers' gate_up_proj [E, 2I, d]
+            loader.check_gate_up(piece.name, src, shape)
+            inter = shape[1] // 2
+            stacked = {"w1": _Part(piece, slice(None, inter)), "w3": _Part(piece, slice(inter, None))}
+        elif w == "w2" and len(shape) == 3:  # transformers' down_proj [E, d, I]
+            stacked = {"w2": _Part(piece, slice(None))}
+        else:  # the model's own stack
+            loader._target(piece.name, src, shape)
+            stacked = {w: _Part(piece, slice(None), whole=True)}
+        for e in range(shape[0]):
+            for w, part in stacked.items():
+                loader.check_expert_index(f"{group}.{w}", e, src)
+                parts[f"{group}.{w}"][e].append(part)
+    return {name: _StreamedExperts(loader, source, name, p) for name, p in parts.items()}
+
+
+def _plan(loader: _Loader, source: _Source, path: Path) -> list[Callable[[], dict]]:
+    """The model's tensors in state_dict order, grouped as they are converted together: for each group, a function
+    that returns its tensors by name, read from the checkpoint (a block's routed experts as `_StreamedExperts`,
+    read as they are written). A checkpoint tensor with no place in the model, or a model tensor (or routed
+    expert) with no checkpoint tensor, is refused here, before anything is written."""
     groups: dict[str, list[str]] = {}
     for name in loader.model.state_dict():
         groups.setdefault(_group_of(name, loader.tied), []).append(name)
@@ -769,18 +952,23 @@ def _plan(loader: _Loader, source: _Source, path: Path) -> list[tuple[list[str],
             raise CheckpointError(f"{piece.file.name}: tensor '{piece.name}' has no place in this model "
                                   f"(config mismatch?)")
         pieces[group].append(piece)
-    loader.check_filled([n for g, names in groups.items() if not pieces[g] for n in names], path)
-    return [(names, pieces[g]) for g, names in groups.items()]
+    experts = {g: _stream_experts(loader, source, g, pieces[g]) for g in groups if g.endswith(".ffn.experts")}
+    missing = [n for g, names in groups.items() if g not in experts and not pieces[g] for n in names]
+    missing += [n for streamed in experts.values() for n, t in streamed.items() if not all(t.parts)]
+    loader.check_filled(missing, path)
+    # a block's routed experts are read as they are written; any other group at once
+    return [experts[g].copy if g in experts else partial(loader.fill, names, pieces[g], source, path)
+            for g, names in groups.items()]
 
 
 def convert_checkpoint(src, dst, to: str = "hf", dtype=torch.bfloat16, fp8: bool = True, fp4_experts: bool = True,
                        max_shard_bytes: int = 2 << 30) -> None:
     """Rewrite checkpoint `src` (either format) into `dst`: what save_model (`to="hf"`) or save_official
     (`to="official"`, with `fp8` and `fp4_experts`) writes for load_model(src, dtype), streamed. Tensors are read,
-    converted and written as shards fill, a block's routed experts together, so peak memory is about one
-    output shard plus one block's routed experts, not the model. `src` is refused where load_model refuses it
-    (tensors missing or without a place before anything is written; bad shapes or values as they are read),
-    and then `dst` is left as it was."""
+    converted and written as shards fill, routed experts one at a time (transformers' stacked gate_up_proj and
+    down_proj are written expert by expert), so peak memory is about one output shard plus a few experts, not
+    the model. `src` is refused where load_model refuses it (tensors missing or without a place before anything
+    is written; bad shapes or values as they are read), and then `dst` is left as it was."""
     if to not in ("hf", "official"):
         raise ConfigError(f"to: must be 'hf' or 'official' (got {to!r})")
     path, cfg, source = _open_checkpoint(src)
@@ -792,10 +980,10 @@ def convert_checkpoint(src, dst, to: str = "hf", dtype=torch.bfloat16, fp8: bool
     if to == "hf":
         convert, config, pattern = partial(_to_hf, tied=tied), cfg.to_hf_dict(), _HF_SHARDS
     else:
-        convert = partial(_to_official, tied=tied, fp8=fp8, fp4_experts=fp4_experts)
+        convert = partial(_to_official, fp8=fp8, fp4_experts=fp4_experts)
         config, pattern = _official_config(cfg, fp8, fp4_experts), _OFFICIAL_SHARDS
 
     def tensors():  # one group alive at a time: each is dropped once converted
-        for names, pieces in plan:
-            yield from convert(loader.fill(names, pieces, source, path))
+        for read in plan:
+            yield from convert(read())
     _write_dir(Path(dst), tensors(), config, max_shard_bytes, pattern)

@@ -165,8 +165,8 @@ def generate(args) -> int:
 def convert(args) -> int:
     """Rewrite a checkpoint (HF format or DeepSeek's official FP8/FP4 layout) in the other format, or the
     same format in another dtype; tokenizer.json comes along. Streamed (checkpoint.convert_checkpoint): tensors
-    are read, converted and written shard by shard, so peak memory is about one output shard plus one layer's
-    routed experts, not the model. The source is checked as load_model checks it; on an error nothing is
+    are read, converted and written shard by shard, routed experts one at a time, so peak memory is about one
+    output shard plus a few experts, not the model. The source is checked as load_model checks it; on an error nothing is
     left at the destination."""
     import shutil
 
