@@ -734,16 +734,26 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def _dense_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """Official names, experts stacked; packed experts dequantised."""
-    out = {}
-    for name, t in model.state_dict().items():
+class _Dequantised:
+    """Packed FP4 routed experts (`PackedExperts`' packed [E, out, in/2] and scale [E, out, in/32]) seen as the
+    stack [E, out, in] fp32, dequantised one expert at a time as it is indexed: `[e]` -> [out, in]."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor):
+        self.packed, self.scale = packed, scale
+        self.shape, self.dtype = (*packed.shape[:2], 2 * packed.shape[2]), torch.float32
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return dequant_fp4_weight(self.packed[e], self.scale[e], torch.float32)
+
+
+def _dense_state(model: Transformer) -> dict:
+    """Official names, experts stacked; packed experts as `_Dequantised` (written one expert at a time)."""
+    state, out = model.state_dict(), {}
+    for name, t in state.items():
         m = re.match(r"^(.*\.experts)\.(w[123])_(packed|scale)$", name)
         if m:
             if m.group(3) == "packed":
-                scale = model.state_dict()[f"{m.group(1)}.{m.group(2)}_scale"]
-                out[f"{m.group(1)}.{m.group(2)}"] = torch.stack(
-                    [dequant_fp4_weight(t[e], scale[e], torch.float32) for e in range(t.shape[0])])
+                out[f"{m.group(1)}.{m.group(2)}"] = _Dequantised(t, state[f"{m.group(1)}.{m.group(2)}_scale"])
             continue
         out[name] = t
     return out
