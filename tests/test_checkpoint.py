@@ -90,6 +90,19 @@ def test_packed_fp4_experts_give_the_same_logits(official):
         assert torch.allclose(dense(ids), packed(ids), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("save", ["save_model", "save_official"])
+def test_a_model_with_packed_experts_saves_as_its_dense_twin(official, tmp_path, save):
+    """save_model / save_official of a model loaded with fp4_experts=True (experts dequantised one at a time as
+    they are written) give the files the same checkpoint loaded dense gives, tensor for tensor."""
+    _, path = official
+    getattr(dsv4, save)(dsv4.load_model(path, dtype=torch.float32, fp4_experts=True), tmp_path / "packed")
+    getattr(dsv4, save)(dsv4.load_model(path, dtype=torch.float32), tmp_path / "dense")
+    a, b = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+            for d in ("packed", "dense"))
+    assert a.keys() == b.keys() and any("experts" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
 def test_scales_stored_as_bytes_or_floats_load_alike(official, tmp_path):
     """UE8M0 scales saved as raw uint8 bytes or as float32 (converters without an e8m0 dtype) give the
     same weights on both expert paths; uint8 read as numbers was silently wrong (errors up to 730)."""
@@ -161,16 +174,77 @@ def test_missing_tensor_is_reported(tmp_path):
         dsv4.load_model(tmp_path)
 
 
-def test_missing_scale_is_reported(official, tmp_path):
+@pytest.mark.parametrize("key,match", [
+    ("layers.1.attn.wq_b.scale", "layers.1.attn.wq_b"),
+    ("layers.1.attn.wq_b.weight", r"scales without their weight\): \['layers.1.attn.wq_b'\]"),
+], ids=["scale", "weight"])
+def test_a_quantised_weight_or_scale_without_its_partner_is_reported(official, tmp_path, key, match):
     _, path = official
     copy_files(path, tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    f = tmp_path / index["weight_map"]["layers.1.attn.wq_b.scale"]
+    f = tmp_path / index["weight_map"][key]
     with safe_open(str(f), "pt") as h:
-        tensors = {k: h.get_tensor(k) for k in h.keys() if k != "layers.1.attn.wq_b.scale"}
+        tensors = {k: h.get_tensor(k) for k in h.keys() if k != key}
     save_file(tensors, str(f))
-    with pytest.raises(dsv4.CheckpointError, match="layers.1.attn.wq_b"):
+    with pytest.raises(dsv4.CheckpointError, match=match):
         dsv4.load_model(tmp_path)
+
+
+def test_an_index_naming_a_missing_shard_names_the_file(official, tmp_path):
+    """Reported for the index (which lists the files it lacks), before any shard is read."""
+    _, path = official
+    copy_files(path, tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    gone = index["weight_map"]["layers.1.attn.wq_a.weight"]
+    (tmp_path / gone).unlink()
+    with pytest.raises(dsv4.CheckpointError, match=rf"index.json: names shard files that are missing: \['{gone}'\]"):
+        dsv4.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("fp4_experts", [False, True], ids=["dense", "packed"])
+def test_a_routed_expert_missing_from_an_official_checkpoint_is_reported(official, tmp_path, fp4_experts):
+    """Expert 3 of layer 1 dropped (all its weights and scales): the other experts do not fill its place."""
+    _, path = official
+    copy_files(path, tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    gone = [k for k in index["weight_map"] if k.startswith("layers.1.ffn.experts.3.")]
+    assert len(gone) == 6
+    for f in {tmp_path / index["weight_map"][k] for k in gone}:
+        save_file({k: v for k, v in load_file(str(f)).items() if k not in gone}, str(f))
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in gone}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(dsv4.CheckpointError, match=r"lacks tensors .*'layers.1.ffn.experts.w1', "
+                                                     r"'layers.1.ffn.experts.w2', 'layers.1.ffn.experts.w3'"):
+        dsv4.load_model(tmp_path, fp4_experts=fp4_experts)
+
+
+def test_a_stack_of_too_few_routed_experts_is_reported(tmp_path):
+    """transformers' down_proj with E - 1 experts: the last expert's w2 is missing."""
+    dsv4.save_model(random_model(CFG), tmp_path)
+    f = tmp_path / "model.safetensors"
+    key = "model.layers.1.mlp.experts.down_proj"
+    tensors = load_file(str(f))
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, str(f))
+    with pytest.raises(dsv4.CheckpointError, match=r"lacks tensors .*\['layers.1.ffn.experts.w2'\]"):
+        dsv4.load_model(tmp_path)
+
+
+def test_tied_embeddings_that_differ_are_refused(tmp_path):
+    """tie_word_embeddings true but a head.weight that is not embed.weight: loading either would give a model
+    other than the checkpoint's."""
+    dsv4.save_model(random_model(dsv4.Config.tiny(tie_word_embeddings=True)), tmp_path)
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(str(f))
+    assert "lm_head.weight" not in tensors  # written once, as embed_tokens
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
+    save_file(tensors, str(f))
+    with pytest.raises(dsv4.CheckpointError, match="tie_word_embeddings is true but the checkpoint's head.weight"):
+        dsv4.load_model(tmp_path, dtype=torch.float32)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # equal copies load
+    save_file(tensors, str(f))
+    m = dsv4.load_model(tmp_path, dtype=torch.float32)
+    assert m.head.weight is m.embed.weight
 
 
 E, D, INTER = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
@@ -187,6 +261,12 @@ E, D, INTER = CFG.n_routed_experts, CFG.hidden_size, CFG.moe_intermediate_size
     ("official", tid2eid_with(1.5, torch.float32), "tid2eid' must hold integer expert ids"),
     ("official", {"layers.1.attn.wq_a.weight": torch.zeros(64, dtype=torch.float8_e4m3fn),
                   "layers.1.attn.wq_a.scale": torch.ones(1, 1)}, r"wq_a.weight' has shape \(64,\)"),
+    # expert id E is one past the last expert: refused by name, not an IndexError from the stack
+    ("official", {"layers.1.ffn.experts.8.w1.weight": torch.zeros(INTER, D)}, "expert index 8 out of range"),
+    ("hf", {"model.layers.1.mlp.experts.gate_up_proj": torch.zeros(E + 1, 2 * INTER, D)},
+     "expert index 8 out of range"),
+    # a scale beside a weight that is not quantised: dropping it silently would hide a damaged checkpoint
+    ("official", {"head.scale": torch.ones(1, 1)}, r"scales without their weight\): \['head'\]"),
 ])
 def test_bad_tensors_are_reported_by_name(official, tmp_path, layout, tensors, match):
     """Each bad tensor sits in an extra shard that loads first (it sorts before model*.safetensors)."""
@@ -335,6 +415,25 @@ def test_shards_are_byte_for_byte_what_safetensors_writes(tmp_path):
     for f in sorted((tmp_path / "official").glob("*.safetensors")):  # every dtype of the official layout
         save_file(load_file(str(f)), str(tmp_path / "again"), metadata={"format": "pt"})
         assert f.read_bytes() == (tmp_path / "again").read_bytes(), f.name
+
+
+@pytest.mark.parametrize("save", [dsv4.save_model, dsv4.save_official], ids=["hf", "official"])
+def test_two_shards_get_an_index_naming_each_tensors_shard(tmp_path, save):
+    """A limit one byte under the whole model: exactly two shards, and the index transformers needs to find
+    them (one shard has none)."""
+    model = random_model(CFG)
+    save(model, tmp_path / "one")
+    assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
+    total = sum(v.numel() * v.element_size() for v in load_file(str(tmp_path / "one" / "model.safetensors")).values())
+    save(model, tmp_path / "two", max_shard_bytes=total - 1)
+    shards = sorted(f.name for f in (tmp_path / "two").glob("*.safetensors"))
+    assert len(shards) == 2 and all(name.endswith("-of-00002.safetensors") for name in shards)
+    assert (tmp_path / "two" / "model.safetensors.index.json").exists()
+    index = json.loads((tmp_path / "two" / "model.safetensors.index.json").read_text())
+    where = {k: name for name in shards for k in load_file(str(tmp_path / "two" / name))}
+    assert index["weight_map"] == where and index["metadata"]["total_size"] == total
+    got, want = dsv4.load_model(tmp_path / "two").state_dict(), dsv4.load_model(tmp_path / "one").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_save_is_atomic_previous_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):

@@ -197,6 +197,9 @@ def test_refuses_a_config_whose_shapes_the_checkpoint_does_not_have(sources, tmp
     ("official", ["layers.1.attn.wq_b.scale"], "without their scale"),
     ("official", ["layers.3.ffn.experts.5.w2.weight", "layers.3.ffn.experts.5.w2.scale"], "layers.3.ffn.experts.w2"),
     ("official-bf16", ["mtp.0.ffn.experts.7.w3.weight"], "mtp.0.ffn.experts.w3"),
+    ("official", ["layers.1.attn.wq_b.weight"], "scales without their weight): ['layers.1.attn.wq_b']"),
+    ("official", [f"layers.1.ffn.experts.3.{w}.{p}" for w in ("w1", "w2", "w3") for p in ("weight", "scale")],
+     "'layers.1.ffn.experts.w1', 'layers.1.ffn.experts.w2', 'layers.1.ffn.experts.w3'"),
 ])
 def test_refuses_a_checkpoint_that_lacks_a_tensor(sources, tmp_path, source, keys, named):
     src = copy_of(sources / source, tmp_path)
@@ -212,6 +215,7 @@ def test_refuses_a_checkpoint_that_lacks_a_tensor(sources, tmp_path, source, key
                           quant_fp4_weight(torch.randn(INTER, D)))), "has no place"),
     ("official", {"layers.1.ffn.experts.8.w1.weight": torch.zeros(INTER, D)}, "out of range"),
     ("official", {"unknown.weight": torch.zeros(3)}, "has no place"),
+    ("official", {"head.scale": torch.ones(1, 1)}, "scales without their weight): ['head']"),
     ("official", tid2eid_with(99), "expert ids outside"),
     ("official", tid2eid_with(-1), "expert ids outside"),
     ("official", tid2eid_with(1.5, torch.float32), "integer expert ids"),
@@ -312,6 +316,13 @@ def test_refuses_a_tensor_in_two_shards_without_an_index(sources, tmp_path):
     save_file({"head.weight": torch.zeros(CFG.vocab_size, D, dtype=torch.bfloat16)}, str(src / "aaa.safetensors"))
     (src / "model.safetensors.index.json").unlink()
     assert "in two shards" in str(assert_refused_alike(src, tmp_path))
+
+
+def test_refuses_an_index_naming_a_missing_shard(sources, tmp_path):
+    src = copy_of(sources / "official", tmp_path)
+    gone = shard_holding(src, "layers.1.attn.wq_a.weight")
+    gone.unlink()
+    assert f"names shard files that are missing: ['{gone.name}']" in str(assert_refused_alike(src, tmp_path))
 
 
 @pytest.mark.parametrize("weight_map", [[1, 2], {"embed.weight": "../model.safetensors"}])
