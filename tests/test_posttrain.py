@@ -398,3 +398,54 @@ def test_grpo_loss_uses_the_log_probs_of_the_temperature_it_sampled_at(monkeypat
 
     assert losses == [pytest.approx(loss_at(T), rel=1e-5)]
     assert abs(loss_at(T) - loss_at(1.0)) > 0.01  # the temperature matters here
+
+
+def test_score_refuses_extra_tool_calls_and_echo_credit_counts_padding():
+    """An `add` reply with the right sum that also calls a tool does not solve it (score 0); a `tool` task answered
+    with two calls, even two right ones, scores 0 and earns no partial credit; an echo reply padded with extra
+    words earns 0.9 x matching words / the longer of the two lengths, less than the exact reply."""
+    from dsv4.train.tasks import Example
+
+    add = Example("add", {}, content="20 + 37 = 57.", answer=57)
+    call = {"name": "get_time", "arguments": {"city": "Paris"}}
+    assert score(add, "20 + 37 = 57.", []) == 1.0
+    assert score(add, "20 + 37 = 57.", [call]) == 0.0
+    assert reward(add, "20 + 37 = 57.", [call]) < 1.0
+    want = {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    tool = Example("tool", {}, tool_call=want, answer=want)
+    assert score(tool, "", [want]) == 1.0
+    assert score(tool, "", [want, want]) == 0.0 and reward(tool, "", [want, want]) == 0.0
+    assert score(tool, "", [want, call]) == 0.0 and reward(tool, "", [want, call]) == 0.0
+    echo = Example("echo", {}, content="Oslo 42 Alice", answer="Oslo 42 Alice")
+    assert reward(echo, "Oslo 42 Alice", []) == 1.0
+    # 3 words match of the 5 said: 0.9 * 3 / 5 = 0.54 (not 0.9 * 3 / 3: padding is not free)
+    assert score(echo, "Oslo 42 Alice and more", []) == 0.0
+    assert reward(echo, "Oslo 42 Alice and more", []) == pytest.approx(0.54)
+    # a shorter reply is counted against the answer's 3 words: 0.9 * 2 / 3 = 0.6
+    assert reward(echo, "Oslo 42", []) == pytest.approx(0.6)
+
+
+def test_heldout_tasks_name_only_real_heldout_cities_and_people():
+    """Invented names (capitalised syllables) are a training device; the held-out split draws every city and
+    name from the module's lists, and only the held-out fifth of them (_held)."""
+    from dsv4.train.tasks import CITIES, NAMES, _held
+
+    held_cities = {c for c in CITIES if _held(c)}
+    held_names = {n for n in NAMES if _held(n)}
+    assert held_cities and held_names
+    exs = generate(300, seed=1, split="heldout", mix={"tool": 1, "json": 1})
+    cities = {ex.tool_call["arguments"]["city"] for ex in exs
+              if ex.kind == "tool" and "city" in ex.tool_call["arguments"]}
+    cities |= {ex.answer["city"] for ex in exs if ex.kind == "json" and "city" in ex.answer}
+    names = {ex.answer["name"] for ex in exs if ex.kind == "json"}
+    assert cities and names
+    assert cities <= held_cities, cities - held_cities
+    assert names <= held_names, names - held_names
+    # echo phrases: each word a held-out city or name, a number, a currency code or a job
+    others = {"USD", "EUR", "GBP", "JPY", "CNY", "CHF", "teacher", "engineer", "doctor", "pilot", "chef", "writer",
+              "farmer", "nurse"}
+    words = {w for ex in generate(200, seed=2, split="heldout", mix={"echo": 1}) for w in ex.answer.split()}
+    assert {w for w in words if not w.isdigit()} <= held_cities | held_names | others
+    # training does use invented ones (copying from the request, not recall)
+    train = generate(200, seed=1, split="train", mix={"json": 1})
+    assert {ex.answer["name"] for ex in train} - set(NAMES)

@@ -464,3 +464,49 @@ def test_resume_refuses_changed_settings_and_extends_steps_only_before_the_decay
     cfg.write_text(text.replace("steps = 6", "steps = 20"))  # after 12 steps that decayed over 10 and 11
     assert main(["train", str(cfg), "--resume"]) == 2
     assert "[train] steps 12 (checkpoint) vs 20 (now)" in capsys.readouterr().err
+
+
+def test_the_last_step_is_checkpointed_and_validated_when_steps_is_no_multiple_of_checkpoint_every(tmp_path):
+    """steps = 5 with checkpoint_every = 2: checkpoints at steps 2 and 4, and at the last step 5 too (a finished run
+    can be resumed or extended from where it ended), each with a val_loss in its metrics row."""
+    cfg = write_config(tmp_path, "odd")
+    cfg.write_text(cfg.read_text().replace("steps = 6", "steps = 5"))
+    assert main(["train", str(cfg)]) == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "odd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4, 5]
+    meta = json.loads((tmp_path / "odd" / "checkpoint" / "trainer.json").read_text())
+    assert meta["step"] == 5
+
+
+def test_replayed_rows_come_from_the_training_part_of_the_pretraining_corpus(tmp_path):
+    """SFT replay draws rows of replay_from's corpus from its training part only: never a row that reaches into
+    the last val_fraction of that corpus (its validation rows, which the pretraining run never trained on)."""
+    import io
+
+    import numpy as np
+
+    from dsv4.cli import BUNDLED
+    from dsv4.train.run import _replay_source, _with_replay, text_corpus
+
+    base = write_config(tmp_path, "base")
+    base.write_text(base.read_text().replace("val_fraction = 0.1", "val_fraction = 0.5"))
+    data = {"replay": 4.0, "replay_from": str(base)}
+    source = _replay_source(data)
+    tok = load_tokenizer(BUNDLED)
+    pdata, ptcfg = source
+    text = text_corpus(pdata, tok, ptcfg.seed)
+    width = 33  # the base's seq_len 32 + 1; the SFT run's seq_len is the same here
+    cut = len(text) - int(len(text) // width * 0.5) * width  # the last half of the whole rows is validation
+    assert 0 < cut < len(text) - width
+    rows = 10
+    chat = np.full(rows * width, -1, dtype=np.int32)  # no corpus token is -1: the chat rows are recognisable
+    tokens, mask = _with_replay(chat, np.zeros(rows * width, dtype=np.uint8), data, source, tok,
+                                TrainConfig(batch_size=2, seq_len=32), io.StringIO())
+    tokens, mask = tokens.reshape(-1, width), mask.reshape(-1, width)
+    replayed = tokens[mask.all(1)]
+    assert len(replayed) == 40 and len(tokens) == 50 and (tokens[~mask.all(1)] == -1).all()
+    windows = np.lib.stride_tricks.sliding_window_view(text, width)
+    train_windows = {w.tobytes() for w in windows[: cut - width + 1]}  # rows lying wholly within text[:cut]
+    outside = [r for r in replayed if r.astype(text.dtype).tobytes() not in train_windows]
+    assert not outside, f"{len(outside)} of {len(replayed)} replayed rows are not rows of the training part"
