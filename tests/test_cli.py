@@ -1,8 +1,11 @@
-"""`dsv4 generate` and `dsv4 bench`: what they print equals the library calls they stand for (`dsv4 convert`:
-test_convert.py)."""
+"""`dsv4 generate` and `dsv4 bench`: what they print equals the library calls they stand for; each subcommand's
+options reach what they configure, and bad ones are refused by name (rc 2) before anything runs (`dsv4 convert`'s
+equality with the writers: test_convert.py; `dsv4 serve`'s engine options: test_bundled.py)."""
 import io
 import json
+import os
 
+import pytest
 import torch
 
 import dsv4
@@ -59,3 +62,120 @@ def test_bench_measures_the_engine_and_reports_the_state_it_holds(capsys):
         assert main(["bench", *bad]) == 2, bad
         err = capsys.readouterr().err
         assert "dsv4: error" in err and "Traceback" not in err
+
+
+def test_generate_passes_stop_strings_and_ignore_eos_to_the_engine(capsys):
+    """--stop and --ignore-eos give what the library gives with the same settings: a completion cut before
+    the stop string (finish "stop"), and one that runs on past the end-of-sequence token to --max-tokens."""
+    llm = dsv4.LLM(BUNDLED)
+
+    def cli_json(*argv):
+        assert main(["generate", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    prompt = "def add(a, b):"  # greedy: "\n    return a * b ..." on the bundled model
+    free = llm.generate([prompt], dsv4.SamplingParams(max_tokens=12, temperature=0))[0].text
+    assert "return" in free
+    want = llm.generate([prompt], dsv4.SamplingParams(max_tokens=12, temperature=0, stop=["return"]))[0]
+    row = cli_json(prompt, "--max-tokens", "12", "--stop", "return")
+    assert row["text"] == want.text == free[:free.index("return")] and row["finish_reason"] == "stop"
+    assert row["token_ids"] == want.token_ids
+
+    prompt = "The capital of France"  # greedy: the end-of-sequence token after 8 tokens
+    ended = llm.generate([prompt], dsv4.SamplingParams(max_tokens=12, temperature=0))[0]
+    assert ended.finish_reason == "stop" and len(ended.token_ids) < 12
+    want = llm.generate([prompt], dsv4.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    row = cli_json(prompt, "--max-tokens", "12", "--ignore-eos")
+    assert row["finish_reason"] == "length" and len(row["token_ids"]) == 12
+    assert row["token_ids"] == want.token_ids and row["text"] == want.text
+
+
+def test_chat_passes_no_thinking_to_the_chat_loop(monkeypatch):
+    import dsv4.chat
+
+    calls = []
+    monkeypatch.setattr(dsv4.chat, "chat_loop", lambda *a: calls.append(a) or 0)
+    assert main(["chat", "--url", "http://h:1", "--api-key", "k", "--served-model-name", "m", "--max-tokens", "7",
+                 "--no-thinking"]) == 0
+    assert main(["chat", "--url", "http://h:1"]) == 0
+    assert calls == [("http://h:1", "k", "m", False, 7), ("http://h:1", None, "deepseek-v4-flash", True, 512)]
+
+
+def test_serve_refuses_a_key_file_without_keys_and_bad_numbers_before_serving(monkeypatch, tmp_path, capsys):
+    """An --api-key-file with no keys is an error, never a server without authentication; a negative or NaN
+    --balance-usd, a zero --kv-budget-gib or port 65536 are refused by name. The last accepted port serves."""
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append((app, kw)))
+    empty = tmp_path / "keys"
+    empty.write_text("\n   \n\n")
+    for bad, named in ((["--api-key-file", str(empty)], "no API keys"),
+                       (["--balance-usd", "-5"], "--balance-usd"), (["--balance-usd", "nan"], "--balance-usd"),
+                       (["--kv-budget-gib", "0"], "--kv-budget-gib"), (["--kv-budget-gib", "-1"], "--kv-budget-gib")):
+        assert main(["serve", *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert "dsv4: error" in err and named in err and "Traceback" not in err, err
+    assert served == []
+    with pytest.raises(SystemExit) as e:  # argparse: usage and the reason
+        main(["serve", "--port", "65536"])
+    assert e.value.code == 2 and "65536" in capsys.readouterr().err and served == []
+    assert main(["serve", "--port", "65535"]) == 0
+    app, kw = served.pop()
+    app.state.llm.close()
+    assert kw["port"] == 65535
+
+
+def test_inspect_and_bench_refuse_a_context_of_zero_by_name(capsys):
+    for argv in (["inspect", "tiny", "--context", "0"], ["bench", "--context", "0", "--batch", "1", "--tokens", "1"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "dsv4: error" in err and "--context" in err and "Traceback" not in err, err
+
+
+def test_a_reader_that_leaves_early_ends_with_status_1_and_no_traceback(monkeypatch, tmp_path, capsys):
+    """`dsv4 inspect flash | head`: the write fails with a broken pipe; dsv4 exits 1 (as a process killed by
+    SIGPIPE would fail the pipeline), quietly: stdout goes to /dev/null so the exit flush cannot fail again."""
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return fd
+
+    monkeypatch.setattr("sys.stdout", Gone())
+    try:
+        assert main(["inspect", "flash"]) == 1
+        os.write(fd, b"after")  # fd now points at /dev/null
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == b""
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_convert_no_fp8_and_no_fp4_each_keep_only_their_own_weights_unquantised(tmp_path):
+    """--no-fp8 alone: linear weights in BF16, routed experts still FP4 (packed int8 + E8M0 scales); --no-fp4
+    alone: the reverse. The written config says the same."""
+    from safetensors import safe_open
+
+    def dtypes(path):  # (expert weight?, dtype) of every .weight tensor written
+        seen = set()
+        for shard in path.glob("*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                names = [k for k in f.keys() if k.endswith(".weight")]  # noqa: SIM118 (not iterable)
+                seen |= {(".experts." in k, f.get_slice(k).get_dtype()) for k in names}
+        return seen
+
+    for flag, dtype, expert_dtype, want in (
+            ("--no-fp8", "bf16", "fp4", {(True, "I8"), (False, "BF16")}),
+            ("--no-fp4", "fp8", "bf16", {(True, "BF16"), (False, "BF16"), (False, "F8_E4M3")})):
+        out = tmp_path / flag
+        assert main(["convert", str(BUNDLED), str(out), "--to", "official", flag]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert (config["dtype"], config["expert_dtype"]) == (dtype, expert_dtype), flag
+        assert dtypes(out) == want, flag
