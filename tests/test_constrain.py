@@ -234,3 +234,134 @@ def test_json_object_closes_even_when_the_model_writes_escapes(engine):
             c.accept(pick)
             out.append(pick)
         assert isinstance(json.loads(tok.decode(out)), dict), (budget, tok.decode(out))
+
+
+def _greedy(c, tok, eos, V, budget, key):
+    """Drive constraint `c` for at most `budget` tokens, each time taking the allowed token that `key` ranks
+    highest (a sampler that never ends on its own where anything else is allowed). -> (ids, ended with eos)"""
+    out = []
+    for remaining in range(budget, 0, -1):
+        allowed = torch.isfinite(c.mask(torch.zeros(V), remaining)).nonzero().flatten().tolist()
+        pick = max(allowed, key=lambda i: key(i, out))
+        if pick == eos:
+            return out, True
+        c.accept(pick)
+        out.append(pick)
+    return out, False
+
+
+def test_json_object_closes_even_when_the_model_opens_arrays(engine):
+    """Arrays nest like objects: each unclosed '[' is one more closer owed. A sampler that opens '[' wherever
+    it may outside strings still ends with a valid object at every budget."""
+    tok, V = engine.tokenizer, engine.model.config.vocab_size
+    texts = [tok.decode([i]) for i in range(V)]
+    nested = 0
+    for budget in range(1, 41):
+        c = JSONObjectConstraint(tok, engine.eos)
+        out, _ = _greedy(c, tok, engine.eos, V, budget, lambda i, out, c=c: (
+            i != engine.eos, not c.in_string and texts[i].strip() == "[", texts[i] == '"', texts[i] == ":",
+            texts[i].isalpha()))
+        assert isinstance(json.loads(tok.decode(out)), dict), (budget, tok.decode(out))
+        nested += "[[" in tok.decode(out)
+    assert nested >= 20  # the sampler did nest arrays
+
+
+def test_json_value_that_may_go_on_ends_at_the_end_of_sequence_near_the_budget(engine):
+    """The end of sequence is a closer (module docstring): where a value may either end or go on (a number's
+    digits), the tight budget keeps only the end, so the reply stops (finish "stop") instead of filling
+    max_tokens with digits."""
+    tok, V = engine.tokenizer, engine.model.config.vocab_size
+    one = tok.encode("1", add_special_tokens=False).ids
+    c = JSONObjectConstraint(tok, engine.eos, schema='{"type": "integer"}')
+    for t in one:
+        c.accept(t)
+    roomy = torch.isfinite(c.mask(torch.zeros(V), remaining=50))
+    assert roomy[engine.eos] and roomy[one[0]]  # the grammar admits both: more digits or the end
+    tight = torch.isfinite(c.mask(torch.zeros(V), remaining=3))
+    assert tight.nonzero().flatten().tolist() == [engine.eos]
+    for budget in range(2, 12):  # a sampler that always prefers another digit still stops before the budget
+        c = JSONObjectConstraint(tok, engine.eos, schema='{"type": "integer"}')
+        out, stopped = _greedy(c, tok, engine.eos, V, budget, lambda i, out: (i != engine.eos, i == one[0]))
+        assert stopped and json.loads(tok.decode(out)) == int("1" * len(out)), (budget, tok.decode(out))
+
+
+def _call_accepted(engine, tools, params, tool="f"):
+    """Whether a forced DSML call to `tool` with `params` [(name, string attribute, value)] is admitted."""
+    from dsv4.engine.constrain import tool_call_grammar
+
+    D = "｜DSML｜"
+    text = (f'<{D}invoke name="{tool}">\n' + "".join(
+        f'<{D}parameter name="{k}" string="{s}">{v}</{D}parameter>\n' for k, s, v in params)
+        + f"</{D}invoke>\n</{D}tool_calls>")
+    c = GrammarConstraint(engine.tokenizer, engine.eos, tool_call_grammar(tools))
+    try:
+        for t in engine.tokenizer.encode(text).ids + [engine.eos]:
+            c.accept(t)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _tool(props, required=None):
+    return [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": props, "required": list(props) if required is None else required}}}]
+
+
+def test_a_string_const_parameter_admits_only_its_value(engine):
+    """A string with `const` is a JSON value under its schema (tool_call_grammar docstring), not raw text."""
+    tools = _tool({"p": {"type": "string", "const": "x"}})
+    assert _call_accepted(engine, tools, [("p", "false", '"x"')])
+    assert not _call_accepted(engine, tools, [("p", "false", '"y"')])
+    assert not _call_accepted(engine, tools, [("p", "true", "y")])
+
+
+@pytest.mark.parametrize("schema, member, other", [
+    ({"type": "integer", "enum": [1, "a"]}, "1", '"a"'),  # xgrammar alone takes any enum member
+    ({"type": "integer", "enum": [1, True]}, "1", "true"),  # a JSON boolean is no integer (Python's bool is)
+    ({"type": "number", "enum": [2.5, False]}, "2.5", "false"),
+])
+def test_a_typed_enum_admits_only_members_of_its_type(engine, schema, member, other):
+    """Both `type` and `enum` apply: a member of another type is not a value the parameter can take."""
+    tools = _tool({"p": schema})
+    assert _call_accepted(engine, tools, [("p", "false", member)])
+    assert not _call_accepted(engine, tools, [("p", "false", other)])
+
+
+@pytest.mark.parametrize("name, props", [
+    ("a<b", {}), ("a>b", {}), ("f", {"x<y": {"type": "string"}}), ("f", {"x>y": {"type": "integer"}}),
+    ("f", {"x｜y": {"type": "string"}})])
+def test_names_with_tag_characters_are_a_schema_error(engine, name, props):
+    """'<' and '>' would end or open a DSML tag inside name="...": the tool cannot be called (SchemaError)."""
+    from dsv4.engine.constrain import SchemaError, tool_call_grammar
+
+    bad = [{"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props}}}]
+    with pytest.raises(SchemaError, match="cannot be written in a DSML call"):
+        tool_call_grammar(bad)
+
+
+def test_a_long_optional_parameter_started_early_still_finishes(engine):
+    """The way to finish is re-measured at each DSML marker: a call whose shortest form skips an optional
+    parameter has a short way to finish at the start, but once the model opens that parameter (its value
+    ~150 tokens at least) checks must begin ~HORIZON tokens before that value's end, not the start's. A
+    sampler that opens every optional parameter and writes its free string forever still ends the block."""
+    from dsv4.engine.constrain import tool_call_grammar
+
+    tok, V, D = engine.tokenizer, engine.model.config.vocab_size, "｜DSML｜"
+    texts = [tok.decode([i]) for i in range(V)]
+    keys = {f"key_number_{i}": {"type": "integer"} for i in range(12)}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "big": {"type": "object", "properties": {"note": {"type": "string"}, **keys}, "required": ["note", *keys]}}}}}]
+    c = GrammarConstraint(tok, engine.eos, tool_call_grammar(tools))
+    m = c.matcher.fork()
+    for t in tok.encode(f'<{D}invoke name="f">\n<{D}parameter name="big" string="false">').ids:
+        m.accept_token(t)
+    long = len(c.finishing_path(4096, m))
+    assert long > c.HORIZON + c.shortest + c.SLACK  # the start's horizon would be too late for this value
+    for budget in (long + 40, long + 120):
+        c = GrammarConstraint(tok, engine.eos, tool_call_grammar(tools))
+        out, stopped = _greedy(c, tok, engine.eos, V, budget, lambda i, out: (
+            i != engine.eos, texts[i] == "<", texts[i].isalpha()))
+        text = tok.decode(out, skip_special_tokens=False)
+        assert stopped and text.endswith(f"</{D}tool_calls>"), (budget, text[-80:])
+        args = json.loads(text.split('name="big" string="false">')[1].split(f"</{D}parameter>")[0])
+        assert set(args) == {"note", *keys}
