@@ -231,6 +231,7 @@ class GrammarConstraint:
         # tokens kept for the constrained reply: the reasoning closes before them
         self.reply_reserve = max(reply_reserve, self.shortest + self.SLACK) if start_after is not None else 0
         self.horizon = None  # from this many tokens left, the way to finish is checked at every step
+        self.openers_seen = False  # whether the last step above the horizon allowed an opener
 
     def mask(self, logits: torch.Tensor, remaining: int) -> torch.Tensor:
         """logits [V] -> a new tensor with the tokens the grammar forbids at -inf.
@@ -272,7 +273,18 @@ class GrammarConstraint:
         if self.horizon is None:  # at the start and after each DSML marker (a call or a parameter begins)
             self.horizon = self.HORIZON + len(self.finishing_path(self.LONGEST))
         if remaining > self.horizon:
-            return
+            # where openers become allowed (after a value closes, say), the horizon also covers the way to finish
+            # through each of them: an optional parameter's shortest value may be longer than the rest of the call
+            finite = torch.isfinite(row)
+            allowed = [cand for cand in (opener & finite for opener in self.vocab.openers) if cand.any()]
+            if allowed and not self.openers_seen:
+                for cand in allowed:
+                    probe = self.matcher.fork()
+                    probe.accept_token(int(cand.nonzero()[0]))
+                    self.horizon = max(self.horizon, self.HORIZON + 1 + len(self.finishing_path(self.LONGEST, probe)))
+            self.openers_seen = bool(allowed)
+            if remaining > self.horizon:
+                return
         if not self.path:  # else the model took the path's first token: the rest still finishes (~0.2 ms a token)
             self.path = self.finishing_path(remaining + 1)
         for opener in self.vocab.openers:
@@ -332,7 +344,7 @@ class GrammarConstraint:
             raise RuntimeError(f"token {token} violates the output grammar")
         self.path = self.path[1:] if self.path and self.path[0] == token else []
         if token in self.vocab.marker_ids:  # a call or a parameter begins: its way to finish may be long
-            self.horizon = None
+            self.horizon, self.openers_seen = None, False
         self.accepted(token)
 
     def accepted(self, token: int) -> None:
