@@ -74,6 +74,7 @@ class _Vocab:
         self.marker_ids = set(self.markers.tolist())
         self.dsml = tokenizer.token_to_id(DSML)  # None for a tokenizer without DSML
         self.openers = [self.tag_starts[1], marker]
+        self.opener_ids = [o.nonzero().flatten() for o in self.openers]  # the same, as token ids
         self.tokenizer = tokenizer
 
 
@@ -275,12 +276,12 @@ class GrammarConstraint:
         if remaining > self.horizon:
             # where openers become allowed (after a value closes, say), the horizon also covers the way to finish
             # through each of them: an optional parameter's shortest value may be longer than the rest of the call
-            finite = torch.isfinite(row)
-            allowed = [cand for cand in (opener & finite for opener in self.vocab.openers) if cand.any()]
+            allowed = [ids[torch.isfinite(row[ids])] for ids in self.vocab.opener_ids]  # a few ids, every token
+            allowed = [ids for ids in allowed if len(ids)]
             if allowed and not self.openers_seen:
-                for cand in allowed:
+                for ids in allowed:
                     probe = self.matcher.fork()
-                    probe.accept_token(int(cand.nonzero()[0]))
+                    probe.accept_token(int(ids[0]))
                     self.horizon = max(self.horizon, self.HORIZON + 1 + len(self.finishing_path(self.LONGEST, probe)))
             self.openers_seen = bool(allowed)
             if remaining > self.horizon:
