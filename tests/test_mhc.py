@@ -16,6 +16,30 @@ def test_sinkhorn_numpy_and_torch_paths_agree_and_are_doubly_stochastic():
     assert torch.allclose(fast.sum(-1), torch.ones(3, 5, 4), atol=1e-2)  # 20 iterations: approximately
 
 
+def test_sinkhorn_gradient_equals_normalising_the_matrix_itself():
+    """The torch path rescales row and column factors; its gradient is that of the definition's iterations
+    (c / row sums, c / column sums), run here in float64 on a non-symmetric input."""
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = torch.arange(16.0, dtype=torch.float64).view(4, 4)
+
+    def definition(z, iters=20, eps=1e-6):
+        c = z.softmax(-1) + eps
+        c = c / (c.sum(-2, keepdim=True) + eps)
+        for _ in range(iters - 1):
+            c = c / (c.sum(-1, keepdim=True) + eps)
+            c = c / (c.sum(-2, keepdim=True) + eps)
+        return c
+
+    for iters in (3, 20):
+        z1, z2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        ours, want = sinkhorn(z1, iters, 1e-6), definition(z2, iters)
+        assert torch.allclose(ours, want, atol=1e-12)
+        (ours * weights).sum().backward()
+        (want * weights).sum().backward()
+        assert z2.grad.abs().max() > (1e-3 if iters == 3 else 1e-9)  # converged: the gradient fades
+        assert torch.allclose(z1.grad, z2.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_uniform_logits_give_uniform_mixing():
     c = sinkhorn(torch.zeros(4, 4), 20, 1e-6)
     assert torch.allclose(c, torch.full((4, 4), 0.25), atol=1e-5)

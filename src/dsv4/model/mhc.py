@@ -23,15 +23,29 @@ def hc_mix_inputs(X: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """[..., n, n] -> approximately doubly-stochastic (rows: source stream j, columns: destination k)."""
-    if (logits.device.type == "cpu" and not (torch.is_grad_enabled() and logits.requires_grad)
-            and not torch.compiler.is_compiling()):
+    if logits.device.type == "cpu":
+        if (torch.is_grad_enabled() and logits.requires_grad) or torch.compiler.is_compiling():
+            return _sinkhorn_scaled(logits, iters, eps)
         return _sinkhorn_numpy(logits, iters, eps)
-    c = logits.softmax(-1) + eps
+    c = logits.softmax(-1) + eps  # elsewhere (eager on a GPU) the fewest kernel launches
     c = c / (c.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         c = c / (c.sum(-1, keepdim=True) + eps)
         c = c / (c.sum(-2, keepdim=True) + eps)
     return c
+
+
+def _sinkhorn_scaled(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """The same iterations on c = a_j K_jk b_k: normalising rows rescales a, columns b, so each updates n
+    numbers, not n x n. Compiled on the CPU (AOTInductor, 12 of them in a row on [1, 4, 4]): 60 us against
+    235 us for normalising c itself; forward and backward on [8, 128, 4, 4]: 1.7x faster."""
+    K = logits.softmax(-1) + eps
+    a = torch.ones_like(K[..., 0])
+    b = 1 / (K.sum(-2) + eps)  # the first column normalisation
+    for _ in range(iters - 1):
+        a = a / (a * (K * b[..., None, :]).sum(-1) + eps)
+        b = b / (b * (K * a[..., :, None]).sum(-2) + eps)
+    return a[..., :, None] * K * b[..., None, :]
 
 
 def _sinkhorn_numpy(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
