@@ -40,6 +40,20 @@ def test_fp4_pack_layout_low_nibble_is_even_index():
     assert unpack_fp4(packed).tolist() == codes.tolist()
 
 
+def test_fp4_large_tensor_quantised_in_chunks_equals_row_by_row():
+    """Over 2^20 values (an expert weight) fp4_quant works in row chunks (the last one partial); codes, scales
+    and their shapes equal quantising each row alone, and a tie on a scaled midpoint still rounds to even."""
+    from dsv4.quant import fp4_quant
+    x = torch.randn(3, 350, 1024, generator=torch.Generator().manual_seed(0))  # 1.08M values
+    x[1, 7, :2] = torch.tensor([6.0, 1.25])  # scale 1: 1.25 is a midpoint -> 1.0 (even code)
+    codes, s = fp4_quant(x, 32)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape and s.shape == (3, 350, 32)
+    want = [fp4_quant(row, 32) for row in x.reshape(-1, 1024)]
+    assert torch.equal(codes.reshape(-1, 1024), torch.stack([c for c, _ in want]))
+    assert torch.equal(s.reshape(-1, 32), torch.stack([t for _, t in want]))
+    assert codes[1, 7, 1].item() == 2  # the code of 1.0
+
+
 def test_fp4_weight_roundtrip_on_representable_values():
     grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.5, -1, -1.5, -2, -3, -4, -6, 6])
     # two 32-blocks per row, with scales 2^ceil(log2(1.5/6)) = 1/4 and 2^ceil(log2(24/6)) = 4

@@ -19,6 +19,7 @@ FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -
 # Midpoints between consecutive magnitudes and the code a tie rounds to (even mantissa bit).
 _FP4_MID = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 _FP4_TIE_UP = torch.tensor([False, True, False, True, False, True, False])
+_CHUNK = 1 << 20  # values quantised to FP4 at a time
 
 
 def ue8m0_scale(amax: torch.Tensor, qmax: float, floor: float) -> torch.Tensor:
@@ -50,27 +51,37 @@ def fp8_quant_dequant(x: torch.Tensor, block: int = 64) -> torch.Tensor:
 
 
 def fp4_round(v: torch.Tensor) -> torch.Tensor:
-    """Round fp32 values in [-6, 6] to the nearest e2m1 value (ties to even code). Returns codes 0..15."""
+    """Round fp32 values in [-6, 6] to the nearest e2m1 value (ties to even code). Returns codes 0..15 (uint8).
+    Temporaries of 1 and 4 bytes a value, not 8."""
     mag = v.abs()
     mid = _FP4_MID.to(v.device)
-    code = torch.bucketize(mag, mid)  # magnitude index 0..7; ties land on the lower side
-    tie = (code < 7) & (mag == mid[code.clamp(max=6)]) & _FP4_TIE_UP.to(v.device)[code.clamp(max=6)]
-    code = code + tie.long()
-    return code + 8 * (v < 0).long()
+    code = torch.bucketize(mag, mid, out_int32=True)  # magnitude index 0..7; ties land on the lower side
+    at = code.clamp(max=6)  # (magnitudes of index 7 lie above the last midpoint: never a tie)
+    tie = (mag == mid[at]) & _FP4_TIE_UP.to(v.device)[at]
+    del mag, at
+    code = (code + tie).to(torch.uint8)
+    return code.add_((v < 0).to(torch.uint8) * 8)
 
 
 def fp4_quant(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [..., K] -> (codes [..., K] int64 in 0..15, scales [..., K/block] fp32 powers of two)."""
+    """x: [..., K] -> (codes [..., K] uint8 in 0..15, scales [..., K/block] fp32 powers of two).
+    A large x (a routed expert's weight) is done 2^20 values at a time: temporaries stay ~25 MB."""
+    rows = max(1, _CHUNK // max(x.shape[-1], 1))
+    if x.numel() > _CHUNK and x.dim() >= 2 and not torch.compiler.is_compiling():
+        flat = x.reshape(-1, x.shape[-1])
+        parts = [fp4_quant(flat[i:i + rows], block) for i in range(0, flat.shape[0], rows)]
+        return (torch.cat([c for c, _ in parts]).view(x.shape),
+                torch.cat([s for _, s in parts]).view(*x.shape[:-1], -1))
     xb = _blocks(x, block)
     s = ue8m0_scale(xb.abs().amax(-1, keepdim=True), FP4_MAX, FP4_MAX * 2.0 ** -126)
-    codes = fp4_round((xb / s).clamp(-FP4_MAX, FP4_MAX))
+    codes = fp4_round((xb / s).clamp_(-FP4_MAX, FP4_MAX))
     return codes.flatten(-2), s.squeeze(-1)
 
 
 def fp4_dequant(codes: torch.Tensor, scales: torch.Tensor, block: int = 32, dtype=torch.float32) -> torch.Tensor:
     """codes [..., K] (0..15), scales [..., K/block] -> values [..., K]."""
-    v = FP4_VALUES.to(codes.device)[codes.long()].unflatten(-1, (-1, block))
-    return (v * scales.float().unsqueeze(-1)).flatten(-2).to(dtype)
+    v = FP4_VALUES.to(codes.device)[codes.int()].unflatten(-1, (-1, block))  # a new tensor: scaled in place
+    return v.mul_(scales.float().unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def fp4_quant_dequant(x: torch.Tensor, block: int = 32) -> torch.Tensor:
