@@ -532,10 +532,9 @@ class _Loader:
         """Expert e of the routed-expert weight `name` (of a model on the meta device) in a new tensor [out, in],
         read from `parts` (the last wins, as in load_model) and checked as load_model checks it."""
         base, w = name.rsplit(".", 1)
-        shape = self.params[name].shape
-        out = torch.empty(shape[1:], dtype=self.params[name].dtype)
         skeleton = self.params[name]
-        self.params[name] = out.expand(shape)  # put_expert writes expert e into params[name][e]: into `out`
+        out = torch.empty(skeleton.shape[1:], dtype=skeleton.dtype)
+        self.params[name] = out.expand(skeleton.shape)  # put_expert writes expert e into params[name][e]: into `out`
         try:
             for piece, rows, whole in parts:
                 if rows is None:  # the expert's own tensor (FP8/FP4 ones dequantised)

@@ -66,9 +66,8 @@ def fp4_round(v: torch.Tensor) -> torch.Tensor:
 def fp4_quant(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [..., K] -> (codes [..., K] uint8 in 0..15, scales [..., K/block] fp32 powers of two).
     A large x (a routed expert's weight) is done 2^20 values at a time: temporaries stay ~25 MB."""
-    rows = max(1, _CHUNK // max(x.shape[-1], 1))
     if x.numel() > _CHUNK and x.dim() >= 2 and not torch.compiler.is_compiling():
-        flat = x.reshape(-1, x.shape[-1])
+        flat, rows = x.reshape(-1, x.shape[-1]), max(1, _CHUNK // max(x.shape[-1], 1))
         parts = [fp4_quant(flat[i:i + rows], block) for i in range(0, flat.shape[0], rows)]
         return (torch.cat([c for c, _ in parts]).view(x.shape),
                 torch.cat([s for _, s in parts]).view(*x.shape[:-1], -1))
